@@ -1,0 +1,34 @@
+"""Convert torchtitan DCP checkpoints into consolidated files that torchtune loads as they are.
+
+    python convert.py experiment=debug
+    python convert.py -m experiment=debug,500M,debug_pretrained
+    python convert.py -m experiment=debug,500M,debug_pretrained hydra/launcher=slurm
+
+See README.md for every setting.
+"""
+
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from converter import job
+from converter.config import register_configs
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="convert")
+def main(cfg: DictConfig) -> job.JobResult:
+    result = job.run(cfg)
+    # A single run fails the process; in a sweep every job runs to its end and the summary
+    # callback fails the sweep, so one broken checkpoint does not stop the others.
+    if not result.ok and HydraConfig.get().mode == RunMode.RUN:
+        sys.exit(1)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""What is written beside each output: a manifest of the run and a torchtune recipe snippet.
+
+The manifest accounts for every source key (converted or dropped, and why), records where the
+data came from and how it was written, and carries the fingerprint that lets a re-run with the
+same source and settings skip the work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from collections import Counter
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from converter import keymaps
+from converter.config import ModelConfig
+from converter.mapping import Plan
+from converter.source import DcpCheckpoint
+
+MANIFEST_SUFFIX = ".manifest.json"
+TORCHTUNE_SUFFIX = ".torchtune.yaml"
+_PACKAGES = ("titan2tune", "torch", "hydra-core", "omegaconf", "submitit")
+
+
+def manifest_path(output: Path) -> Path:
+    return output.with_name(output.name + MANIFEST_SUFFIX)
+
+
+def torchtune_yaml_path(output: Path) -> Path:
+    return output.with_name(output.name + TORCHTUNE_SUFFIX)
+
+
+def fingerprint(
+    checkpoint: DcpCheckpoint, output_format: str, export_dtype: str, model: dict[str, Any]
+) -> dict[str, Any]:
+    """Identifies a conversion: the same fingerprint means the same output bytes."""
+    md = checkpoint.metadata_path
+    return {
+        "step_dir": str(checkpoint.step_dir.resolve()),
+        "metadata_sha256": sha256_file(md),
+        "metadata_mtime_ns": md.stat().st_mtime_ns,
+        "shard_sizes": {p.name: s for p, s in checkpoint.shard_sizes.items()},
+        "output_format": output_format,
+        "export_dtype": export_dtype,
+        "model": model,
+        "converter": package_versions()["titan2tune"],
+    }
+
+
+def read_manifest(output: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(manifest_path(output).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            versions[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def build_manifest(
+    *,
+    experiment: str,
+    step: int,
+    checkpoint: DcpCheckpoint,
+    plan: Plan,
+    written: Path,
+    output: Path,
+    output_format: str,
+    export_dtype: str,
+    durations: dict[str, float],
+    config: dict[str, Any],
+    fingerprint: dict[str, Any],
+    slurm: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """``written`` is the finished file, still under its temporary name; ``output`` its name."""
+    out_bytes = written.stat().st_size
+    return {
+        "experiment": experiment,
+        "source": {
+            "checkpoint_dir": str(checkpoint.step_dir.parent),
+            "step": step,
+            "step_dir": str(checkpoint.step_dir),
+            "generation": plan.generation,
+            "kind": "weights_only" if plan.weights_only else "full",
+            "files": {str(p.name): s for p, s in checkpoint.shard_sizes.items()},
+        },
+        "output": {
+            "path": str(output),
+            "format": output_format,
+            "checkpointer": keymaps.CHECKPOINTERS[output_format],
+            "dtype": export_dtype,
+            "tensors": len(plan.tensors),
+            "parameters": sum(_numel(t.shape) for t in plan.tensors),
+            "bytes": out_bytes,
+            "sha256": sha256_file(written),
+        },
+        "converted": {
+            t.name: sorted({p.source for p in t.pieces}) for t in plan.tensors
+        },
+        "dropped": {d.key: d.reason for d in plan.dropped},
+        "dropped_summary": dict(Counter(d.reason for d in plan.dropped)),
+        "durations_s": {k: round(v, 3) for k, v in durations.items()},
+        "slurm": slurm,
+        "config": config,
+        "versions": package_versions(),
+        "fingerprint": fingerprint,
+    }
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Writes a small file so that readers see the old or the new contents, never a part."""
+    tmp = path.with_name(f".{path.name}.partial")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def torchtune_snippet(
+    output: Path, output_format: str, model: ModelConfig, experiment: str
+) -> str:
+    """A ``checkpointer:`` section (and a ``model:`` builder, when the model config has the
+    architecture) to paste into a torchtune recipe config."""
+    checkpointer = {
+        "_component_": keymaps.CHECKPOINTERS[output_format],
+        "checkpoint_dir": str(output.parent),
+        "checkpoint_files": [output.name],
+        "output_dir": str(output.parent / f"torchtune_{experiment}"),
+        # LLAMA3_2 is torchtune's model type for tied embeddings (no output.weight).
+        "model_type": "LLAMA3_2" if model.tied_embeddings else "LLAMA3",
+    }
+    doc: dict[str, Any] = {"checkpointer": checkpointer}
+    builder = model_builder(model)
+    if builder is not None:
+        doc["model"] = builder
+    header = (
+        f"# torchtune recipe sections for {output.name} (experiment {experiment}),\n"
+        "# written by titan2tune. Paste them into a recipe config, or instantiate them with\n"
+        "# torchtune.config.instantiate. output_dir is where torchtune writes its own saves.\n"
+    )
+    return header + yaml.safe_dump(doc, sort_keys=False)
+
+
+def model_builder(model: ModelConfig) -> dict[str, Any] | None:
+    """torchtune's llama3-family component builder with the model's dimensions, if known."""
+    dims = (model.dim, model.n_layers, model.vocab_size, model.hidden_dim)
+    if any(d is None for d in dims):
+        return None
+    args: dict[str, Any] = {
+        "vocab_size": model.vocab_size,
+        "num_layers": model.n_layers,
+        "num_heads": model.n_heads,
+        "num_kv_heads": model.kv_heads,
+        "embed_dim": model.dim,
+        "max_seq_len": model.max_seq_len,
+        "intermediate_dim": model.hidden_dim,
+        "norm_eps": model.norm_eps,
+        "rope_base": model.rope_theta,
+    }
+    if model.tied_embeddings:
+        # llama3_2's builder ties the output projection to the embeddings; it applies
+        # Llama 3.1-style RoPE scaling with scale_factor 32 by default, torchtitan uses 8.
+        component = "torchtune.models.llama3_2._component_builders.llama3_2"
+        args["tie_word_embeddings"] = True
+        args["scale_factor"] = 8
+    elif model.rope_scaling:
+        component = "torchtune.models.llama3_1._component_builders.llama3_1"
+        args["scale_factor"] = 8
+    else:
+        component = "torchtune.models.llama3._component_builders.llama3"
+    return {"_component_": component, **args}
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n

@@ -1,0 +1,177 @@
+"""Writing the output ``.pt``: structure first, tensor bytes filled in place, then an atomic rename.
+
+``torch.save`` under ``torch.serialization.skip_data`` writes the whole archive (pickled
+structure, one stored, 64-byte-aligned record per tensor) but leaves the records' bytes empty.
+We then write each tensor's bytes straight into its record with ``pwrite``, so that no more than
+one chunk per worker is ever in memory, workers can fill disjoint tensors concurrently, and the
+file is a plain ``torch.save`` archive that ``torch.load(mmap=True, weights_only=True)`` reads.
+
+Nothing is written under the final name until the file is complete and synced: the work goes to
+a hidden ``.<name>.partial`` beside it, guarded by an advisory lock on ``.<name>.lock`` so that
+two conversions to one output never interleave. A partial left by a killed run is removed by the
+next run that takes the lock.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import zipfile
+from pathlib import Path
+from types import TracebackType
+
+import torch
+
+from converter.errors import ConversionError
+
+log = logging.getLogger(__name__)
+
+
+class OutputFile:
+    """One output file under construction; use as a context manager around the whole write."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.partial = path.with_name(f".{path.name}.partial")
+        self.lock_path = path.with_name(f".{path.name}.lock")
+        self.offsets: dict[str, int] = {}
+        self._lock_fd: int | None = None
+        self._fd: int | None = None
+
+    def __enter__(self) -> OutputFile:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise _output_error(self.path, e) from e
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise ConversionError(
+                f"Another conversion is writing {self.path} right now (it holds "
+                f"{self.lock_path}). Wait for it to finish, or write to another output."
+            ) from e
+        if self.partial.exists():
+            log.info("Removing %s left by an interrupted run.", self.partial)
+            self.partial.unlink()
+        return self
+
+    def create(self, layout: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
+        """Writes the archive's structure for tensors ``name -> (shape, dtype)``, in order."""
+        # torch.empty leaves the pages untouched, so this costs address space, not memory.
+        skeleton = {name: torch.empty(shape, dtype=dtype) for name, (shape, dtype) in layout.items()}
+        try:
+            with torch.serialization.skip_data():
+                torch.save(skeleton, self.partial)
+            self.offsets = _record_offsets(self.partial, skeleton)
+            self._fd = os.open(self.partial, os.O_WRONLY)
+        except OSError as e:
+            raise _output_error(self.path, e) from e
+
+    def write(self, name: str, byte_offset: int, data: torch.Tensor) -> None:
+        """Writes ``data``'s bytes at ``byte_offset`` within tensor ``name``'s record."""
+        assert self._fd is not None, "create() first"
+        view = memoryview(data.contiguous().view(torch.uint8).numpy())
+        pos = self.offsets[name] + byte_offset
+        try:
+            while view:
+                written = os.pwrite(self._fd, view, pos)
+                view, pos = view[written:], pos + written
+        except OSError as e:
+            raise _output_error(self.path, e) from e
+
+    def sync(self) -> None:
+        """Makes the partial file complete and durable; it can be read back after this."""
+        assert self._fd is not None, "create() first"
+        try:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+        except OSError as e:
+            raise _output_error(self.path, e) from e
+
+    def publish(self) -> None:
+        """Gives the synced file its final name in one atomic step."""
+        assert self._fd is None, "sync() first"
+        try:
+            os.replace(self.partial, self.path)
+            _fsync_dir(self.path.parent)
+        except OSError as e:
+            raise _output_error(self.path, e) from e
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self.partial.unlink(missing_ok=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the lock
+            self._lock_fd = None
+
+
+def _record_offsets(path: Path, skeleton: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Byte offset in the file of each tensor's data record.
+
+    Reloaded with ``mmap=True``, every tensor is a view into one mapping of the file, so its
+    data pointer minus the mapping's base is its offset. We pair those with the zip records'
+    offsets in file order and check that the two agree, rather than trusting the record naming.
+    """
+    loaded = torch.load(path, mmap=True, weights_only=True)
+    with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
+        records = sorted(
+            (_data_offset(f, info), info.file_size)
+            for info in zf.infolist()
+            if "/data/" in info.filename and info.file_size  # empty tensors need no bytes
+        )
+    named = sorted(
+        ((loaded[n].untyped_storage().data_ptr(), n) for n in skeleton if skeleton[n].numel()),
+    )
+    if len(named) != len(records):
+        raise RuntimeError(f"{path}: {len(records)} data records for {len(named)} tensors")
+    base = named[0][0] - records[0][0] if named else 0
+    offsets = {n: 0 for n in skeleton}
+    for (ptr, name), (offset, size) in zip(named, records):
+        if ptr - base != offset or size != skeleton[name].untyped_storage().nbytes():
+            raise RuntimeError(f"{path}: record at {offset} does not hold tensor {name!r}")
+        offsets[name] = offset
+    return offsets
+
+
+def _data_offset(f, info: zipfile.ZipInfo) -> int:
+    """Where a stored record's bytes begin: after its local header, name and extra field."""
+    f.seek(info.header_offset)
+    header = f.read(30)
+    name_len = int.from_bytes(header[26:28], "little")
+    extra_len = int.from_bytes(header[28:30], "little")
+    return info.header_offset + 30 + name_len + extra_len
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _output_error(path: Path, e: OSError) -> ConversionError:
+    why = {
+        errno.ENOSPC: "the disk is full",
+        errno.EDQUOT: "the disk quota is exceeded",
+        errno.EFBIG: "the file size limit (ulimit -f) is exceeded",
+        errno.EACCES: "permission is denied",
+        errno.EROFS: "the file system is read-only",
+    }.get(e.errno or 0, e.strerror or str(e))
+    return ConversionError(
+        f"Cannot write {path}: {why} ({e.filename or path}). Nothing was written under that "
+        "name; free space or choose a writable experiment.output, then run again."
+    )

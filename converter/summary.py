@@ -1,0 +1,60 @@
+"""The end-of-sweep summary: one table for every experiment, and a failing exit if any failed.
+
+Each job leaves its result as a small JSON file in its own Hydra output folder (on the compute
+node, when the sweep runs on SLURM); this callback runs in the launching process after all jobs
+have ended, reads them back from the shared sweep folder and prints them together.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from converter.job import STATUS_FILE, JobResult
+
+log = logging.getLogger("titan2tune")
+
+
+def format_table(results: list[JobResult]) -> str:
+    rows = [("experiment", "status", "output", "size", "seconds")]
+    for r in results:
+        rows.append(
+            (r.experiment, r.status, r.output or "-", _size(r.bytes), f"{r.seconds:.1f}")
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    for r in results:
+        if not r.ok:
+            where = f"SLURM job {r.slurm_job_id}, " if r.slurm_job_id else ""
+            lines.append(f"\n{r.experiment} failed ({where}log {r.log_path or '-'}):\n  {r.error}")
+    return "\n".join(lines)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n else "-"
+
+
+class SweepSummary(Callback):
+    """Prints the summary table at the end of a multirun; exits 1 if any experiment failed."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        results = [
+            JobResult(**json.loads(p.read_text()))
+            for p in sorted(sweep_dir.glob(f"*/{STATUS_FILE}"))
+        ]
+        if not results:
+            log.error("No job of this sweep reported a result (sweep folder %s).", sweep_dir)
+            sys.exit(1)
+        print("\n" + format_table(results), flush=True)
+        failed = [r.experiment for r in results if not r.ok]
+        if failed:
+            log.error("%d of %d experiments failed: %s", len(failed), len(results), failed)
+            sys.exit(1)
