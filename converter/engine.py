@@ -10,6 +10,7 @@ byte range of each output tensor it feeds.
 
 from __future__ import annotations
 
+import math
 import threading
 import zlib
 from collections.abc import Callable
@@ -84,13 +85,13 @@ def convert_tensors(
             held = budget.acquire(2 * _rows_bytes(entry, part.stop - part.start))
             try:
                 chunk = part.load()
+                if not allow_nonfinite and chunk.is_floating_point():
+                    _check_finite(chunk, consumers[key][0][0], key, checkpoint)
                 for tensor, s0, s1, d0 in consumers[key]:
                     lo, hi = max(part.start, s0), min(part.stop, s1)
                     if lo >= hi:
                         continue
                     data = chunk[lo - part.start : hi - part.start].to(tensor.dtype).contiguous()
-                    if not allow_nonfinite and data.is_floating_point():
-                        _check_finite(data, tensor, key, checkpoint)
                     start = (d0 + lo - s0) * _row_bytes(tensor.shape, tensor.dtype)
                     out.write(tensor.name, start, data)
                     crc = zlib.crc32(data.view(torch.uint8).numpy())
@@ -124,13 +125,24 @@ def _rows_bytes(entry: TensorEntry, rows: int) -> int:
 
 
 def _check_finite(
-    data: torch.Tensor, tensor: OutputTensor, key: str, checkpoint: DcpCheckpoint
+    chunk: torch.Tensor, tensor: OutputTensor, key: str, checkpoint: DcpCheckpoint
 ) -> None:
-    if not torch.isfinite(data).all():
-        bad = int((~torch.isfinite(data)).sum())
-        raise ConversionError(
-            f"{key!r} in {checkpoint.step_dir} holds {bad} NaN/Inf values after the cast to "
-            f"{tensor.dtype} (output {tensor.name!r}). The shard data is corrupt, training "
-            "diverged, or the values overflow the export dtype. Convert another step, choose "
-            "another experiment.export_dtype, or set allow_nonfinite=true to write them anyway."
-        )
+    """Fails on NaN/Inf in the source, or on values the export dtype cannot hold.
+
+    DCP keeps no checksums, so this is what catches overwritten shard bytes. One ``aminmax``
+    pass answers both questions (NaN propagates into it; Inf and overflow show in its ends) at
+    several times the speed of ``isfinite``.
+    """
+    low, high = (float(v) for v in torch.aminmax(chunk))
+    limit = torch.finfo(tensor.dtype).max if tensor.dtype.is_floating_point else math.inf
+    if math.isfinite(low) and math.isfinite(high) and max(-low, high) <= limit:
+        return
+    bad = int((~torch.isfinite(chunk)).sum())
+    what = f"{bad} NaN/Inf values" if bad else f"values up to {max(-low, high):.3g}, beyond "
+    what += "" if bad else f"what {tensor.dtype} holds"
+    raise ConversionError(
+        f"{key!r} in {checkpoint.step_dir} holds {what} (output {tensor.name!r}). The shard data "
+        "is corrupt, training diverged, or the export dtype is too narrow. Convert another "
+        "step, choose another experiment.export_dtype, or set allow_nonfinite=true to write "
+        "the values anyway."
+    )

@@ -67,7 +67,7 @@ class OutputFile:
         try:
             with torch.serialization.skip_data():
                 torch.save(skeleton, self.partial)
-            self.offsets = _record_offsets(self.partial, skeleton)
+            self.offsets = record_offsets(self.partial)
             self._fd = os.open(self.partial, os.O_WRONLY)
         except OSError as e:
             raise _output_error(self.path, e) from e
@@ -118,12 +118,13 @@ class OutputFile:
             self._lock_fd = None
 
 
-def _record_offsets(path: Path, skeleton: dict[str, torch.Tensor]) -> dict[str, int]:
-    """Byte offset in the file of each tensor's data record.
+def record_offsets(path: Path) -> dict[str, int]:
+    """Byte offset in the file of each tensor's data, as ``torch.load`` sees the file.
 
-    Reloaded with ``mmap=True``, every tensor is a view into one mapping of the file, so its
-    data pointer minus the mapping's base is its offset. We pair those with the zip records'
-    offsets in file order and check that the two agree, rather than trusting the record naming.
+    Loaded with ``mmap=True``, every tensor is a view into one mapping of the file, so its data
+    pointer minus the mapping's base is its offset. We pair those with the zip records' offsets
+    in file order and check that sizes and spacing agree, rather than trusting record naming.
+    No tensor data is touched, so this costs no memory.
     """
     loaded = torch.load(path, mmap=True, weights_only=True)
     with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
@@ -132,16 +133,18 @@ def _record_offsets(path: Path, skeleton: dict[str, torch.Tensor]) -> dict[str, 
             for info in zf.infolist()
             if "/data/" in info.filename and info.file_size  # empty tensors need no bytes
         )
-    named = sorted(
-        ((loaded[n].untyped_storage().data_ptr(), n) for n in skeleton if skeleton[n].numel()),
+    storages = sorted(
+        (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes(), name)
+        for name, t in loaded.items()
+        if t.untyped_storage().nbytes()
     )
-    if len(named) != len(records):
-        raise RuntimeError(f"{path}: {len(records)} data records for {len(named)} tensors")
-    base = named[0][0] - records[0][0] if named else 0
-    offsets = {n: 0 for n in skeleton}
-    for (ptr, name), (offset, size) in zip(named, records):
-        if ptr - base != offset or size != skeleton[name].untyped_storage().nbytes():
-            raise RuntimeError(f"{path}: record at {offset} does not hold tensor {name!r}")
+    if len(storages) != len(records):
+        raise RuntimeError(f"{path}: {len(records)} data records for {len(storages)} tensors")
+    base = storages[0][0] - records[0][0] if storages else 0
+    offsets = {name: 0 for name in loaded}
+    for (ptr, nbytes, name), (offset, size) in zip(storages, records):
+        if ptr - base != offset or nbytes != size or loaded[name].storage_offset():
+            raise RuntimeError(f"{path}: record at byte {offset} does not hold tensor {name!r}")
         offsets[name] = offset
     return offsets
 

@@ -1,14 +1,17 @@
 """Reading the output back as torchtune does and checking it against what was converted.
 
 The check loads the finished file with ``torch.load(mmap=True, weights_only=True)``, exactly as
-torchtune's checkpointers do, and compares keys, order, shapes and dtypes with the plan, then
-every written byte range with the CRC-32 taken of the cast source data as it was written. That
-makes the read-back bit-exact against the source after the cast without reading the source a
-second time, so verifying costs one pass over the output rather than doubling the run.
+torchtune's checkpointers do, and compares keys, order, shapes and dtypes with the plan. Then it
+reads every written byte range where that load places each tensor and compares its CRC-32 with
+the one taken of the cast source data as it was written. That is bit-exact against the source
+after the cast without reading the source a second time, so verifying costs one pass over the
+output rather than doubling the run. Bytes are read with ``pread`` into a small buffer, not
+through the mapping, so verifying a large file does not grow the process's resident memory.
 """
 
 from __future__ import annotations
 
+import os
 import zlib
 from pathlib import Path
 
@@ -17,7 +20,10 @@ import torch
 from converter.engine import Region
 from converter.errors import ConversionError
 from converter.mapping import Plan
+from converter.sink import record_offsets
 from converter.source import DcpCheckpoint
+
+_BLOCK = 16 << 20
 
 
 def verify_output(
@@ -25,30 +31,34 @@ def verify_output(
 ) -> None:
     try:
         loaded = torch.load(path, mmap=True, weights_only=True)
+        offsets = record_offsets(path)
     except Exception as e:
-        raise _mismatch(path, f"torch.load(weights_only=True) fails: {e}") from e
+        raise _mismatch(path, f"it does not load with torch.load(weights_only=True): {e}") from e
     if not isinstance(loaded, dict) or list(loaded) != [t.name for t in plan.tensors]:
         raise _mismatch(path, "its keys differ from the planned ones")
-    for spec in plan.tensors:
-        tensor = loaded[spec.name]
-        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
-            raise _mismatch(
-                path, f"{spec.name!r} is {tensor.dtype}{tuple(tensor.shape)}, "
-                f"expected {spec.dtype}{spec.shape}"
-            )
-        written = sorted(regions[spec.name], key=lambda r: r.start)
-        if sum(r.length for r in written) != tensor.nbytes or any(
-            a.start + a.length != b.start for a, b in zip(written, written[1:])
-        ):
-            raise _mismatch(path, f"{spec.name!r} was not written exactly once in full")
-        raw = tensor.view(torch.uint8).reshape(-1).numpy() if tensor.nbytes else None
-        for r in written:
-            if zlib.crc32(raw[r.start : r.start + r.length]) != r.crc32:
-                raise _mismatch(path, f"bytes {r.start}..{r.start + r.length} of {spec.name!r}")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for spec in plan.tensors:
+            tensor = loaded[spec.name]
+            if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+                raise _mismatch(
+                    path,
+                    f"{spec.name!r} is {tensor.dtype}{tuple(tensor.shape)}, "
+                    f"expected {spec.dtype}{spec.shape}",
+                )
+            written = sorted(regions[spec.name], key=lambda r: r.start)
+            ends = [0] + [r.start + r.length for r in written]
+            if ends[-1] != tensor.nbytes or any(r.start != e for r, e in zip(written, ends)):
+                raise _mismatch(path, f"{spec.name!r} was not written exactly once in full")
+            for r in written:
+                if _crc32(fd, offsets[spec.name] + r.start, r.length) != r.crc32:
+                    raise _mismatch(path, f"bytes {r.start}..{r.start + r.length} of {spec.name!r}")
+    finally:
+        os.close(fd)
     for source_key, name in plan.tied:
-        entry, written = checkpoint.tensors[source_key], loaded[name]
-        if entry.shape != tuple(written.shape) or not all(
-            torch.equal(part.load().to(written.dtype), written[part.start : part.stop])
+        entry, written_tensor = checkpoint.tensors[source_key], loaded[name]
+        if entry.shape != tuple(written_tensor.shape) or not all(
+            torch.equal(part.load().to(written_tensor.dtype), written_tensor[part.start : part.stop])
             for part in checkpoint.parts(entry)
         ):
             raise ConversionError(
@@ -56,6 +66,18 @@ def verify_output(
                 f"{checkpoint.step_dir} differs from the embeddings written as {name!r}: the "
                 "model does not tie them. Set experiment.model.tied_embeddings=false."
             )
+
+
+def _crc32(fd: int, offset: int, length: int) -> int:
+    crc, buffer = 0, bytearray(min(length, _BLOCK))
+    view = memoryview(buffer)
+    while length:
+        got = os.preadv(fd, [view[: min(length, _BLOCK)]], offset)
+        if not got:
+            break
+        crc = zlib.crc32(view[:got], crc)
+        offset, length = offset + got, length - got
+    return crc
 
 
 def _mismatch(path: Path, what: str) -> ConversionError:

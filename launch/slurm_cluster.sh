@@ -170,6 +170,9 @@ ClusterName=$CLUSTER_NAME
 SlurmctldHost=$node(127.0.0.1)
 SlurmUser=root
 AuthType=auth/munge
+# cred_expire also sets how long a requeued job waits before it may start again
+# (default 120 s); 30 s keeps requeue tests short.
+AuthInfo=cred_expire=30
 MpiDefault=none
 # No mail program on these machines; silences "Configured MailProg is invalid".
 MailProg=/bin/true
@@ -184,6 +187,9 @@ AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 
 SchedulerType=sched/backfill
+# Look at pending jobs every few seconds (default 60 s/30 s), so a requeued job starts
+# soon after its eligible time instead of at the next minute's pass.
+SchedulerParameters=sched_interval=5,bf_interval=5
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 DefMemPerCPU=$defmem
@@ -262,22 +268,22 @@ show_logs() {
     done
 }
 
-# Stops one daemon through its pid file: TERM, wait, then KILL.
-stop_pidfile() {
-    local name=$1 file=$2 pid i
-    if ! pid=$(live_pid "$file"); then
-        rm -f "$file"
-        return 0
-    fi
+# Waits up to $3 tenths of a second for pid $2 to exit; then TERM, wait 10 s, KILL.
+stop_pid() {
+    local name=$1 pid=$2 grace=${3:-0} i
+    for ((i = 0; i < grace; i++)); do
+        kill -0 "$pid" 2>/dev/null || return 0
+        sleep 0.1
+    done
+    kill -0 "$pid" 2>/dev/null || return 0
     log "stopping $name (pid $pid)"
     kill -TERM "$pid" 2>/dev/null || true
     for i in $(seq 1 100); do
-        kill -0 "$pid" 2>/dev/null || { rm -f "$file"; return 0; }
+        kill -0 "$pid" 2>/dev/null || return 0
         sleep 0.1
     done
     log "$name (pid $pid) ignored SIGTERM for 10 s; sending SIGKILL"
     kill -KILL "$pid" 2>/dev/null || true
-    rm -f "$file"
 }
 
 stray_daemon() {
@@ -365,8 +371,10 @@ EOF
 
 cmd_up() {
     install_packages
-    command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sinfo >/dev/null \
-        || die "slurm binaries not found after install"
+    local b
+    for b in slurmctld slurmd sinfo scontrol munge; do
+        command -v "$b" >/dev/null || die "$b not found after installing ${PACKAGES[*]}"
+    done
     start_munge
     local changed=0
     write_conf && changed=1
@@ -389,30 +397,31 @@ cmd_up() {
 }
 
 stop_daemons() {
-    if live_pid "$CTLD_PID" >/dev/null && ctld_responds; then
+    # Take the pids first: slurmctld deletes its pid file before it has finished exiting.
+    local ctld sd
+    ctld=$(live_pid "$CTLD_PID") || ctld=
+    sd=$(live_pid "$SLURMD_PID") || sd=
+    if [[ -n $ctld ]] && ctld_responds; then
         # Stops slurmctld and every slurmd; running jobs' slurmstepd are left alone.
+        log "scontrol shutdown"
         scontrol shutdown >/dev/null 2>&1 || true
-        local i
-        for i in $(seq 1 100); do
-            live_pid "$CTLD_PID" >/dev/null || live_pid "$SLURMD_PID" >/dev/null || break
-            sleep 0.1
-        done
     fi
-    stop_pidfile slurmd "$SLURMD_PID"
-    stop_pidfile slurmctld "$CTLD_PID"
+    [[ -n $sd ]] && stop_pid slurmd "$sd" 100
+    [[ -n $ctld ]] && stop_pid slurmctld "$ctld" 100
+    rm -f "$CTLD_PID" "$SLURMD_PID"
 }
 
 cancel_jobs() {
     ctld_responds || return 0
-    local jobs
-    jobs=$(squeue -h -o '%i' 2>/dev/null | tr '\n' ' ')
-    [[ -n ${jobs// /} ]] || return 0
+    local jobs=()
+    mapfile -t jobs < <(squeue -h -o '%i' 2>/dev/null)
+    ((${#jobs[@]} > 0)) || return 0
     if [[ ${SLURM_KEEP_JOBS:-0} == 1 ]]; then
-        log "leaving jobs running (SLURM_KEEP_JOBS=1): $jobs"
+        log "leaving jobs running (SLURM_KEEP_JOBS=1): ${jobs[*]}"
         return 0
     fi
-    log "cancelling jobs: $jobs"
-    scancel $(squeue -h -o '%i') 2>/dev/null || true
+    log "cancelling jobs: ${jobs[*]}"
+    scancel "${jobs[@]}" 2>/dev/null || true
     local i
     for i in $(seq 1 30); do
         [[ -z $(squeue -h -t running,completing -o '%i' 2>/dev/null) ]] && return 0
@@ -429,7 +438,10 @@ cmd_down() {
     cancel_jobs
     stop_daemons
     if [[ -e $MUNGE_OURS ]]; then
-        stop_pidfile munged "$MUNGE_PID"
+        local mp
+        if mp=$(live_pid "$MUNGE_PID"); then
+            stop_pid munged "$mp" 0
+        fi
         rm -f "$MUNGE_OURS"
     fi
     log "down"
@@ -456,7 +468,7 @@ cmd_status() {
     fi
     if ctld_responds; then
         echo
-        sinfo -N -o '%N %P %T cpus=%c mem=%mMiB %E' || true
+        sinfo -N -o '%N %P %T %c %m %E' || true
         echo
         squeue || true
         healthy || rc=1

@@ -1,0 +1,686 @@
+"""Write real torchtitan-layout DCP checkpoints, for tests and for the demo.
+
+The converter must cope with checkpoints that torchtitan really wrote, so this module does not
+forge the files: it starts ``world_size`` processes on the gloo backend, shards a llama-shaped
+``nn.Module`` with FSDP2 (``fully_shard`` over a ``"cpu"`` device mesh), takes real AdamW steps
+for resumable ("full") checkpoints, and saves with ``torch.distributed.checkpoint.save``. The
+model entries are DTensors, so their chunks really are spread over ``__<rank>_0.distcp`` files.
+
+It is written apart from the converter on purpose: it witnesses the layouts independently, from
+the torchtitan history summarised in REFERENCE.md section 1 (commits cited below), so a test that
+compares the converter's output with what :func:`write_step` returns checks both against the spec.
+
+Usage: ``python -m converter.demo --out outputs [--experiments debug 500M ...]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import re
+import resource
+import shutil
+import socket
+import tempfile
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.multiprocessing as torch_mp
+from torch import nn
+
+GENERATIONS = ("G1", "G2", "G3", "G4")
+KINDS = ("full", "weights_only")
+
+# torchtitan defaults in every generation: AdamW(lr=8e-4, betas=(0.9, 0.95), eps=1e-8,
+# weight_decay=0.1) behind a linear-warmup LambdaLR; llama3 rope_theta 500000.
+_LR = 8e-4
+_WARMUP_STEPS = 200
+_ROPE_THETA = 500000.0
+# G1 kept ``freqs_cis`` as a persistent buffer of shape [max_seq_len, head_dim // 2]; 2048 is the
+# llama3 default max_seq_len of that period (torchtitan 031f73f8a, models/llama/model.py).
+_G1_MAX_SEQ_LEN = 2048
+_NORM_EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Hyper-parameters of a llama3-style model: enough to lay out every generation's keys."""
+
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    vocab_size: int
+    hidden_dim: int
+    tied_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} is not a multiple of n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not a multiple of {self.n_kv_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def heads_per_kv(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+
+# name -> (shape, generation, [(step, kind, dtype), ...]); the lead's config yaml mirrors these.
+DEMO_EXPERIMENTS: dict[str, tuple[ModelShape, str, list[tuple[int, str, torch.dtype]]]] = {
+    # torchtitan llama3 "debugmodel" as shipped in torchtitan 0.3.0.
+    "debug": (
+        ModelShape(dim=256, n_layers=6, n_heads=16, n_kv_heads=16, vocab_size=2048, hidden_dim=768),
+        "G4",
+        [(10, "full", torch.float32), (20, "weights_only", torch.bfloat16)],
+    ),
+    "500M": (
+        ModelShape(
+            dim=1280, n_layers=24, n_heads=20, n_kv_heads=4, vocab_size=32768, hidden_dim=3456
+        ),
+        "G2",
+        [(1000, "full", torch.float32), (2000, "weights_only", torch.bfloat16)],
+    ),
+    "debug_pretrained": (
+        ModelShape(
+            dim=256,
+            n_layers=4,
+            n_heads=8,
+            n_kv_heads=2,
+            vocab_size=2048,
+            hidden_dim=768,
+            tied_embeddings=True,
+        ),
+        "G3",
+        [(5, "full", torch.float32), (10, "weights_only", torch.float32)],
+    ),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Reference weights and the Meta <-> layout key mapping
+# --------------------------------------------------------------------------------------------
+
+
+def _meta_shapes(shape: ModelShape) -> dict[str, tuple[int, ...]]:
+    """Meta-style keys and sizes, in a fixed order so seeded generation is reproducible."""
+    hd, d = shape.head_dim, shape.dim
+    out: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (shape.vocab_size, d)}
+    for i in range(shape.n_layers):
+        p = f"layers.{i}."
+        out[p + "attention.wq.weight"] = (shape.n_heads * hd, d)
+        out[p + "attention.wk.weight"] = (shape.n_kv_heads * hd, d)
+        out[p + "attention.wv.weight"] = (shape.n_kv_heads * hd, d)
+        out[p + "attention.wo.weight"] = (d, shape.n_heads * hd)
+        out[p + "feed_forward.w1.weight"] = (shape.hidden_dim, d)
+        out[p + "feed_forward.w2.weight"] = (d, shape.hidden_dim)
+        out[p + "feed_forward.w3.weight"] = (shape.hidden_dim, d)
+        out[p + "attention_norm.weight"] = (d,)
+        out[p + "ffn_norm.weight"] = (d,)
+    out["norm.weight"] = (d,)
+    out["output.weight"] = (shape.vocab_size, d)
+    return out
+
+
+def reference_weights(shape: ModelShape, seed: int) -> dict[str, torch.Tensor]:
+    """Deterministic float32 weights with Meta-style keys.
+
+    Keys: tok_embeddings.weight, layers.<i>.attention.{wq,wk,wv,wo}.weight,
+    layers.<i>.attention_norm.weight, layers.<i>.ffn_norm.weight,
+    layers.<i>.feed_forward.{w1,w2,w3}.weight, norm.weight, output.weight (the same tensor as
+    tok_embeddings.weight when tied). Norm weights are random around 1, not all ones, so a test
+    can tell them apart and catch a converter that mixes them up.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for key, size in _meta_shapes(shape).items():
+        if key == "output.weight" and shape.tied_embeddings:
+            out[key] = out["tok_embeddings.weight"]
+        elif len(size) == 1:
+            out[key] = 1.0 + 0.1 * torch.randn(size, generator=gen)
+        else:
+            out[key] = torch.randn(size, generator=gen).mul_(0.02)
+    return out
+
+
+def _fuse_qkv(
+    wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, shape: ModelShape
+) -> torch.Tensor:
+    """G3 fused layout: rows grouped per kv head as [n_kv, heads_per_kv + 2, head_dim, dim].
+
+    Each group holds its query heads, then its key head, then its value head (torchtitan
+    ad7a86533, "Fused QKV GQAttention implementation", 2026-04-16).
+    """
+    kv, r, hd, d = shape.n_kv_heads, shape.heads_per_kv, shape.head_dim, shape.dim
+    parts = (wq.reshape(kv, r, hd, d), wk.reshape(kv, 1, hd, d), wv.reshape(kv, 1, hd, d))
+    return torch.cat(parts, dim=1).reshape(-1, d)
+
+
+def _split_qkv(
+    wqkv: torch.Tensor, shape: ModelShape
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`_fuse_qkv`; also works on Replicate DTensors (the G4 save hook)."""
+    kv, r, hd = shape.n_kv_heads, shape.heads_per_kv, shape.head_dim
+    grouped = wqkv.reshape(kv, r + 2, hd, wqkv.shape[-1])
+    q, k, v = torch.split(grouped, [r, 1, 1], dim=1)
+    return tuple(t.reshape(-1, wqkv.shape[-1]).contiguous() for t in (q, k, v))  # type: ignore[return-value]
+
+
+def _head_name(generation: str) -> str:
+    # The output projection is "lm_head" since the fused-QKV rewrite (G3, torchtitan ad7a86533).
+    return "output" if generation in ("G1", "G2") else "lm_head"
+
+
+def _param_names(shape: ModelShape, generation: str) -> list[str]:
+    """FQNs of the nn.Parameters of the module we build (tied: one name for the shared one)."""
+    names = []
+    for key in _meta_shapes(shape):
+        if key == "output.weight":
+            if not shape.tied_embeddings:
+                names.append(f"{_head_name(generation)}.weight")
+        elif generation in ("G3", "G4") and key.endswith("attention.wq.weight"):
+            names.append(key.replace("attention.wq.", "attention.qkv_linear.wqkv."))
+        elif generation in ("G3", "G4") and key.endswith(("attention.wk.weight", "wv.weight")):
+            continue
+        else:
+            names.append(key)
+    return names
+
+
+def _full_param(weights: dict[str, torch.Tensor], name: str, shape: ModelShape) -> torch.Tensor:
+    """Full-size value of one module parameter, built from Meta-keyed weights."""
+    if name.endswith("qkv_linear.wqkv.weight"):
+        p = name.removesuffix("qkv_linear.wqkv.weight")
+        return _fuse_qkv(
+            weights[p + "wq.weight"], weights[p + "wk.weight"], weights[p + "wv.weight"], shape
+        )
+    if name == "lm_head.weight":
+        return weights["output.weight"]
+    return weights[name]
+
+
+def _params_to_meta(params: dict[str, torch.Tensor], shape: ModelShape) -> dict[str, torch.Tensor]:
+    """Module parameters (any generation) back to Meta-style keys, in _meta_shapes order."""
+    flat: dict[str, torch.Tensor] = {}
+    for name, tensor in params.items():
+        if name.endswith("qkv_linear.wqkv.weight"):
+            p = name.removesuffix("qkv_linear.wqkv.weight")
+            wq, wk, wv = _split_qkv(tensor, shape)
+            flat.update({p + "wq.weight": wq, p + "wk.weight": wk, p + "wv.weight": wv})
+        elif name == "lm_head.weight":
+            flat["output.weight"] = tensor
+        else:
+            flat[name] = tensor
+    if shape.tied_embeddings:
+        flat["output.weight"] = flat["tok_embeddings.weight"]
+    return {key: flat[key] for key in _meta_shapes(shape)}
+
+
+# --------------------------------------------------------------------------------------------
+# The llama-shaped module whose parameter FQNs are the layout's keys
+# --------------------------------------------------------------------------------------------
+
+
+class _FusedQKV(nn.Module):
+    """``attention.qkv_linear`` of G3/G4: one fused ``wqkv`` parameter.
+
+    G3 saves it as is. G4 (torchtitan 70dd94551, "FusedQKVLinear checkpoint interop via
+    state_dict hooks", 2026-06-19; fused by default since 3396a4b37, 2026-06-24; torchtitan
+    0.3.0) keeps the fused parameter, so the optimizer state is keyed by ``wqkv``, but a
+    state-dict post hook gathers it to a Replicate DTensor and emits ``wq``/``wk``/``wv``.
+    """
+
+    def __init__(self, shape: ModelShape, split_on_save: bool) -> None:
+        super().__init__()
+        self.shape = shape
+        rows = (shape.n_heads + 2 * shape.n_kv_heads) * shape.head_dim
+        self.wqkv = nn.Linear(shape.dim, rows, bias=False)
+        if split_on_save:
+            self.register_state_dict_post_hook(_split_wqkv_on_save)
+
+
+def _split_wqkv_on_save(
+    module: _FusedQKV, state_dict: dict[str, Any], prefix: str, local_metadata: Any
+) -> None:
+    from torch.distributed.tensor import DTensor, Replicate
+
+    tensor = state_dict.pop(prefix + "wqkv.weight")
+    if isinstance(tensor, DTensor):
+        # The per-kv-group reshape needs whole rows: gather, as torchtitan 0.3.0 does, so these
+        # three keys are saved as replicated (unchunked) tensors, deduplicated to one rank.
+        tensor = tensor.redistribute(tensor.device_mesh, [Replicate()] * tensor.device_mesh.ndim)
+    wq, wk, wv = _split_qkv(tensor, module.shape)
+    state_dict[prefix + "wq.weight"] = wq
+    state_dict[prefix + "wk.weight"] = wk
+    state_dict[prefix + "wv.weight"] = wv
+
+
+class _Attention(nn.Module):
+    def __init__(self, shape: ModelShape, generation: str) -> None:
+        super().__init__()
+        d, hd = shape.dim, shape.head_dim
+        if generation in ("G1", "G2"):
+            self.wq = nn.Linear(d, shape.n_heads * hd, bias=False)
+            self.wk = nn.Linear(d, shape.n_kv_heads * hd, bias=False)
+            self.wv = nn.Linear(d, shape.n_kv_heads * hd, bias=False)
+        else:
+            self.qkv_linear = _FusedQKV(shape, split_on_save=generation == "G4")
+        self.wo = nn.Linear(shape.n_heads * hd, d, bias=False)
+
+
+class _FeedForward(nn.Module):
+    def __init__(self, shape: ModelShape) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(shape.dim, shape.hidden_dim, bias=False)
+        self.w2 = nn.Linear(shape.hidden_dim, shape.dim, bias=False)
+        self.w3 = nn.Linear(shape.dim, shape.hidden_dim, bias=False)
+
+
+class _Block(nn.Module):
+    def __init__(self, shape: ModelShape, generation: str) -> None:
+        super().__init__()
+        self.attention = _Attention(shape, generation)
+        self.feed_forward = _FeedForward(shape)
+        self.attention_norm = nn.RMSNorm(shape.dim, eps=_NORM_EPS)
+        self.ffn_norm = nn.RMSNorm(shape.dim, eps=_NORM_EPS)
+
+
+class _Transformer(nn.Module):
+    """No forward: only the parameter tree matters for the state dict."""
+
+    def __init__(self, shape: ModelShape, generation: str) -> None:
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(shape.vocab_size, shape.dim)
+        # torchtitan keeps layers in a ModuleDict keyed "0", "1", ... -> FQNs layers.<i>.
+        self.layers = nn.ModuleDict(
+            {str(i): _Block(shape, generation) for i in range(shape.n_layers)}
+        )
+        self.norm = nn.RMSNorm(shape.dim, eps=_NORM_EPS)
+        head = nn.Linear(shape.dim, shape.vocab_size, bias=False)
+        if shape.tied_embeddings:
+            head.weight = self.tok_embeddings.weight
+        self.add_module(_head_name(generation), head)
+        if generation == "G1":
+            self.register_buffer(
+                "freqs_cis",
+                torch.empty(_G1_MAX_SEQ_LEN, shape.head_dim // 2, dtype=torch.complex64),
+                persistent=True,
+            )
+
+
+def _freqs_cis(shape: ModelShape) -> torch.Tensor:
+    hd = shape.head_dim
+    inv = 1.0 / (_ROPE_THETA ** (torch.arange(0, hd, 2, dtype=torch.float32)[: hd // 2] / hd))
+    angles = torch.outer(torch.arange(_G1_MAX_SEQ_LEN, dtype=torch.float32), inv)
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def _warmup(step: int) -> float:
+    # Module-level (not a lambda) so LambdaLR.state_dict() stays picklable.
+    return min(1.0, (step + 1) / _WARMUP_STEPS)
+
+
+# --------------------------------------------------------------------------------------------
+# The rank worker (spawned; must stay importable at module level)
+# --------------------------------------------------------------------------------------------
+
+
+def _rank_main(rank: int, job: dict[str, Any]) -> None:
+    """One rank: build, shard, (train,) save, and report its shards and peak RSS to job files."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+    )
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    world_size: int = job["world_size"]
+    shape = ModelShape(**job["shape"])
+    generation: str = job["generation"]
+    kind: str = job["kind"]
+    work = Path(job["work_dir"])
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(job["port"])
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(minutes=30))
+    try:
+        mesh = init_device_mesh("cpu", (world_size,))
+        with torch.device("meta"):
+            model = _Transformer(shape, generation)
+        for block in model.layers.values():
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        model.to_empty(device="cpu")
+
+        weights = torch.load(work / "weights.pt", mmap=True, weights_only=True)
+        params = dict(model.named_parameters())
+        if sorted(params) != sorted(_param_names(shape, generation)):
+            raise AssertionError(f"unexpected parameter names: {sorted(params)}")
+        with torch.no_grad():
+            for name, param in params.items():
+                full = _full_param(weights, name, shape)
+                # src_data_rank=None: every rank slices its own chunk, no communication.
+                param.copy_(distribute_tensor(full, mesh, param.placements, src_data_rank=None))
+            if generation == "G1":
+                model.freqs_cis.copy_(_freqs_cis(shape))
+        del weights
+
+        step: int = job["step"]
+        if kind == "full":
+            optim = torch.optim.AdamW(
+                model.parameters(), lr=_LR, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1
+            )
+            sched = torch.optim.lr_scheduler.LambdaLR(optim, _warmup)
+            for it in range(job["optimizer_steps"]):
+                # One parameter at a time, so at most one gradient shard is alive: this keeps
+                # the 500M demo's ranks at params + two Adam moments.
+                for name, param in params.items():
+                    assert isinstance(param, DTensor)
+                    local = param.to_local()
+                    gen = torch.Generator().manual_seed(zlib.crc32(f"{name}:{it}:{rank}".encode()))
+                    grad = torch.randn(local.shape, generator=gen).mul_(1e-2)
+                    param.grad = DTensor.from_local(
+                        grad, mesh, param.placements, shape=param.shape, stride=param.stride()
+                    )
+                    optim.step()
+                    param.grad = None
+                sched.step()
+            optim_sd = get_optimizer_state_dict(
+                model, optim, options=StateDictOptions(flatten_optimizer_state_dict=True)
+            )
+            state = _full_state(model.state_dict(), optim_sd, sched, generation, step, rank, job)
+        else:
+            dtype = getattr(torch, job["export_dtype"])
+            state = {k: v.to(dtype) for k, v in model.state_dict().items() if k != "freqs_cis"}
+
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(job["step_dir"], thread_count=1))
+        dist.barrier()
+
+        if kind == "full":
+            del state, optim_sd, optim, sched
+            shards = {n: p.to_local().detach().clone() for n, p in params.items()}
+            torch.save(shards, work / f"shards_{rank}.pt")
+            del shards
+        maxrss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        (work / f"stats_{rank}.json").write_text(json.dumps({"maxrss_mib": maxrss_kib / 1024}))
+    finally:
+        dist.destroy_process_group()
+
+
+def _full_state(
+    model_sd: dict[str, Any],
+    optim_sd: dict[str, Any],
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    generation: str,
+    step: int,
+    rank: int,
+    job: dict[str, Any],
+) -> dict[str, Any]:
+    """The resumable state dict of one rank, shaped as torchtitan's CheckpointManager saves it."""
+    world_size = job["world_size"]
+    # Dataloader: {"dp_rank_<r>": pickled StatefulDataLoader state, "world_size": n}, same in all
+    # generations (torchtitan components/dataloader.py since 2025-02, e.g. 031f73f8a).
+    loader_state = {
+        "_num_yielded": step,
+        "_sampler_iter_yielded": step,
+        "_snapshot": {"_snapshot_step": step, "_worker_snapshots": {}},
+        "dataset_state": {"sample_idx": step * 8 + rank, "token_buffer": []},
+    }
+    dataloader = {f"dp_rank_{rank}": pickle.dumps(loader_state), "world_size": world_size}
+    if generation == "G1":
+        # TrainState of torchtitan 031f73f8a (2025-02): int32 step and torch.save'd BytesIO logs.
+        logs = {}
+        for key, value in (
+            ("global_avg_losses", [4.2, 3.9]),
+            ("global_max_losses", [5.0, 4.4]),
+            ("log_steps", [1, step]),
+        ):
+            buf = BytesIO()
+            torch.save(value, buf)
+            logs[key] = buf
+        train_state: dict[str, Any] = {"step": torch.tensor(step, dtype=torch.int32), **logs}
+    else:
+        # Trainer.state_dict() from 2025-07 on: {"step", "ntokens_seen"} as plain ints.
+        train_state = {"step": step, "ntokens_seen": step * 8 * 2048 * world_size}
+    if generation == "G4":
+        # torchtitan 632f67f12 (2026-06-04) saves only last_epoch for the LR schedulers.
+        lr_state: dict[str, Any] = {"last_epoch": sched.last_epoch}
+    else:
+        lr_state = sched.state_dict()
+    rest = {
+        "optimizer": optim_sd,
+        "lr_scheduler": lr_state,
+        "dataloader": dataloader,
+        "train_state": train_state,
+    }
+    if generation == "G1":
+        # Before torchtitan 7d5f3cc69 ("Always flatten model state_dict", 2025-07-03) the model
+        # was nested under "model", freqs_cis included (persistent buffer).
+        return {"model": model_sd, **rest}
+    # G2+: model keys at top level; freqs_cis non-persistent from 9874e84d1 (2025-08-19) and
+    # excluded from saves already since aefe15a32 (2025-06-26).
+    return {**{k: v for k, v in model_sd.items() if k != "freqs_cis"}, **rest}
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _prepare_step_dir(step_dir: Path) -> None:
+    """Create ``step_dir``; an old DCP save there is replaced, anything else is refused."""
+    if step_dir.exists():
+        foreign = [
+            p.name for p in step_dir.iterdir() if p.name != ".metadata" and p.suffix != ".distcp"
+        ]
+        if foreign:
+            raise FileExistsError(f"{step_dir} holds files that are not a DCP save: {foreign}")
+        shutil.rmtree(step_dir)
+    step_dir.mkdir(parents=True)
+
+
+def _step_number(step_dir: Path, default: int) -> int:
+    match = re.fullmatch(r"step-(\d+)", step_dir.name)
+    return int(match.group(1)) if match else default
+
+
+def _write_step_with_stats(
+    step_dir: Path,
+    weights: dict[str, torch.Tensor],
+    shape: ModelShape,
+    *,
+    generation: str,
+    kind: str,
+    export_dtype: torch.dtype,
+    world_size: int,
+    optimizer_steps: int,
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    if generation not in GENERATIONS:
+        raise ValueError(f"generation must be one of {GENERATIONS}, got {generation!r}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    missing = set(_meta_shapes(shape)) - set(weights)
+    if missing:
+        raise KeyError(f"weights lack {sorted(missing)[:5]} ...")
+    for key, size in _meta_shapes(shape).items():
+        if tuple(weights[key].shape) != size:
+            raise ValueError(f"{key}: shape {tuple(weights[key].shape)}, expected {size}")
+    if shape.tied_embeddings and not torch.equal(
+        weights["output.weight"], weights["tok_embeddings.weight"]
+    ):
+        raise ValueError("tied_embeddings but output.weight != tok_embeddings.weight")
+
+    step_dir = Path(step_dir)
+    _prepare_step_dir(step_dir)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="titan2tune-demo-") as tmp:
+        work = Path(tmp)
+        # Ranks read the weights through mmap: the page cache is shared, not copied per rank.
+        torch.save({k: v.float().contiguous() for k, v in weights.items()}, work / "weights.pt")
+        job = {
+            "world_size": world_size,
+            "shape": {f: getattr(shape, f) for f in ModelShape.__dataclass_fields__},
+            "generation": generation,
+            "kind": kind,
+            "export_dtype": str(export_dtype).removeprefix("torch."),
+            "optimizer_steps": optimizer_steps,
+            "step": _step_number(step_dir, optimizer_steps),
+            "step_dir": str(step_dir),
+            "work_dir": str(work),
+            "port": _free_port(),
+        }
+        try:
+            torch_mp.start_processes(
+                _rank_main, args=(job,), nprocs=world_size, join=True, start_method="spawn"
+            )
+        except (torch_mp.ProcessRaisedException, torch_mp.ProcessExitedException) as exc:
+            raise RuntimeError(
+                f"demo checkpoint writer: rank {exc.error_index} failed while writing "
+                f"{step_dir} ({generation}, {kind}); the step folder is incomplete.\n{exc}"
+            ) from exc
+        if not (step_dir / ".metadata").exists():
+            raise RuntimeError(f"demo checkpoint writer: no .metadata in {step_dir}")
+        stats = {"seconds": time.perf_counter() - start}
+        for r in range(world_size):
+            rss = json.loads((work / f"stats_{r}.json").read_text())["maxrss_mib"]
+            stats[f"rank{r}_maxrss_mib"] = rss
+
+        if kind == "full":
+            shards = [
+                torch.load(work / f"shards_{r}.pt", mmap=True, weights_only=True)
+                for r in range(world_size)
+            ]
+            params = {name: torch.cat([s[name] for s in shards]) for name in shards[0]}
+            del shards
+            result = _params_to_meta(params, shape)
+        else:
+            result = {key: weights[key].to(export_dtype) for key in _meta_shapes(shape)}
+            if shape.tied_embeddings:
+                result["output.weight"] = result["tok_embeddings.weight"]
+    return result, stats
+
+
+def write_step(
+    step_dir: Path,
+    weights: dict[str, torch.Tensor],
+    shape: ModelShape,
+    *,
+    generation: str,
+    kind: str,
+    export_dtype: torch.dtype = torch.float32,
+    world_size: int = 2,
+    optimizer_steps: int = 2,
+) -> dict[str, torch.Tensor]:
+    """Write one torchtitan step folder (e.g. ``.../checkpoint/step-20``) with a real DCP save.
+
+    ``generation`` is one of G1..G4 (REFERENCE.md section 1), ``kind`` is "full" (resumable:
+    model, optimizer, lr_scheduler, dataloader, train_state, float32, after ``optimizer_steps``
+    AdamW steps on seeded fake gradients) or "weights_only" (model keys alone, flat, cast to
+    ``export_dtype``). ``train_state.step`` is N from a ``step-N`` folder name.
+
+    Returns the Meta-style-keyed full tensors exactly as saved, so a test can compare a
+    converter's output with them without trusting DCP or the converter.
+    """
+    result, _ = _write_step_with_stats(
+        step_dir,
+        weights,
+        shape,
+        generation=generation,
+        kind=kind,
+        export_dtype=export_dtype,
+        world_size=world_size,
+        optimizer_steps=optimizer_steps,
+    )
+    return result
+
+
+def _disk_usage(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def write_demo(
+    out_root: Path, experiments: Sequence[str] = ("debug", "500M", "debug_pretrained")
+) -> None:
+    """Write ``out_root/checkpoint_<name>/step-<N>`` for each demo experiment.
+
+    Each later step is saved from the weights the earlier full step trained, as in a real run
+    whose final weights-only save follows its intermediate full checkpoints.
+    """
+    out_root = Path(out_root)
+    unknown = [name for name in experiments if name not in DEMO_EXPERIMENTS]
+    if unknown:
+        raise ValueError(f"unknown experiments {unknown}; known: {sorted(DEMO_EXPERIMENTS)}")
+    for index, name in enumerate(experiments):
+        shape, generation, steps = DEMO_EXPERIMENTS[name]
+        weights = reference_weights(shape, seed=1000 + index)
+        for step, kind, dtype in steps:
+            step_dir = out_root / f"checkpoint_{name}" / f"step-{step}"
+            saved, stats = _write_step_with_stats(
+                step_dir,
+                weights,
+                shape,
+                generation=generation,
+                kind=kind,
+                export_dtype=dtype,
+                world_size=2,
+                optimizer_steps=2,
+            )
+            if kind == "full":
+                weights = saved
+            del saved
+            ranks = ", ".join(f"{v:.0f}" for k, v in stats.items() if k.endswith("_maxrss_mib"))
+            dtype_name = str(dtype).removeprefix("torch.")
+            print(
+                f"wrote {step_dir} [{name}: {generation} {kind} {dtype_name}]"
+                f" {_disk_usage(step_dir) / 2**20:.1f} MiB in {stats['seconds']:.1f} s"
+                f" (rank peak RSS MiB: {ranks})",
+                flush=True,
+            )
+        del weights
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(
+        f"done: {_disk_usage(out_root) / 2**30:.2f} GiB under {out_root}; "
+        f"driver peak RSS {own:.0f} MiB"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m converter.demo",
+        description="Write real torchtitan-layout DCP checkpoints (2 gloo ranks, FSDP2).",
+    )
+    parser.add_argument("--out", type=Path, default=Path("outputs"), help="output root folder")
+    parser.add_argument(
+        "--experiments",
+        nargs="+",
+        default=["debug", "500M", "debug_pretrained"],
+        choices=sorted(DEMO_EXPERIMENTS),
+        help="which demo experiments to write",
+    )
+    args = parser.parse_args(argv)
+    write_demo(args.out, args.experiments)
+
+
+if __name__ == "__main__":
+    main()

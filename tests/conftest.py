@@ -1,0 +1,77 @@
+"""Shared fixtures: the Hydra config as the entry point composes it, and real DCP checkpoints
+written by real two-rank FSDP2 saves (converter.demo), once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from omegaconf import DictConfig
+
+from converter import demo
+from converter.config import register_configs
+
+REPO = Path(__file__).resolve().parent.parent
+
+register_configs()
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """The job config exactly as ``python convert.py <overrides>`` composes it."""
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return hydra_compose(config_name="convert", overrides=overrides)
+
+
+# Two model variants cover the cases the key maps must get right: plain multi-head attention
+# with a separate output head, and grouped-query attention with tied embeddings.
+VARIANTS = {
+    "mha": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=96, hidden_dim=160),
+    "gqa_tied": dict(
+        dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=96, hidden_dim=160,
+        tied_embeddings=True,
+    ),
+}
+FULL_STEP, WEIGHTS_ONLY_STEP = 10, 20
+
+
+@pytest.fixture(scope="session")
+def checkpoint_factory(tmp_path_factory):
+    """Writes (once per session) a torchtitan checkpoint folder of one layout generation and
+    model variant: a full training save at FULL_STEP and a bfloat16 weights-only save at
+    WEIGHTS_ONLY_STEP, each by two FSDP2 ranks. Returns (folder, shape, {step: weights})."""
+    made: dict[tuple[str, str], tuple[Path, demo.ModelShape, dict[int, dict]]] = {}
+
+    def make(generation: str, variant: str):
+        if (generation, variant) not in made:
+            root = tmp_path_factory.mktemp(f"{generation}_{variant}") / "checkpoint"
+            shape = demo.ModelShape(**VARIANTS[variant])
+            weights = demo.reference_weights(shape, seed=len(made) + 1)
+            saved = {
+                FULL_STEP: demo.write_step(
+                    root / f"step-{FULL_STEP}", weights, shape,
+                    generation=generation, kind="full",
+                ),
+                WEIGHTS_ONLY_STEP: demo.write_step(
+                    root / f"step-{WEIGHTS_ONLY_STEP}", weights, shape,
+                    generation=generation, kind="weights_only", export_dtype=torch.bfloat16,
+                ),
+            }
+            made[generation, variant] = root, shape, saved
+        return made[generation, variant]
+
+    return make
+
+
+def model_overrides(shape) -> list[str]:
+    return [
+        f"experiment.model.n_heads={shape.n_heads}",
+        f"experiment.model.n_kv_heads={shape.n_kv_heads}",
+        f"experiment.model.tied_embeddings={str(shape.tied_embeddings).lower()}",
+        f"experiment.model.dim={shape.dim}",
+        f"experiment.model.n_layers={shape.n_layers}",
+        f"experiment.model.vocab_size={shape.vocab_size}",
+        f"experiment.model.hidden_dim={shape.hidden_dim}",
+    ]

@@ -1,0 +1,1 @@
+"""Real peers for the tests: torchtitan writes checkpoints, torchtune loads the output."""

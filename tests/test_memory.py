@@ -1,0 +1,67 @@
+"""Peak memory does not grow with the checkpoint: a conversion of a checkpoint many times the
+batch budget stays within the budget plus a fixed margin over a tiny conversion's peak."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+
+from converter import demo
+from tests.conftest import REPO
+
+BUDGET_MB = 32
+# Interpreter, torch, Hydra and the output's structure: what a tiny conversion also pays,
+# measured, not assumed; this margin absorbs allocator slack between the two runs.
+MARGIN_MB = 96
+
+
+def peak_rss_mb(args: list[str]) -> float:
+    """Runs ``convert.py`` and returns its peak resident set size as the kernel counted it."""
+    proc = subprocess.Popen(
+        [sys.executable, "convert.py", *args], cwd=REPO,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    output = proc.stdout.read().decode()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    assert proc.returncode == 0, output
+    return usage.ru_maxrss / 1024  # kilobytes on Linux
+
+
+def write(root, shape: demo.ModelShape) -> None:
+    weights = demo.reference_weights(shape, seed=7)
+    demo.write_step(root / "step-1", weights, shape, generation="G4", kind="weights_only")
+
+
+def test_peak_rss_is_bounded_by_the_batch_budget(tmp_path):
+    small = demo.ModelShape(dim=64, n_layers=1, n_heads=4, n_kv_heads=4, vocab_size=64,
+                            hidden_dim=128)
+    large = demo.ModelShape(dim=1024, n_layers=8, n_heads=8, n_kv_heads=8, vocab_size=8192,
+                            hidden_dim=2816)
+    write(tmp_path / "small", small)
+    write(tmp_path / "large", large)
+    checkpoint_mb = sum(
+        f.stat().st_size for f in (tmp_path / "large" / "step-1").iterdir()
+    ) / 2**20
+    assert checkpoint_mb > 10 * BUDGET_MB
+
+    def run(name: str, shape: demo.ModelShape) -> float:
+        return peak_rss_mb([
+            "experiment=debug",
+            f"experiment.checkpoint_dir={tmp_path / name}",
+            f"experiment.output={tmp_path / name / 'model.pt'}",
+            f"experiment.model.n_heads={shape.n_heads}",
+            f"experiment.model.n_layers={shape.n_layers}",
+            "experiment.export_dtype=float32",
+            f"batch_mb={BUDGET_MB}",
+            "workers=2",
+        ])
+
+    base, peak = run("small", small), run("large", large)
+    print(f"checkpoint {checkpoint_mb:.0f} MB: peak RSS {peak:.0f} MB, tiny run {base:.0f} MB")
+    assert peak - base < BUDGET_MB + MARGIN_MB
+    out = torch.load(tmp_path / "large" / "model.pt", mmap=True, weights_only=True)
+    assert len(out) == 2 + large.n_layers * 9 + 1
