@@ -7,6 +7,7 @@
 See README.md for every setting.
 """
 
+import signal
 import sys
 
 import hydra
@@ -31,4 +32,9 @@ def main(cfg: DictConfig) -> job.JobResult:
 
 
 if __name__ == "__main__":
+    # Past a file size limit (ulimit -f) the kernel sends SIGXFSZ, whose default action kills
+    # the process before it can clean up. Ignored, the write fails with EFBIG instead, and the
+    # job reports it and removes its partial output. (CPython ignores it at start-up already;
+    # this states that the job relies on it.)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     main()

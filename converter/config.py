@@ -25,6 +25,9 @@ class ExportDtype(Enum):
     float32 = "float32"
     keep = "keep"
 
+    def __str__(self) -> str:  # so ${experiment.export_dtype} interpolates as "bfloat16"
+        return self.value
+
     @property
     def torch_dtype(self) -> torch.dtype | None:
         return None if self is ExportDtype.keep else getattr(torch, self.value)
@@ -35,6 +38,9 @@ class OutputFormat(Enum):
 
     meta = "meta"  # torchtune.training.FullModelMetaCheckpointer
     torchtune = "torchtune"  # torchtune.training.FullModelTorchTuneCheckpointer
+
+    def __str__(self) -> str:  # so ${output_format} interpolates as "meta"
+        return self.value
 
 
 @dataclass

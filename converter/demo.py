@@ -42,10 +42,12 @@ from torch import nn
 GENERATIONS = ("G1", "G2", "G3", "G4")
 KINDS = ("full", "weights_only")
 
-# torchtitan defaults in every generation: AdamW(lr=8e-4, betas=(0.9, 0.95), eps=1e-8,
-# weight_decay=0.1) behind a linear-warmup LambdaLR; llama3 rope_theta 500000.
-_LR = 8e-4
-_WARMUP_STEPS = 200
+# AdamW(betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1) behind a linear-warmup LambdaLR as in
+# torchtitan, but with a large lr and a 2-step warmup instead of 8e-4 over 200 steps: the few
+# fake steps must move every weight by more than bfloat16 rounding, so a test can tell a
+# trained checkpoint from the initial weights even after export. llama3 rope_theta 500000.
+_LR = 1e-2
+_WARMUP_STEPS = 2
 _ROPE_THETA = 500000.0
 # G1 kept ``freqs_cis`` as a persistent buffer of shape [max_seq_len, head_dim // 2]; 2048 is the
 # llama3 default max_seq_len of that period (torchtitan 031f73f8a, models/llama/model.py).
@@ -367,7 +369,7 @@ def _rank_main(rank: int, job: dict[str, Any]) -> None:
         fully_shard(model, mesh=mesh)
         model.to_empty(device="cpu")
 
-        weights = torch.load(work / "weights.pt", mmap=True, weights_only=True)
+        weights = torch.load(job["weights_file"], mmap=True, weights_only=True)
         params = dict(model.named_parameters())
         if sorted(params) != sorted(_param_names(shape, generation)):
             raise AssertionError(f"unexpected parameter names: {sorted(params)}")
@@ -416,8 +418,7 @@ def _rank_main(rank: int, job: dict[str, Any]) -> None:
             shards = {n: p.to_local().detach().clone() for n, p in params.items()}
             torch.save(shards, work / f"shards_{rank}.pt")
             del shards
-        maxrss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        (work / f"stats_{rank}.json").write_text(json.dumps({"maxrss_mib": maxrss_kib / 1024}))
+        (work / f"stats_{rank}.json").write_text(json.dumps({"peak_rss_mib": _peak_rss_mib()}))
     finally:
         dist.destroy_process_group()
 
@@ -482,6 +483,16 @@ def _full_state(
 # --------------------------------------------------------------------------------------------
 
 
+def _peak_rss_mib() -> float:
+    """VmHWM of this process: unlike ru_maxrss it restarts at exec, so a spawned rank does not
+    inherit its parent's peak. It counts the pages of the mapped weights file it touched."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -505,21 +516,8 @@ def _step_number(step_dir: Path, default: int) -> int:
     return int(match.group(1)) if match else default
 
 
-def _write_step_with_stats(
-    step_dir: Path,
-    weights: dict[str, torch.Tensor],
-    shape: ModelShape,
-    *,
-    generation: str,
-    kind: str,
-    export_dtype: torch.dtype,
-    world_size: int,
-    optimizer_steps: int,
-) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    if generation not in GENERATIONS:
-        raise ValueError(f"generation must be one of {GENERATIONS}, got {generation!r}")
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+def _save_weights(weights: dict[str, torch.Tensor], shape: ModelShape, path: Path) -> None:
+    """Check Meta-keyed weights against ``shape`` and save them as float32 for the ranks."""
     missing = set(_meta_shapes(shape)) - set(weights)
     if missing:
         raise KeyError(f"weights lack {sorted(missing)[:5]} ...")
@@ -530,14 +528,36 @@ def _write_step_with_stats(
         weights["output.weight"], weights["tok_embeddings.weight"]
     ):
         raise ValueError("tied_embeddings but output.weight != tok_embeddings.weight")
+    tensors = {k: weights[k].float().contiguous() for k in _meta_shapes(shape)}
+    path.unlink(missing_ok=True)  # a new inode: tensors still mapped from the old file stay valid
+    torch.save(tensors, path)
 
+
+def _write_step_from_file(
+    step_dir: Path,
+    weights_file: Path,
+    shape: ModelShape,
+    *,
+    generation: str,
+    kind: str,
+    export_dtype: torch.dtype,
+    world_size: int,
+    optimizer_steps: int,
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Run the ranks on weights saved by :func:`_save_weights`; return tensors and stats.
+
+    The weights go through a file that each rank maps, so the driver need not keep them in
+    memory while the ranks run (the 500M demo would otherwise hold a third copy).
+    """
+    if generation not in GENERATIONS:
+        raise ValueError(f"generation must be one of {GENERATIONS}, got {generation!r}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     step_dir = Path(step_dir)
     _prepare_step_dir(step_dir)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="titan2tune-demo-") as tmp:
         work = Path(tmp)
-        # Ranks read the weights through mmap: the page cache is shared, not copied per rank.
-        torch.save({k: v.float().contiguous() for k, v in weights.items()}, work / "weights.pt")
         job = {
             "world_size": world_size,
             "shape": {f: getattr(shape, f) for f in ModelShape.__dataclass_fields__},
@@ -547,6 +567,7 @@ def _write_step_with_stats(
             "optimizer_steps": optimizer_steps,
             "step": _step_number(step_dir, optimizer_steps),
             "step_dir": str(step_dir),
+            "weights_file": str(weights_file),
             "work_dir": str(work),
             "port": _free_port(),
         }
@@ -563,10 +584,13 @@ def _write_step_with_stats(
             raise RuntimeError(f"demo checkpoint writer: no .metadata in {step_dir}")
         stats = {"seconds": time.perf_counter() - start}
         for r in range(world_size):
-            rss = json.loads((work / f"stats_{r}.json").read_text())["maxrss_mib"]
-            stats[f"rank{r}_maxrss_mib"] = rss
+            stats[f"rank{r}_peak_rss_mib"] = json.loads((work / f"stats_{r}.json").read_text())[
+                "peak_rss_mib"
+            ]
 
         if kind == "full":
+            # The trained values come from the ranks' own parameter shards (FSDP2 shards dim 0
+            # in rank order), not from reading the checkpoint back.
             shards = [
                 torch.load(work / f"shards_{r}.pt", mmap=True, weights_only=True)
                 for r in range(world_size)
@@ -575,7 +599,9 @@ def _write_step_with_stats(
             del shards
             result = _params_to_meta(params, shape)
         else:
-            result = {key: weights[key].to(export_dtype) for key in _meta_shapes(shape)}
+            weights = torch.load(weights_file, mmap=True, weights_only=True)
+            # copy=True: do not hand back tensors backed by a temporary mapped file.
+            result = {k: weights[k].to(export_dtype, copy=True) for k in _meta_shapes(shape)}
             if shape.tied_embeddings:
                 result["output.weight"] = result["tok_embeddings.weight"]
     return result, stats
@@ -602,16 +628,19 @@ def write_step(
     Returns the Meta-style-keyed full tensors exactly as saved, so a test can compare a
     converter's output with them without trusting DCP or the converter.
     """
-    result, _ = _write_step_with_stats(
-        step_dir,
-        weights,
-        shape,
-        generation=generation,
-        kind=kind,
-        export_dtype=export_dtype,
-        world_size=world_size,
-        optimizer_steps=optimizer_steps,
-    )
+    with tempfile.TemporaryDirectory(prefix="titan2tune-weights-") as tmp:
+        weights_file = Path(tmp) / "weights.pt"
+        _save_weights(weights, shape, weights_file)
+        result, _ = _write_step_from_file(
+            step_dir,
+            weights_file,
+            shape,
+            generation=generation,
+            kind=kind,
+            export_dtype=export_dtype,
+            world_size=world_size,
+            optimizer_steps=optimizer_steps,
+        )
     return result
 
 
@@ -620,49 +649,67 @@ def _disk_usage(path: Path) -> int:
 
 
 def write_demo(
-    out_root: Path, experiments: Sequence[str] = ("debug", "500M", "debug_pretrained")
-) -> None:
-    """Write ``out_root/checkpoint_<name>/step-<N>`` for each demo experiment.
+    out_root: Path,
+    experiments: Sequence[str] = ("debug", "500M", "debug_pretrained"),
+    *,
+    skip_full: Sequence[str] = (),
+) -> dict[str, dict[int, dict[str, torch.Tensor]]]:
+    """Write ``out_root/checkpoint_<name>/step-<N>`` for each experiment of DEMO_EXPERIMENTS.
 
     Each later step is saved from the weights the earlier full step trained, as in a real run
-    whose final weights-only save follows its intermediate full checkpoints.
+    whose final weights-only save follows its intermediate full checkpoints. The weights stay in
+    a mapped file between steps, so the driver holds no copy while the ranks run.
+    ``skip_full`` names experiments whose full saves are left out (the 500M one is ~6 GB); their
+    weights-only saves then hold the untrained reference weights.
+
+    Returns name -> {step: Meta-keyed tensors as saved}, for tests to compare against.
     """
     out_root = Path(out_root)
-    unknown = [name for name in experiments if name not in DEMO_EXPERIMENTS]
+    unknown = [n for n in (*experiments, *skip_full) if n not in DEMO_EXPERIMENTS]
     if unknown:
         raise ValueError(f"unknown experiments {unknown}; known: {sorted(DEMO_EXPERIMENTS)}")
-    for index, name in enumerate(experiments):
-        shape, generation, steps = DEMO_EXPERIMENTS[name]
-        weights = reference_weights(shape, seed=1000 + index)
-        for step, kind, dtype in steps:
-            step_dir = out_root / f"checkpoint_{name}" / f"step-{step}"
-            saved, stats = _write_step_with_stats(
-                step_dir,
-                weights,
-                shape,
-                generation=generation,
-                kind=kind,
-                export_dtype=dtype,
-                world_size=2,
-                optimizer_steps=2,
-            )
-            if kind == "full":
-                weights = saved
-            del saved
-            ranks = ", ".join(f"{v:.0f}" for k, v in stats.items() if k.endswith("_maxrss_mib"))
-            dtype_name = str(dtype).removeprefix("torch.")
-            print(
-                f"wrote {step_dir} [{name}: {generation} {kind} {dtype_name}]"
-                f" {_disk_usage(step_dir) / 2**20:.1f} MiB in {stats['seconds']:.1f} s"
-                f" (rank peak RSS MiB: {ranks})",
-                flush=True,
-            )
-        del weights
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    saved: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    total_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="titan2tune-weights-") as tmp:
+        weights_file = Path(tmp) / "weights.pt"
+        for name in experiments:
+            shape, generation, steps = DEMO_EXPERIMENTS[name]
+            seed = 1000 + list(DEMO_EXPERIMENTS).index(name)  # stable whatever the order
+            _save_weights(reference_weights(shape, seed=seed), shape, weights_file)
+            saved[name] = {}
+            for step, kind, dtype in steps:
+                if kind == "full" and name in skip_full:
+                    continue
+                step_dir = out_root / f"checkpoint_{name}" / f"step-{step}"
+                tensors, stats = _write_step_from_file(
+                    step_dir,
+                    weights_file,
+                    shape,
+                    generation=generation,
+                    kind=kind,
+                    export_dtype=dtype,
+                    world_size=2,
+                    optimizer_steps=2,
+                )
+                if kind == "full":
+                    _save_weights(tensors, shape, weights_file)
+                saved[name][step] = tensors
+                ranks = ", ".join(
+                    f"{v:.0f}" for k, v in stats.items() if k.endswith("_peak_rss_mib")
+                )
+                dtype_name = str(dtype).removeprefix("torch.")
+                print(
+                    f"wrote {step_dir} [{name}: {generation} {kind} {dtype_name}]"
+                    f" {_disk_usage(step_dir) / 2**20:.1f} MiB in {stats['seconds']:.1f} s"
+                    f" (peak RSS MiB per rank: {ranks})",
+                    flush=True,
+                )
     print(
-        f"done: {_disk_usage(out_root) / 2**30:.2f} GiB under {out_root}; "
-        f"driver peak RSS {own:.0f} MiB"
+        f"done in {time.perf_counter() - total_start:.0f} s: "
+        f"{_disk_usage(out_root) / 2**30:.2f} GiB under {out_root}; "
+        f"driver peak RSS {_peak_rss_mib():.0f} MiB"
     )
+    return saved
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -678,8 +725,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         choices=sorted(DEMO_EXPERIMENTS),
         help="which demo experiments to write",
     )
+    parser.add_argument(
+        "--skip-full",
+        nargs="*",
+        default=[],
+        choices=sorted(DEMO_EXPERIMENTS),
+        help="experiments whose full (resumable) saves are left out",
+    )
     args = parser.parse_args(argv)
-    write_demo(args.out, args.experiments)
+    write_demo(args.out, args.experiments, skip_full=args.skip_full)
 
 
 if __name__ == "__main__":

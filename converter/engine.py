@@ -1,58 +1,83 @@
 """The streaming conversion: source chunks -> cast tensors -> bytes in place in the output.
 
-Work is split by source tensor and handed to ``workers`` threads (torch's copy and cast kernels
-and file I/O release the GIL). A byte budget shared by all workers bounds how much tensor data
-is in memory at once: a worker waits for budget before it loads a chunk, so peak memory is
-``batch_mb`` (or one chunk, if a chunk is larger) plus a fixed overhead, however large the
-checkpoint. FSDP2 shards along dim 0, so a chunk is a run of whole rows and maps to a contiguous
-byte range of each output tensor it feeds.
+Work is split by source tensor and handed to ``workers`` threads (torch's cast kernels and file
+I/O release the GIL). Every chunk is read into, and cast within, a buffer borrowed from one pool
+shared by the workers. The pool bounds the memory that tensor data can take to ``batch_mb`` (or
+one chunk, if a chunk is larger), however large the checkpoint, and it recycles its buffers:
+fresh multi-megabyte allocations would cost a page fault per 4 KiB on every chunk, which was
+measured here to take longer than reading the bytes themselves.
+
+FSDP2 shards along dim 0, so a chunk is a run of whole rows and maps to a contiguous byte range
+of each output tensor it feeds.
 """
 
 from __future__ import annotations
 
 import math
 import threading
-import zlib
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import torch
+import xxhash
 
 from converter.errors import ConversionError
 from converter.mapping import OutputTensor, Plan
 from converter.sink import OutputFile
-from converter.source import DcpCheckpoint, TensorEntry
+from converter.source import DcpCheckpoint
+
+_ALIGN = 64
 
 
 @dataclass(frozen=True)
 class Region:
-    """A byte range written into an output tensor and the CRC-32 of the bytes written."""
+    """A byte range written into an output tensor and the XXH3-64 digest of its bytes."""
 
     start: int
     length: int
-    crc32: int
+    digest: int
 
 
-class ByteBudget:
-    """A counting semaphore over bytes; a request larger than the whole budget waits until it
-    can run alone."""
+class BufferPool:
+    """Byte buffers whose total size stays within a budget; freed ones are reused.
 
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self._free = total
+    A request larger than the whole budget is served alone, once every other buffer is back.
+    """
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self._free: list[torch.Tensor] = []
+        self._allocated = 0
+        self._in_use = 0
         self._cond = threading.Condition()
 
-    def acquire(self, n: int) -> int:
-        n = min(n, self.total)
+    def borrow(self, nbytes: int) -> torch.Tensor:
         with self._cond:
-            self._cond.wait_for(lambda: self._free >= n)
-            self._free -= n
-        return n
+            while True:
+                fits = [b for b in self._free if b.numel() >= nbytes]
+                if fits:
+                    buffer = min(fits, key=torch.Tensor.numel)
+                    self._free.remove(buffer)
+                    break
+                if self._allocated + nbytes <= self.budget or not self._in_use:
+                    # Drop idle buffers that are too small before growing past the budget.
+                    while self._free and self._allocated + nbytes > self.budget:
+                        self._allocated -= self._free.pop().numel()
+                    buffer = torch.empty(nbytes, dtype=torch.uint8)
+                    self._allocated += nbytes
+                    break
+                if self._free:  # too small, and growing would break the budget
+                    self._allocated -= self._free.pop().numel()
+                    continue
+                self._cond.wait()
+            self._in_use += 1
+            return buffer
 
-    def release(self, n: int) -> None:
+    def give_back(self, buffer: torch.Tensor) -> None:
         with self._cond:
-            self._free += n
+            self._free.append(buffer)
+            self._in_use -= 1
             self._cond.notify_all()
 
 
@@ -70,40 +95,46 @@ def convert_tensors(
     consumers: dict[str, list[tuple[OutputTensor, int, int, int]]] = {}
     for tensor in plan.tensors:
         for p in tensor.pieces:
-            consumers.setdefault(p.source, []).append((tensor, p.src_start, p.src_stop, p.dst_start))
+            consumers.setdefault(p.source, []).append(
+                (tensor, p.src_start, p.src_stop, p.dst_start)
+            )
     regions: dict[str, list[Region]] = {t.name: [] for t in plan.tensors}
     lock = threading.Lock()
-    budget = ByteBudget(budget_bytes)
+    pool = BufferPool(budget_bytes)
     stop = threading.Event()
 
     def convert_source(key: str) -> None:
         entry = checkpoint.tensors[key]
+        out_dtype = consumers[key][0][0].dtype
         for part in checkpoint.parts(entry):
             if stop.is_set():
                 return
-            # The loaded chunk plus, at most, its cast copy.
-            held = budget.acquire(2 * _rows_bytes(entry, part.stop - part.start))
+            rows = part.stop - part.start
+            # Room for the stored blob's tensor storage, then for the cast rows.
+            read_bytes = _aligned(part.nbytes)
+            buffer = pool.borrow(read_bytes + rows * _row_bytes(entry.shape, out_dtype))
             try:
-                chunk = part.load()
+                chunk = part.load(buffer[:read_bytes])
                 if not allow_nonfinite and chunk.is_floating_point():
                     _check_finite(chunk, consumers[key][0][0], key, checkpoint)
                 for tensor, s0, s1, d0 in consumers[key]:
                     lo, hi = max(part.start, s0), min(part.stop, s1)
                     if lo >= hi:
                         continue
-                    data = chunk[lo - part.start : hi - part.start].to(tensor.dtype).contiguous()
+                    rows_out = chunk[lo - part.start : hi - part.start]
+                    data = _cast_into(rows_out, tensor.dtype, buffer[read_bytes:])
                     start = (d0 + lo - s0) * _row_bytes(tensor.shape, tensor.dtype)
                     out.write(tensor.name, start, data)
-                    crc = zlib.crc32(data.view(torch.uint8).numpy())
+                    digest = xxhash.xxh3_64_intdigest(data.view(torch.uint8).numpy())
                     with lock:
-                        regions[tensor.name].append(Region(start, data.nbytes, crc))
-                progress(_rows_bytes(entry, part.stop - part.start))
+                        regions[tensor.name].append(Region(start, data.nbytes, digest))
+                progress(_row_bytes(entry.shape, entry.dtype) * rows)
             finally:
-                budget.release(held)
+                pool.give_back(buffer)
 
     sources = sorted(consumers, key=lambda k: -checkpoint.tensors[k].nbytes)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="convert") as pool:
-        futures = [pool.submit(convert_source, key) for key in sources]
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="convert") as pool_exec:
+        futures = [pool_exec.submit(convert_source, key) for key in sources]
         done, _ = wait(futures, return_when=FIRST_EXCEPTION)
         failed = [f for f in done if f.exception() is not None]
         if failed:
@@ -113,15 +144,20 @@ def convert_tensors(
     return regions
 
 
+def _cast_into(rows: torch.Tensor, dtype: torch.dtype, space: torch.Tensor) -> torch.Tensor:
+    """``rows`` cast to ``dtype``, written into ``space`` (no allocation); as is if no cast."""
+    if rows.dtype == dtype and rows.is_contiguous():
+        return rows
+    target = space[: rows.numel() * dtype.itemsize].view(dtype).view(rows.shape)
+    return target.copy_(rows)
+
+
+def _aligned(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
 def _row_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    n = dtype.itemsize
-    for s in shape[1:]:
-        n *= s
-    return n
-
-
-def _rows_bytes(entry: TensorEntry, rows: int) -> int:
-    return rows * _row_bytes(entry.shape, entry.dtype)
+    return math.prod(shape[1:]) * dtype.itemsize
 
 
 def _check_finite(
@@ -138,11 +174,15 @@ def _check_finite(
     if math.isfinite(low) and math.isfinite(high) and max(-low, high) <= limit:
         return
     bad = int((~torch.isfinite(chunk)).sum())
-    what = f"{bad} NaN/Inf values" if bad else f"values up to {max(-low, high):.3g}, beyond "
-    what += "" if bad else f"what {tensor.dtype} holds"
+    what = (
+        f"{bad} NaN/Inf values"
+        if bad
+        else f"values up to {max(-low, high):.3g}, beyond what {tensor.dtype} holds"
+    )
     raise ConversionError(
         f"{key!r} in {checkpoint.step_dir} holds {what} (output {tensor.name!r}). The shard data "
         "is corrupt, training diverged, or the export dtype is too narrow. Convert another "
         "step, choose another experiment.export_dtype, or set allow_nonfinite=true to write "
         "the values anyway."
     )
+

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from converter.config import ConvertConfig, to_object
 from converter.engine import convert_tensors
 from converter.errors import ConversionError
 from converter.manifest import (
+    SourceHasher,
     build_manifest,
     fingerprint,
     manifest_path,
@@ -35,7 +37,7 @@ from converter.manifest import (
     write_atomic,
 )
 from converter.mapping import plan_conversion
-from converter.sink import OutputFile
+from converter.sink import OutputFile, output_error
 from converter.source import DcpCheckpoint, find_step_dir
 from converter.verify import verify_output
 
@@ -72,13 +74,18 @@ def run(cfg: DictConfig) -> JobResult:
         result = _convert(conf, cfg, result)
     except ConversionError as e:
         result.error = str(e)
-        log.error("%s: %s", name, e, exc_info=cfg.get("debug", False))
+        log.error("%s: %s", name, e, exc_info=_show_tracebacks(cfg))
     except Exception as e:  # a bug, not bad input: keep the traceback
         result.error = f"{type(e).__name__}: {e}"
         log.exception("%s: conversion failed unexpectedly", name)
     result.seconds = round(time.perf_counter() - start, 2)
     _write_status(result)
     return result
+
+
+def _show_tracebacks(cfg: DictConfig) -> bool:
+    """``debug=true``, or Hydra's own switch for full tracebacks, HYDRA_FULL_ERROR=1."""
+    return bool(cfg.get("debug", False)) or os.environ.get("HYDRA_FULL_ERROR") == "1"
 
 
 def _checked(cfg: DictConfig) -> ConvertConfig:
@@ -94,25 +101,32 @@ def _convert(conf: ConvertConfig, cfg: DictConfig, result: JobResult) -> JobResu
     t = time.perf_counter()
     step, step_dir = find_step_dir(Path(to_absolute_path(exp.checkpoint_dir)), exp.step)
     checkpoint = DcpCheckpoint(step_dir)
-    output = Path(to_absolute_path(exp.output)).resolve()
+    given = Path(to_absolute_path(exp.output))
+    output = given.resolve()
     result.output = str(output)
-    if output.is_relative_to(step_dir.resolve()):
-        raise ConversionError(
-            f"experiment.output {output} lies inside the source step folder {step_dir}; the "
-            "converter never writes into a source checkpoint. Choose another output path."
-        )
+    _check_not_source(given, output, checkpoint)
     export = exp.export_dtype.value
     fmt = conf.output_format.value
     plan = plan_conversion(
-        checkpoint.tensors, checkpoint.byte_entries, exp.model, fmt,
-        exp.export_dtype.torch_dtype, str(step_dir),
+        checkpoint.tensors,
+        checkpoint.byte_entries,
+        exp.model,
+        fmt,
+        exp.export_dtype.torch_dtype,
+        str(step_dir),
     )
     log.info(
         "%s: step-%d of %s, layout %s (%s checkpoint): %d tensors to write as %s/%s, "
         "%d keys left out.",
-        exp.name, step, step_dir.parent, plan.generation,
-        "weights-only" if plan.weights_only else "full training", len(plan.tensors), fmt,
-        export, len(plan.dropped),
+        exp.name,
+        step,
+        step_dir.parent,
+        plan.generation,
+        "weights-only" if plan.weights_only else "full training",
+        len(plan.tensors),
+        fmt,
+        export,
+        len(plan.dropped),
     )
     model_dict = OmegaConf.to_container(cfg.experiment.model, resolve=True, enum_to_str=True)
     print_ = fingerprint(checkpoint, fmt, export, model_dict)
@@ -120,47 +134,104 @@ def _convert(conf: ConvertConfig, cfg: DictConfig, result: JobResult) -> JobResu
         log.info("%s: %s is up to date with this source and settings; skipped.", exp.name, output)
         result.status, result.bytes = "skipped", output.stat().st_size
         return result
+    existed = output.exists()
     times["plan"] = time.perf_counter() - t
 
     t = time.perf_counter()
     total = sum(checkpoint.tensors[k].nbytes for k in plan.sources)
-    with OutputFile(output) as out, tqdm(
-        total=total, unit="B", unit_scale=True, desc=exp.name, mininterval=1.0
-    ) as bar:
-        out.create({t.name: (t.shape, t.dtype) for t in plan.tensors})
-        regions = convert_tensors(
-            checkpoint, plan, out,
-            workers=conf.workers, budget_bytes=conf.batch_mb << 20,
-            allow_nonfinite=conf.allow_nonfinite, progress=bar.update,
-        )
-        out.sync()
-        times["convert"] = time.perf_counter() - t
-        if conf.verify:
+    sidecars = (manifest_path(output), torchtune_yaml_path(output))
+    hasher = SourceHasher([checkpoint.metadata_path, *checkpoint.shard_sizes])
+    try:
+        with (
+            OutputFile(output, sidecars) as out,
+            tqdm(total=total, unit="B", unit_scale=True, desc=exp.name, mininterval=1.0) as bar,
+        ):
+            # A run started at the same time may have written this very output meanwhile.
+            if not existed and output.exists() and _already_done(output, print_, conf.overwrite):
+                log.info("%s: %s was just written by another run; skipped.", exp.name, output)
+                result.status, result.bytes = "skipped", output.stat().st_size
+                return result
+            out.create({t.name: (t.shape, t.dtype) for t in plan.tensors})
+            regions = convert_tensors(
+                checkpoint,
+                plan,
+                out,
+                workers=conf.workers,
+                budget_bytes=conf.batch_mb << 20,
+                allow_nonfinite=conf.allow_nonfinite,
+                progress=bar.update,
+            )
+            out.sync()
+            times["convert"] = time.perf_counter() - t
+            if conf.verify:
+                t = time.perf_counter()
+                verify_output(out.partial, plan, regions, checkpoint)
+                times["verify"] = time.perf_counter() - t
+            # The manifest and snippet go first: an output on disk always has its manifest.
             t = time.perf_counter()
-            verify_output(out.partial, plan, regions, checkpoint)
-            times["verify"] = time.perf_counter() - t
-        # The manifest and snippet go first: an output on disk always has its manifest.
-        t = time.perf_counter()
-        manifest = build_manifest(
-            experiment=exp.name, step=step, checkpoint=checkpoint, plan=plan,
-            written=out.partial, output=output, output_format=fmt, export_dtype=export,
-            durations=times, config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
-            fingerprint=print_, slurm=_slurm_info(),
-        )
-        manifest["durations_s"]["manifest"] = round(time.perf_counter() - t, 3)
-        write_atomic(
-            torchtune_yaml_path(output), torchtune_snippet(output, fmt, exp.model, exp.name)
-        )
-        write_atomic(manifest_path(output), json.dumps(manifest, indent=2) + "\n")
-        out.publish()
+            manifest = build_manifest(
+                experiment=exp.name,
+                step=step,
+                checkpoint=checkpoint,
+                plan=plan,
+                written=out.partial,
+                output=output,
+                output_format=fmt,
+                export_dtype=export,
+                durations=times,
+                config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+                fingerprint=print_,
+                slurm=_slurm_info(),
+                source_sha256=_hashes(hasher),
+            )
+            manifest["durations_s"]["manifest"] = round(time.perf_counter() - t, 3)
+            try:
+                snippet = torchtune_snippet(output, fmt, exp.model, exp.name)
+                write_atomic(torchtune_yaml_path(output), snippet)
+                write_atomic(manifest_path(output), json.dumps(manifest, indent=2) + "\n")
+            except OSError as e:
+                raise output_error(output, e) from e
+            out.publish()
+    finally:
+        hasher.cancel()  # returns at once if the hashing is done; stops it if the run failed
 
     result.status, result.bytes = "converted", manifest["output"]["bytes"]
     log.info(
         "%s: wrote %s (%.1f MB, %d tensors, %d parameters) in %.1f s.",
-        exp.name, output, result.bytes / 1e6, manifest["output"]["tensors"],
-        manifest["output"]["parameters"], sum(times.values()),
+        exp.name,
+        output,
+        result.bytes / 1e6,
+        manifest["output"]["tensors"],
+        manifest["output"]["parameters"],
+        sum(times.values()),
     )
     return result
+
+
+def _hashes(hasher: SourceHasher) -> dict[Path, str]:
+    try:
+        return hasher.result()
+    except OSError as e:
+        raise ConversionError(
+            f"Cannot read {e.filename} to record its sha256 ({e.strerror}): the source "
+            "checkpoint changed or vanished during the conversion. Run again."
+        ) from e
+
+
+def _check_not_source(given: Path, output: Path, checkpoint: DcpCheckpoint) -> None:
+    """Refuses an output that is, links to, or lies beside the files of the source step."""
+    step_dir = checkpoint.step_dir.resolve()
+    for source in (checkpoint.metadata_path, *checkpoint.shard_sizes):
+        if output == source.resolve() or (given.exists() and given.samefile(source)):
+            raise ConversionError(
+                f"experiment.output {given} is the source file {source} of the checkpoint being "
+                "converted; writing it would destroy the checkpoint. Choose another output path."
+            )
+    if output.is_relative_to(step_dir):
+        raise ConversionError(
+            f"experiment.output {given} lies inside the source step folder {step_dir}; the "
+            "converter never writes into a source checkpoint. Choose another output path."
+        )
 
 
 def _already_done(output: Path, print_: dict[str, Any], overwrite: bool) -> bool:

@@ -107,6 +107,12 @@ OUTPUT_FORMATS: dict[str, dict[str, str]] = {
     },
 }
 
+# Whether a model with tied embeddings keeps ``output.weight`` (a copy of the embeddings) in each
+# format. FullModelMetaCheckpointer with model_type LLAMA3_2 pops output.weight and fails with a
+# KeyError if it is absent; torchtune's tied llama3_2 model has no output.weight parameter, so a
+# strict load of a torchtune-format file refuses it.
+TIED_HEAD_KEPT: dict[str, bool] = {"meta": True, "torchtune": False}
+
 # The torchtune checkpointer that reads each output format, for the emitted recipe snippet.
 CHECKPOINTERS: dict[str, str] = {
     "meta": "torchtune.training.FullModelMetaCheckpointer",

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import platform
+import threading
 from collections import Counter
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -65,6 +66,56 @@ def sha256_file(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+class SourceHasher:
+    """The sha256 of every file of a checkpoint, taken on a background thread.
+
+    DCP keeps no checksums, so the manifest records the hash of each source file; taking it
+    in a separate pass would read the whole checkpoint once more before the conversion starts.
+    Instead this thread reads the files while the conversion runs (``hashlib`` releases the GIL
+    while it hashes), usually from the page cache the conversion fills anyway. ``result()``
+    waits for it; ``cancel()`` stops it after the block in hand, for a run that failed.
+    """
+
+    _BLOCK = 4 << 20
+
+    def __init__(self, paths: list[Path]) -> None:
+        self._paths = paths
+        self._digests: dict[Path, str] = {}
+        self._error: OSError | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sha256-sources", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        buffer = bytearray(self._BLOCK)
+        view = memoryview(buffer)
+        try:
+            for path in self._paths:
+                digest = hashlib.sha256()
+                with open(path, "rb", buffering=0) as f:
+                    while not self._stop.is_set():
+                        n = f.readinto(buffer)
+                        if not n:
+                            break
+                        digest.update(view[:n])
+                self._digests[path] = digest.hexdigest()
+        except OSError as e:
+            self._error = e
+
+    def cancel(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def result(self) -> dict[Path, str]:
+        """``path -> sha256`` of every file; raises the OSError that stopped the hashing."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        if self._stop.is_set():
+            raise RuntimeError("hashing was cancelled")
+        return dict(self._digests)
+
+
 def package_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for name in _PACKAGES:
@@ -89,9 +140,13 @@ def build_manifest(
     config: dict[str, Any],
     fingerprint: dict[str, Any],
     slurm: dict[str, Any] | None,
+    source_sha256: dict[Path, str],
 ) -> dict[str, Any]:
-    """``written`` is the finished file, still under its temporary name; ``output`` its name."""
+    """``written`` is the finished file, still under its temporary name; ``output`` its name.
+    ``source_sha256`` holds the digest of each source file (see :class:`SourceHasher`)."""
     out_bytes = written.stat().st_size
+    sources = {checkpoint.metadata_path: checkpoint.metadata_path.stat().st_size}
+    sources.update(checkpoint.shard_sizes)
     return {
         "experiment": experiment,
         "source": {
@@ -100,7 +155,10 @@ def build_manifest(
             "step_dir": str(checkpoint.step_dir),
             "generation": plan.generation,
             "kind": "weights_only" if plan.weights_only else "full",
-            "files": {str(p.name): s for p, s in checkpoint.shard_sizes.items()},
+            # Every file the conversion read: DCP itself keeps no checksums.
+            "files": {
+                p.name: {"bytes": size, "sha256": source_sha256[p]} for p, size in sources.items()
+            },
         },
         "output": {
             "path": str(output),
@@ -112,9 +170,7 @@ def build_manifest(
             "bytes": out_bytes,
             "sha256": sha256_file(written),
         },
-        "converted": {
-            t.name: sorted({p.source for p in t.pieces}) for t in plan.tensors
-        },
+        "converted": {t.name: sorted({p.source for p in t.pieces}) for t in plan.tensors},
         "dropped": {d.key: d.reason for d in plan.dropped},
         "dropped_summary": dict(Counter(d.reason for d in plan.dropped)),
         "durations_s": {k: round(v, 3) for k, v in durations.items()},
@@ -128,23 +184,26 @@ def build_manifest(
 def write_atomic(path: Path, text: str) -> None:
     """Writes a small file so that readers see the old or the new contents, never a part."""
     tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def torchtune_snippet(
-    output: Path, output_format: str, model: ModelConfig, experiment: str
-) -> str:
+def torchtune_snippet(output: Path, output_format: str, model: ModelConfig, experiment: str) -> str:
     """A ``checkpointer:`` section (and a ``model:`` builder, when the model config has the
     architecture) to paste into a torchtune recipe config."""
     checkpointer = {
         "_component_": keymaps.CHECKPOINTERS[output_format],
         "checkpoint_dir": str(output.parent),
         "checkpoint_files": [output.name],
-        "output_dir": str(output.parent / f"torchtune_{experiment}"),
+        # torchtune refuses an output_dir inside checkpoint_dir: use a sibling folder.
+        "output_dir": str(output.parent.with_name(f"{output.parent.name}_torchtune")),
         # LLAMA3_2 is torchtune's model type for tied embeddings (no output.weight).
         "model_type": "LLAMA3_2" if model.tied_embeddings else "LLAMA3",
     }

@@ -155,12 +155,17 @@ def plan_conversion(
             pieces[name], shapes[name] = parts, shape
 
     tied: list[tuple[str, str]] = []
-    if model.tied_embeddings and keymaps.TIED_OUTPUT in pieces:
-        source_key = pieces.pop(keymaps.TIED_OUTPUT)[0].source
-        dropped.append(
-            Dropped(source_key, f"tied embeddings: same values as {keymaps.TIED_WITH}")
-        )
-        tied.append((source_key, keymaps.TIED_WITH))
+    if model.tied_embeddings:
+        head = pieces.pop(keymaps.TIED_OUTPUT, None)
+        if head is not None:  # saved beside the embeddings: must hold the same values
+            tied.append((head[0].source, keymaps.TIED_WITH))
+        if keymaps.TIED_HEAD_KEPT[output_format]:
+            pieces[keymaps.TIED_OUTPUT] = head or pieces.get(keymaps.TIED_WITH, [])
+            shapes[keymaps.TIED_OUTPUT] = shapes.get(keymaps.TIED_WITH, ())
+        elif head is not None:
+            dropped.append(
+                Dropped(head[0].source, f"tied embeddings: same values as {keymaps.TIED_WITH}")
+            )
     _check_complete(pieces, model, generation, source_name)
     _check_heads(shapes, model, source_name)
 
@@ -216,7 +221,7 @@ def _check_complete(
     layers = sorted({int(k.split(".")[1]) for k in pieces if k.startswith("layers.")})
     expected = {k.replace(_LAYER, str(i)) for i in layers for k in keymaps.PIVOT_LAYER_KEYS}
     expected |= set(keymaps.PIVOT_GLOBAL_KEYS)
-    if model.tied_embeddings:
+    if model.tied_embeddings and keymaps.TIED_OUTPUT not in pieces:
         expected.discard(keymaps.TIED_OUTPUT)
     missing = sorted(expected - set(pieces))
     if layers and layers != list(range(len(layers))):
@@ -242,14 +247,22 @@ def _check_complete(
 def _check_heads(
     shapes: Mapping[str, tuple[int, ...]], model: ModelConfig, source_name: str
 ) -> None:
+    """The head counts must fit the weights: query rows split into ``n_heads`` whole heads,
+    key rows in proportion ``n_kv_heads / n_heads``, and the attention output projection must
+    take exactly the query rows back (which catches a fused QKV split by wrong head counts)."""
     q_rows = shapes["layers.0.attention.wq.weight"][0]
     k_rows = shapes["layers.0.attention.wk.weight"][0]
-    if q_rows % model.n_heads or k_rows * model.n_heads != q_rows * model.kv_heads:
+    o_cols = shapes["layers.0.attention.wo.weight"][-1]
+    if (
+        q_rows % model.n_heads
+        or k_rows * model.n_heads != q_rows * model.kv_heads
+        or q_rows != o_cols
+    ):
         raise ConversionError(
             f"experiment.model.n_heads={model.n_heads} and n_kv_heads={model.n_kv_heads} "
-            f"contradict {source_name}: layer 0 has {q_rows} query rows and {k_rows} key rows, "
-            "so n_heads / n_kv_heads must equal their ratio. Set the head counts of the model "
-            "that was trained."
+            f"contradict {source_name}: with them, layer 0 splits into {q_rows} query rows and "
+            f"{k_rows} key rows, but its attention output projection takes {o_cols} inputs. Set "
+            "the head counts of the model that was trained."
         )
 
 

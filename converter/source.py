@@ -14,6 +14,7 @@ import logging
 import os
 import pickle
 import re
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -72,7 +73,8 @@ class RowPart:
 
     start: int
     stop: int
-    load: Callable[[], torch.Tensor]
+    nbytes: int  # the buffer size that ``load`` needs
+    load: Callable[[torch.Tensor], torch.Tensor]
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -222,48 +224,85 @@ class DcpCheckpoint:
             sizes[path] = size
         return sizes
 
-    def read_chunk(self, entry: TensorEntry, chunk: Chunk) -> torch.Tensor:
-        """Loads one chunk, checked against the index, in its stored dtype."""
+    def read_chunk(
+        self, entry: TensorEntry, chunk: Chunk, buffer: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Loads one chunk, checked against the index, in its stored dtype.
+
+        The blob is read in two steps so that its bytes are copied once, from the file straight
+        into ``buffer`` (a uint8 tensor of at least ``chunk.length`` bytes, reused by the caller;
+        a fresh one if None): ``torch.load`` under ``skip_data`` builds the tensor's metadata
+        (dtype, shape, strides) from the blob's pickle without its bytes, then the blob's one
+        storage record is read into the buffer and the tensor is laid over it.
+        """
+        if buffer is None:
+            buffer = torch.empty(chunk.length, dtype=torch.uint8)
         try:
             with open(chunk.path, "rb", buffering=0) as f:
-                tensor = torch.load(
-                    _FileWindow(f, chunk.offset, chunk.length),
-                    map_location="cpu",
-                    weights_only=True,
-                )
+                window = _FileWindow(f, chunk.offset, chunk.length)
+                with torch.serialization.skip_data():
+                    meta = torch.load(window, map_location="cpu", weights_only=True)
+                start, length = _storage_record(window)
+                if length != meta.untyped_storage().nbytes() or length > buffer.numel():
+                    raise ValueError(f"a storage record of {length} bytes does not fit")
+                window.seek(start)
+                if window.readinto(buffer[:length].numpy()) != length:
+                    raise EOFError("the storage record ends early")
         except Exception as e:
             raise ConversionError(
                 f"Cannot read chunk {chunk.offsets} of {entry.key!r} from {chunk.path} at byte "
                 f"{chunk.offset} ({type(e).__name__}: {e}). The shard file is damaged; copy "
                 "the step folder again or convert another step."
             ) from e
-        if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != chunk.sizes:
+        if tuple(meta.shape) != chunk.sizes or meta.dtype != entry.dtype:
             raise ConversionError(
                 f"Chunk {chunk.offsets} of {entry.key!r} in {chunk.path} does not match "
-                f"{self.metadata_path} (expected a tensor of shape {chunk.sizes}). The shard "
-                "file and the index come from different saves; copy the step folder again."
+                f"{self.metadata_path} (expected {entry.dtype} of shape {chunk.sizes}). The "
+                "shard file and the index come from different saves; copy the step folder again."
             )
-        return tensor.to(entry.dtype) if tensor.dtype != entry.dtype else tensor
+        assert buffer.storage_offset() == 0
+        return buffer[:length].view(meta.dtype).as_strided(
+            meta.shape, meta.stride(), meta.storage_offset()
+        )
 
     def parts(self, entry: TensorEntry) -> list[RowPart]:
         """The tensor as runs of whole rows in order, each loadable on its own."""
         if entry.row_chunked:
             return [
-                RowPart(c.offsets[0], c.offsets[0] + c.sizes[0], partial(self.read_chunk, entry, c))
+                RowPart(
+                    c.offsets[0], c.offsets[0] + c.sizes[0], c.length,
+                    partial(self.read_chunk, entry, c),
+                )
                 for c in sorted(entry.chunks, key=lambda c: c.offsets)
                 if c.sizes[0]
             ]
-        return [RowPart(0, entry.shape[0], partial(self.read_tensor, entry))]
+        return [RowPart(0, entry.shape[0], entry.nbytes, partial(self.read_tensor, entry))]
 
-    def read_tensor(self, entry: TensorEntry) -> torch.Tensor:
+    def read_tensor(self, entry: TensorEntry, buffer: torch.Tensor | None = None) -> torch.Tensor:
         """Assembles a whole tensor from its chunks (for chunks that are not whole rows)."""
-        out = torch.empty(entry.shape, dtype=entry.dtype)
+        if buffer is None:
+            buffer = torch.empty(entry.nbytes, dtype=torch.uint8)
+        out = buffer[: entry.nbytes].view(entry.dtype).view(entry.shape)
         for chunk in entry.chunks:
             view = out
             for dim, (start, size) in enumerate(zip(chunk.offsets, chunk.sizes)):
                 view = view.narrow(dim, start, size)
             view.copy_(self.read_chunk(entry, chunk))
         return out
+
+
+def _storage_record(blob: io.RawIOBase) -> tuple[int, int]:
+    """Offset and length, within a ``torch.save`` archive of one tensor, of its storage bytes."""
+    blob.seek(0)
+    with zipfile.ZipFile(blob) as archive:
+        records = [i for i in archive.infolist() if "/data/" in i.filename]
+    if len(records) != 1:
+        raise ValueError(f"{len(records)} storage records in a one-tensor blob")
+    blob.seek(records[0].header_offset)
+    header = blob.read(30)
+    name_len = int.from_bytes(header[26:28], "little")
+    extra_len = int.from_bytes(header[28:30], "little")
+    return records[0].header_offset + 30 + name_len + extra_len, records[0].file_size
 
 
 class _FileWindow(io.RawIOBase):

@@ -24,11 +24,11 @@ log = logging.getLogger("titan2tune")
 def format_table(results: list[JobResult]) -> str:
     rows = [("experiment", "status", "output", "size", "seconds")]
     for r in results:
-        rows.append(
-            (r.experiment, r.status, r.output or "-", _size(r.bytes), f"{r.seconds:.1f}")
-        )
+        rows.append((r.experiment, r.status, r.output or "-", _size(r.bytes), f"{r.seconds:.1f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     for r in results:
         if not r.ok:

@@ -2,7 +2,7 @@
 
 The check loads the finished file with ``torch.load(mmap=True, weights_only=True)``, exactly as
 torchtune's checkpointers do, and compares keys, order, shapes and dtypes with the plan. Then it
-reads every written byte range where that load places each tensor and compares its CRC-32 with
+reads every written byte range where that load places each tensor and compares its XXH3 digest with
 the one taken of the cast source data as it was written. That is bit-exact against the source
 after the cast without reading the source a second time, so verifying costs one pass over the
 output rather than doubling the run. Bytes are read with ``pread`` into a small buffer, not
@@ -12,10 +12,10 @@ through the mapping, so verifying a large file does not grow the process's resid
 from __future__ import annotations
 
 import os
-import zlib
 from pathlib import Path
 
 import torch
+import xxhash
 
 from converter.engine import Region
 from converter.errors import ConversionError
@@ -51,14 +51,17 @@ def verify_output(
             if ends[-1] != tensor.nbytes or any(r.start != e for r, e in zip(written, ends)):
                 raise _mismatch(path, f"{spec.name!r} was not written exactly once in full")
             for r in written:
-                if _crc32(fd, offsets[spec.name] + r.start, r.length) != r.crc32:
+                if _digest(fd, offsets[spec.name] + r.start, r.length) != r.digest:
                     raise _mismatch(path, f"bytes {r.start}..{r.start + r.length} of {spec.name!r}")
     finally:
         os.close(fd)
     for source_key, name in plan.tied:
         entry, written_tensor = checkpoint.tensors[source_key], loaded[name]
         if entry.shape != tuple(written_tensor.shape) or not all(
-            torch.equal(part.load().to(written_tensor.dtype), written_tensor[part.start : part.stop])
+            torch.equal(
+                part.load(torch.empty(part.nbytes, dtype=torch.uint8)).to(written_tensor.dtype),
+                written_tensor[part.start : part.stop],
+            )
             for part in checkpoint.parts(entry)
         ):
             raise ConversionError(
@@ -68,16 +71,16 @@ def verify_output(
             )
 
 
-def _crc32(fd: int, offset: int, length: int) -> int:
-    crc, buffer = 0, bytearray(min(length, _BLOCK))
+def _digest(fd: int, offset: int, length: int) -> int:
+    hasher, buffer = xxhash.xxh3_64(), bytearray(min(length, _BLOCK))
     view = memoryview(buffer)
     while length:
         got = os.preadv(fd, [view[: min(length, _BLOCK)]], offset)
         if not got:
             break
-        crc = zlib.crc32(view[:got], crc)
+        hasher.update(view[:got])
         offset, length = offset + got, length - got
-    return crc
+    return hasher.intdigest()
 
 
 def _mismatch(path: Path, what: str) -> ConversionError:

@@ -14,7 +14,10 @@
 # with CPUs=$(nproc) and RealMemory = MemTotal minus headroom, one default partition,
 # no cgroups (proctrack/linuxproc, task/none), no accounting (sacct fails; submitit warns
 # and falls back to waiting for its result files), jobs may run as root, jobs can be
-# requeued (`scontrol requeue`, which submitit itself calls on USR2).
+# requeued (`scontrol requeue`, which submitit itself calls on USR2; a requeued job may
+# start again 30 s later).
+# Without accounting submitit cannot see that a job ended without a result file (scancel,
+# node failure): the Hydra sweep then waits forever. Put a `timeout` around sweeps in tests.
 #
 # Environment knobs (all optional):
 #   SLURM_PARTITION        partition name                   (default: debug)
@@ -290,9 +293,19 @@ stray_daemon() {
     # A daemon of that name running without our pid file (e.g. started by systemd).
     local name=$1 file=$2 pids
     live_pid "$file" >/dev/null && return 1
-    pids=$(pgrep -x "$name" || true)
+    pids=$(pids_named "$name")
     [[ -n $pids ]] || return 1
-    echo "$pids" | tr '\n' ' '
+    echo "$pids"
+}
+
+# Pids of processes whose command name is exactly $1 (no procps needed in slim images).
+pids_named() {
+    local d comm out=()
+    for d in /proc/[0-9]*; do
+        comm=$(cat "$d/comm" 2>/dev/null) || continue
+        [[ $comm == "$1" ]] && out+=("${d#/proc/}")
+    done
+    echo "${out[*]}"
 }
 
 start_slurm() {

@@ -30,20 +30,24 @@ Variants (``--variant``):
   separate ``lm_head``, llama3.1 RoPE scaling with factor 8).
 * ``gqa_tied``: a config of our own from torchtitan's config classes: 3 layers, 8 query
   heads over 2 kv heads, ``enable_weight_tying=True`` (Llama 3.2 style), vocab 3072, FFN
-  hidden dim 1024, RoPE scaling factor 32.
+  hidden dim 1024, RoPE scaling factor 8 like torchtitan's own 1B/3B configs (Meta's
+  Llama 3.2 and torchtune's ``llama3_2`` builder default use 32). ``--rope-factor`` changes
+  the factor of either variant.
 
 Usage::
 
     python tests/peers/titan_writer.py DUMP [--variant debugmodel|gqa_tied]
         [--export-dtype float32|bfloat16|float16] [--steps 3] [--interval 2]
-        [--compiled-attention]
+        [--last-save-full] [--rope-factor F] [--lr 0.03] [--seq-len 64] [--seed 0]
+        [--compiled-attention] [--verbose]
 
-or ``write_checkpoints(dump, variant=..., export_dtype=...)`` from Python.
+or ``write_checkpoints(dump, variant=..., export_dtype=...)`` from Python (same options).
+With the defaults: ``step-2`` full float32, ``step-3`` model-only in ``export_dtype``.
 
-Reference logits run flex attention eagerly by default: torchtitan compiles it with
-max-autotune, which costs 20-30 s per process on a cold inductor cache on this machine;
-eager and compiled outputs agreed to about 1e-6 here. ``--compiled-attention`` uses
-torchtitan's compiled flex attention as is.
+Reference logits run torchtitan's flex attention and block-mask creation eagerly by
+default: torchtitan wraps both in ``torch.compile`` (flex with max-autotune), which costs
+20-30 s per process on a cold inductor cache on this machine; eager and compiled logits
+agreed to about 1e-6 here. ``--compiled-attention`` keeps torchtitan's compiled functions.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ import os
 import socket
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +71,13 @@ import torch
 VARIANTS = ("debugmodel", "gqa_tied")
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 WORLD_SIZE = 2
-REFERENCE_TOKENS_SHAPE = (2, 64)
+REFERENCE_BATCH = 2
+REFERENCE_SEQ_LEN = 64
 REFERENCE_TOKENS_SEED = 1234
+# AdamW moves every weight by about lr per step. 0.03 over 3 steps sharpens attention
+# enough that a wrong RoPE scaling factor, theta, q/k permutation or kv-head order moves
+# the logits by more than 1e-3 while a correct float32 load stays within ~1e-5.
+DEFAULT_LR = 0.03
 CHECKPOINT_FOLDER = "checkpoint"
 
 
@@ -76,8 +86,24 @@ CHECKPOINT_FOLDER = "checkpoint"
 # --------------------------------------------------------------------------------------
 
 
-def model_config(variant: str = "debugmodel", attn_backend: str = "flex"):
-    """Return the torchtitan ``Llama3Model.Config`` of a variant (see module docstring)."""
+def model_config(
+    variant: str = "debugmodel", attn_backend: str = "flex", rope_factor: float | None = None
+):
+    """Return the torchtitan ``Llama3Model.Config`` of a variant (see module docstring).
+
+    ``rope_factor`` replaces the llama RoPE scaling factor of every layer (torchtitan's
+    configs all use its default, 8.0).
+    """
+    cfg = _variant_config(variant, attn_backend)
+    if rope_factor is not None:
+        for layer in cfg.layers:
+            layer.attention.rope = dataclasses.replace(
+                layer.attention.rope, scaling_factor=float(rope_factor)
+            )
+    return cfg
+
+
+def _variant_config(variant: str, attn_backend: str):
     from torchtitan.models.llama3 import llama3_configs
 
     if variant == "debugmodel":
@@ -122,8 +148,7 @@ def model_config(variant: str = "debugmodel", attn_backend: str = "flex"):
                     dim=dim // n_heads,
                     max_seq_len=131072,
                     theta=500000,
-                    scaling="llama",
-                    scaling_factor=32.0,
+                    scaling="llama",  # factor 8 (default), as torchtitan's 1B/3B
                 ),
                 attn_backend=attn_backend,
             ),
@@ -185,10 +210,10 @@ def model_dims(cfg) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------
 
 
-def reference_tokens(vocab_size: int) -> torch.Tensor:
-    """The fixed token batch the reference logits are computed on (int64, shape (2, 64))."""
+def reference_tokens(vocab_size: int, seq_len: int = REFERENCE_SEQ_LEN) -> torch.Tensor:
+    """The fixed token batch the reference logits are computed on (int64, (2, seq_len))."""
     gen = torch.Generator().manual_seed(REFERENCE_TOKENS_SEED)
-    return torch.randint(0, vocab_size, REFERENCE_TOKENS_SHAPE, generator=gen)
+    return torch.randint(0, vocab_size, (REFERENCE_BATCH, seq_len), generator=gen)
 
 
 @contextlib.contextmanager
@@ -213,8 +238,6 @@ def _flex_attention_mode(compiled: bool):
 
 @contextlib.contextmanager
 def _quiet_eager_flex_warning():
-    import warnings
-
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
         yield
@@ -264,7 +287,9 @@ def read_saved_model_weights(step_dir: str | os.PathLike, keys: list[str]) -> di
         if not isinstance(md, TensorStorageMetadata):
             raise TypeError(f"{key} is not a tensor in {step_dir}")
         sd[key] = torch.empty(md.size, dtype=md.properties.dtype)
-    dcp.load(sd, checkpoint_id=str(step_dir), no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
+        warnings.filterwarnings("ignore", message=".*single process.*")
+        dcp.load(sd, checkpoint_id=str(step_dir), no_dist=True)
     return sd
 
 
@@ -282,6 +307,9 @@ class WriterJob:
     interval: int = 2
     last_save_model_only: bool = True
     seed: int = 0
+    lr: float = DEFAULT_LR
+    seq_len: int = REFERENCE_SEQ_LEN
+    rope_factor: float | None = None
     compiled_attention: bool = False
     verbose: bool = False
 
@@ -343,7 +371,7 @@ def _full_state_dict(model) -> dict[str, torch.Tensor]:
     return out
 
 
-_T0 = float(os.environ.get("TW_T0", time.time()))
+_T0 = time.time()  # per process: the spawned workers import this module afresh
 
 
 def _log(job: WriterJob, rank: int, msg: str) -> None:
@@ -390,7 +418,7 @@ def _train_and_save(rank: int, job: WriterJob) -> None:
         titan_logger.setLevel(logging.WARNING)
 
     _log(job, rank, "imports done")
-    cfg = model_config(job.variant)
+    cfg = model_config(job.variant, rope_factor=job.rope_factor)
     with torch.device("meta"):
         model = cfg.build()
     mesh = init_device_mesh("cpu", (WORLD_SIZE,), mesh_dim_names=("fsdp",))
@@ -403,7 +431,7 @@ def _train_and_save(rank: int, job: WriterJob) -> None:
         model.init_weights(buffer_device=None)
     model.train()
 
-    opt_cfg = default_adamw(lr=1e-3)
+    opt_cfg = default_adamw(lr=job.lr)
     opt_cfg.implementation = "foreach"  # "fused" is the CUDA default
     optimizers = opt_cfg.build(model_parts=[model])
     lr_schedulers = LRSchedulersContainer.Config(warmup_steps=1).build(
@@ -423,6 +451,7 @@ def _train_and_save(rank: int, job: WriterJob) -> None:
         last_save_model_only=job.last_save_model_only,
         export_dtype=job.export_dtype,
         keep_latest_k=0,
+        initial_load_model_only=False,  # True only logs a warning without initial_load_path
     ).build(
         dataloader=dataloader,
         model_parts=[model],
@@ -464,7 +493,7 @@ def _write_reference(rank: int, job: WriterJob, cfg, snapshots: dict[int, dict])
     import torch.distributed as dist
 
     dump = Path(job.dump)
-    tokens = reference_tokens(cfg.vocab_size)
+    tokens = reference_tokens(cfg.vocab_size, job.seq_len)
     export_dtype = getattr(torch, job.export_dtype)
     steps_info: dict[str, dict[str, Any]] = {}
     tasks = []  # (step name, logits name, step)
@@ -493,7 +522,9 @@ def _write_reference(rank: int, job: WriterJob, cfg, snapshots: dict[int, dict])
             saved_dtype = getattr(torch, steps_info[name]["saved_dtype"])
             saved = read_saved_model_weights(dump / CHECKPOINT_FOLDER / name, sorted(master))
             for key, value in saved.items():
-                if value.dtype != saved_dtype or not torch.equal(value, master[key].to(value.dtype)):
+                if value.dtype != saved_dtype or not torch.equal(
+                    value, master[key].to(value.dtype)
+                ):
                     raise AssertionError(f"{name}: saved {key} differs from the trained weight")
             checked.add(step)
             if what == "logits_saved":
@@ -547,6 +578,9 @@ def write_checkpoints(
     interval: int = 2,
     last_save_model_only: bool = True,
     seed: int = 0,
+    lr: float = DEFAULT_LR,
+    seq_len: int = REFERENCE_SEQ_LEN,
+    rope_factor: float | None = None,
     compiled_attention: bool = False,
     verbose: bool = False,
 ) -> dict[str, Any]:
@@ -576,6 +610,9 @@ def write_checkpoints(
         interval=interval,
         last_save_model_only=last_save_model_only,
         seed=seed,
+        lr=lr,
+        seq_len=seq_len,
+        rope_factor=rope_factor,
         compiled_attention=compiled_attention,
         verbose=verbose,
     )
@@ -610,6 +647,9 @@ def main(argv: list[str] | None = None) -> int:
         help="save the last step as a full checkpoint (last_save_model_only=False)",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=DEFAULT_LR)
+    parser.add_argument("--seq-len", type=int, default=REFERENCE_SEQ_LEN)
+    parser.add_argument("--rope-factor", type=float, default=None)
     parser.add_argument("--compiled-attention", action="store_true")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -622,6 +662,9 @@ def main(argv: list[str] | None = None) -> int:
         interval=args.interval,
         last_save_model_only=not args.last_save_full,
         seed=args.seed,
+        lr=args.lr,
+        seq_len=args.seq_len,
+        rope_factor=args.rope_factor,
         compiled_attention=args.compiled_attention,
         verbose=args.verbose,
     )

@@ -1,0 +1,816 @@
+"""Benchmark titan2tune's converter against ``dcp_to_torch`` and the I/O floor.
+
+    python benchmarks/run.py --work benchmarks/work --repeats 3
+
+Builds real two-rank FSDP2 DCP checkpoints once (``converter.demo``), then times, alternating
+the order every repeat, each method as a subprocess: wall seconds around it and its peak RSS
+from ``os.wait4``. Writes ``benchmarks/RESULTS.md``, ``benchmarks/results.png`` and
+``benchmarks/PROFILE.md``. Needs root for the memory-cgroup runs and for py-spy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from converter import demo
+from converter.manifest import manifest_path, read_manifest, torchtune_yaml_path
+from converter.source import DcpCheckpoint
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+MB = 1e6
+
+
+@dataclass(frozen=True)
+class Input:
+    """A benchmark checkpoint: a model shape and the kind of save."""
+
+    name: str
+    shape: demo.ModelShape
+    kind: str  # weights_only | full
+    step: int
+
+    @property
+    def params(self) -> int:
+        s = self.shape
+        q, kv = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
+        layer = s.dim * (2 * q + 2 * kv + 3 * s.hidden_dim + 2)
+        heads = 1 if s.tied_embeddings else 2
+        return heads * s.vocab_size * s.dim + s.n_layers * layer + s.dim
+
+
+INPUTS = (
+    # ~650M parameters, float32 weights-only: ~2.6 GB on disk.
+    Input(
+        "weights_650M",
+        demo.ModelShape(
+            dim=2048, n_layers=11, n_heads=16, n_kv_heads=8, vocab_size=32000, hidden_dim=5632
+        ),
+        "weights_only",
+        step=1000,
+    ),
+    # ~180M parameters with AdamW exp_avg/exp_avg_sq: ~2.2 GB on disk, a third of it the model.
+    Input(
+        "full_180M",
+        demo.ModelShape(
+            dim=1024, n_layers=10, n_heads=16, n_kv_heads=8, vocab_size=32000, hidden_dim=2816
+        ),
+        "full",
+        step=2,
+    ),
+)
+
+
+def build_inputs(work: Path, logs: Path) -> dict[str, dict[str, float]]:
+    """Writes each input's step folder unless it is already complete, each in a child process
+    (``--build-input``) so that its time and peak RSS are its own; returns those."""
+    stats = {}
+    for inp in INPUTS:
+        if (input_step_dir(work, inp) / ".metadata").is_file():
+            continue
+        print(f"building {inp.name} ({inp.params / 1e6:.0f}M parameters, {inp.kind})", flush=True)
+        log = logs / f"build-{inp.name}.log"
+        argv = [
+            sys.executable,
+            str(HERE / "run.py"),
+            "--work",
+            str(work),
+            "--build-input",
+            inp.name,
+        ]
+        wall, rss_kib, code = run_child(argv, log)
+        if code:
+            raise RuntimeError(f"building {inp.name} exited {code}; see {log}")
+        stats[inp.name] = {"seconds": wall, "peak_rss_mb": rss_kib * 1024 / MB}
+        print(f"  done in {wall:.0f} s, peak RSS {rss_kib / 1024:.0f} MiB", flush=True)
+    return stats
+
+
+def build_input(work: Path, name: str) -> None:
+    """One two-rank DCP save of float32 reference weights (``demo.write_step`` spawns ranks)."""
+    inp = next(i for i in INPUTS if i.name == name)
+    weights = demo.reference_weights(inp.shape, seed=7)
+    demo.write_step(
+        input_step_dir(work, inp),
+        weights,
+        inp.shape,
+        generation="G4",
+        kind=inp.kind,
+        export_dtype=torch.float32,
+    )
+
+
+def input_step_dir(work: Path, inp: Input) -> Path:
+    return work / "inputs" / inp.name / f"step-{inp.step}"
+
+
+@dataclass(frozen=True)
+class Method:
+    """One way of producing an output from a step folder."""
+
+    label: str
+    kind: str  # ours | dcp | floor
+    verify: bool = False
+    workers: int = 1
+    fsync: bool = True
+
+    @property
+    def slug(self) -> str:
+        return "".join(c if c.isalnum() else "_" for c in self.label).strip("_")
+
+
+OURS_FAST = Method("titan2tune verify=false workers=1", "ours", verify=False, workers=1)
+OURS_FAST_2 = Method("titan2tune verify=false workers=2", "ours", verify=False, workers=2)
+OURS_DEFAULT = Method("titan2tune verify=true workers=1", "ours", verify=True, workers=1)
+OURS_VERIFY_2 = Method("titan2tune verify=true workers=2", "ours", verify=True, workers=2)
+DCP = Method("dcp_to_torch", "dcp")
+FLOOR = Method("I/O floor (fsync)", "floor", fsync=True)
+FLOOR_NOSYNC = Method("I/O floor (no fsync)", "floor", fsync=False)
+METHODS = (OURS_FAST, OURS_FAST_2, OURS_DEFAULT, OURS_VERIFY_2, DCP, FLOOR, FLOOR_NOSYNC)
+CGROUP_METHODS = (OURS_FAST, OURS_FAST_2, OURS_DEFAULT, DCP)
+PHASES = ("plan", "convert", "verify", "manifest")
+TARGETS = {"weights_only": 0.6, "full": 0.35}  # wall time vs dcp_to_torch
+RSS_TARGET, FLOOR_TARGET = 0.15, 1.5
+CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
+
+
+@dataclass
+class Case:
+    """An input made ready to benchmark: where it is and what a conversion reads."""
+
+    inp: Input
+    step_dir: Path
+    out_dir: Path
+    floor_plan: Path
+    model_bytes: int  # bytes of the shard ranges holding the output's tensors
+    all_bytes: int  # every file of the step folder
+    out_bytes: int  # the converter's output
+    runs: dict[str, list[dict]] = field(default_factory=dict)
+
+    def src_bytes(self, method: Method) -> int:
+        """What ``method`` reads: dcp_to_torch loads every entry, the others the model's."""
+        return self.all_bytes if method.kind == "dcp" else self.model_bytes
+
+
+def converter_argv(case: Case, out: Path, verify: bool, workers: int) -> list[str]:
+    s = case.inp.shape
+    return [
+        sys.executable,
+        str(REPO / "convert.py"),
+        "experiment=debug",
+        f"experiment.name={case.inp.name}",
+        f"experiment.checkpoint_dir={case.step_dir.parent}",
+        f"experiment.output={out}",
+        "experiment.export_dtype=bfloat16",
+        f"experiment.model.n_heads={s.n_heads}",
+        f"experiment.model.n_kv_heads={s.n_kv_heads}",
+        f"experiment.model.n_layers={s.n_layers}",
+        f"experiment.model.dim={s.dim}",
+        f"experiment.model.vocab_size={s.vocab_size}",
+        f"experiment.model.hidden_dim={s.hidden_dim}",
+        f"verify={str(verify).lower()}",
+        f"workers={workers}",
+        "overwrite=true",
+        f"hydra.run.dir={out.parent / 'hydra' / out.stem}",
+    ]
+
+
+def command(method: Method, case: Case, out: Path) -> list[str]:
+    if method.kind == "ours":
+        return converter_argv(case, out, verify=method.verify, workers=method.workers)
+    if method.kind == "dcp":
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.checkpoint.format_utils",
+            "dcp_to_torch",
+            str(case.step_dir),
+            str(out),
+        ]
+    fsync = ["--fsync"] if method.fsync else []
+    return [sys.executable, str(HERE / "floor.py"), str(case.floor_plan), str(out), *fsync]
+
+
+def run_child(argv: list[str], log: Path, cgroup: Path | None = None) -> tuple[float, int, int]:
+    """Runs ``argv`` (in ``cgroup`` if given); returns wall seconds, peak RSS KiB, exit code."""
+
+    def enter_cgroup() -> None:
+        assert cgroup is not None
+        (cgroup / "cgroup.procs").write_text(str(os.getpid()))
+
+    with open(log, "wb") as f:
+        start = time.perf_counter()
+        proc = subprocess.Popen(
+            argv,
+            cwd=REPO,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            preexec_fn=enter_cgroup if cgroup else None,
+        )
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return wall, usage.ru_maxrss, proc.returncode
+
+
+def remove_outputs(out: Path) -> None:
+    for path in (out, manifest_path(out), torchtune_yaml_path(out)):
+        path.unlink(missing_ok=True)
+
+
+def load1() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
+def measure(method: Method, case: Case, logs: Path) -> dict:
+    """One timed run of ``method``; its output is removed and the disk settled around it."""
+    out = case.out_dir / f"{method.slug}.pt"
+    remove_outputs(out)
+    os.sync()
+    load = load1()
+    log = logs / f"{case.inp.name}-{method.slug}.log"
+    wall, rss_kib, code = run_child(command(method, case, out), log)
+    if code:
+        raise RuntimeError(f"{method.label} on {case.inp.name} exited {code}; see {log}")
+    start = time.perf_counter()
+    os.sync()  # what a method left to write back (dcp_to_torch and the no-fsync floor)
+    record = {
+        "wall": wall,
+        "flush": time.perf_counter() - start,
+        "rss_mb": rss_kib * 1024 / MB,
+        "out_bytes": out.stat().st_size,
+        "load1": load,
+    }
+    if method.kind == "ours":
+        record["durations"] = read_manifest(out)["durations_s"]
+    remove_outputs(out)
+    return record
+
+
+def warm(step_dir: Path) -> None:
+    """Reads every file of ``step_dir`` once, so that the runs find it in the page cache."""
+    buffer = bytearray(16 << 20)
+    for path in step_dir.iterdir():
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(buffer):
+                pass
+
+
+def prepare(inp: Input, work: Path, logs: Path) -> Case:
+    """Converts once, untimed, to learn the output's size and the source keys it needs, and
+    writes the floor's plan: the shard byte ranges holding those keys."""
+    step_dir = input_step_dir(work, inp)
+    out_dir = work / "out"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = DcpCheckpoint(step_dir)
+    probe = out_dir / f"{inp.name}-probe.pt"
+    remove_outputs(probe)
+    case = Case(inp, step_dir, out_dir, work / f"{inp.name}-floor.json", 0, 0, 0)
+    log = logs / f"{inp.name}-probe.log"
+    _, _, code = run_child(converter_argv(case, probe, verify=True, workers=1), log)
+    if code:
+        raise RuntimeError(f"the probe conversion of {inp.name} exited {code}; see {log}")
+    manifest = read_manifest(probe)
+    remove_outputs(probe)
+    keys = sorted({k for sources in manifest["converted"].values() for k in sources})
+    reads = sorted(
+        (str(c.path), c.offset, c.length) for k in keys for c in checkpoint.tensors[k].chunks
+    )
+    case.out_bytes = manifest["output"]["bytes"]
+    case.model_bytes = sum(length for _, _, length in reads)
+    case.all_bytes = sum(p.stat().st_size for p in step_dir.iterdir())
+    case.floor_plan.write_text(json.dumps({"reads": reads, "out_bytes": case.out_bytes}))
+    return case
+
+
+def benchmark(case: Case, repeats: int, logs: Path) -> None:
+    """``repeats`` rounds over every method, each round in another order, cache warmed first."""
+    case.runs = {m.label: [] for m in METHODS}
+    for r in range(repeats):
+        warm(case.step_dir)
+        order = list(METHODS[r % len(METHODS) :] + METHODS[: r % len(METHODS)])
+        if r % 2:
+            order.reverse()
+        for method in order:
+            record = measure(method, case, logs)
+            case.runs[method.label].append(record)
+            print(
+                f"  [{case.inp.name} {r + 1}/{repeats}] {method.label:36} "
+                f"{record['wall']:6.2f} s  {record['rss_mb']:7.0f} MB  "
+                f"(+{record['flush']:.2f} s flush, load {record['load1']:.1f})",
+                flush=True,
+            )
+
+
+def in_cgroup(method: Method, case: Case, limit: int, logs: Path) -> dict:
+    """Runs ``method`` once inside a fresh cgroup v1 memory cgroup capped at ``limit`` bytes."""
+    cgroup = CGROUP_ROOT / f"titan2tune-bench-{os.getpid()}"
+    out = case.out_dir / f"cgroup-{method.slug}.pt"
+    remove_outputs(out)
+    warm(case.step_dir)
+    os.sync()
+    cgroup.mkdir()
+    try:
+        (cgroup / "memory.limit_in_bytes").write_text(str(limit))
+        log = logs / f"cgroup-{case.inp.name}-{method.slug}.log"
+        wall, rss_kib, code = run_child(command(method, case, out), log, cgroup)
+        oom = dict(
+            line.split() for line in (cgroup / "memory.oom_control").read_text().splitlines()
+        )
+        record = {
+            "wall": wall,
+            "rss_mb": rss_kib * 1024 / MB,
+            "code": code,
+            "cgroup_peak_mb": int((cgroup / "memory.max_usage_in_bytes").read_text()) / MB,
+            "failcnt": int((cgroup / "memory.failcnt").read_text()),
+            "oom_kills": int(oom.get("oom_kill", 0)),
+        }
+    finally:
+        remove_outputs(out)
+        os.sync()
+        _rmdir_when_empty(cgroup)
+    if code == 0:
+        record["status"] = "completed"
+    elif code == -9 and record["oom_kills"]:
+        record["status"] = "OOM-killed (exit 137)"
+    else:
+        record["status"] = f"failed (exit {code}); see {log}"
+    print(f"  [cgroup {limit >> 20} MiB] {method.label:36} {record['status']}", flush=True)
+    return record
+
+
+def _rmdir_when_empty(cgroup: Path) -> None:
+    for _ in range(50):
+        try:
+            cgroup.rmdir()
+            return
+        except OSError:  # the killed child's exit may not be accounted yet
+            time.sleep(0.1)
+    cgroup.rmdir()
+
+
+# Profile ------------------------------------------------------------------------------------
+
+PROFILE_RATE = 100  # samples per second
+# (label, substrings that must all appear in a sample's stack); the first match names it.
+MAIN_PHASES = (
+    ("verify: read-back and xxh3 of the output", ("verify_output",)),
+    ("manifest: waiting for the sources' sha256", ("_hashes",)),
+    ("manifest: sha256 of the output, the rest", ("build_manifest",)),
+    ("fsync of the output", ("OutputFile.sync",)),
+    ("publish, sidecars", ("_convert (converter/job.py)", "write_atomic")),
+    ("convert: waiting for the workers", ("convert_tensors",)),
+    ("skeleton: torch.save under skip_data, offsets", ("OutputFile.create",)),
+    ("plan: index, validation, plan", ("_convert (converter/job.py)",)),
+    ("startup: imports", ("_find_and_load",)),
+    ("startup: Hydra config composition, job setup", ("hydra",)),
+)
+WORKER_OPS = (
+    ("read: blob header (torch.load under skip_data)", ("read_chunk", "serialization.py")),
+    ("read: blob zip index", ("_storage_record",)),
+    ("read: storage bytes (preadv)", ("read_chunk",)),
+    ("NaN/Inf check (aminmax)", ("_check_finite",)),
+    ("cast to bfloat16 (copy_)", ("_cast_into",)),
+    ("pwrite into the output", ("OutputFile.write",)),
+    ("xxh3 digest of the written bytes", ("xxh3",)),
+    ("waiting for a pool buffer", ("borrow",)),
+)
+
+
+def profile(case: Case, work: Path, logs: Path) -> dict:
+    """Records one default conversion (verify=true, workers=1) with py-spy, native frames if
+    py-spy can unwind them here; returns the raw samples per thread id."""
+    raw, out = work / "profile.txt", case.out_dir / "profile.pt"
+    log = logs / "profile.log"
+    for native in (["--native"], []):
+        remove_outputs(out)
+        warm(case.step_dir)
+        os.sync()
+        pyspy = ["py-spy", "record", "--idle", "--threads", "--nolineno", "--rate"]
+        pyspy += [str(PROFILE_RATE), "--format", "raw", "-o", str(raw), *native, "--"]
+        wall, _, code = run_child([*pyspy, *converter_argv(case, out, True, 1)], log)
+        remove_outputs(out)
+        if code == 0:
+            break
+    else:
+        raise RuntimeError(f"py-spy failed; see {log}")
+    threads: dict[str, list[tuple[list[str], int]]] = {}
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        tid = frames[0].split(")")[0]  # "thread (123): MainThread" -> "thread (123"
+        threads.setdefault(tid, []).append((frames, int(count)))
+    return {"wall": wall, "native": bool(native), "py-spy": pyspy, "threads": threads}
+
+
+def _classify(samples: list[tuple[list[str], int]], rules: tuple) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for frames, n in samples:
+        stack = ";".join(frames)
+        label = next((lab for lab, subs in rules if all(s in stack for s in subs)), "other")
+        counts[label] = counts.get(label, 0) + n
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def _thread_role(samples: list[tuple[list[str], int]]) -> str:
+    stacks = ";".join(";".join(frames) for frames, _ in samples)
+    for role, marker in (
+        ("main", "MainThread"),
+        ("convert worker", "convert_source"),
+        ("sha256 of the sources", "SourceHasher._run"),
+        ("tqdm monitor", "tqdm"),
+    ):
+        if marker in stacks:
+            return role
+    return "other"
+
+
+def _leaf(frames: list[str]) -> str:
+    """The innermost named frame (native frames py-spy could not name are addresses)."""
+    return next((f for f in reversed(frames) if not f.startswith("0x")), frames[-1])
+
+
+def profile_markdown(prof: dict, case: Case) -> str:
+    secs = 1 / PROFILE_RATE
+    roles = {tid: _thread_role(s) for tid, s in prof["threads"].items()}
+    main = next(s for tid, s in prof["threads"].items() if roles[tid] == "main")
+    workers = [s for tid, s in prof["threads"].items() if roles[tid] == "convert worker"]
+    worker_samples = [x for s in workers for x in s]
+    phases = _classify(main, MAIN_PHASES)
+    ops = _classify(worker_samples, WORKER_OPS)
+    main_total, worker_total = sum(phases.values()), sum(ops.values()) or 1
+    leaves: dict[str, int] = {}
+    for frames, n in worker_samples:
+        leaves[_leaf(frames)] = leaves.get(_leaf(frames), 0) + n
+    top = sorted(leaves.items(), key=lambda kv: -kv[1])[:15]
+
+    lines = [
+        "# Where a conversion's time goes",
+        "",
+        f"One default conversion (verify=true, workers=1) of `{case.inp.name}` "
+        f"({case.inp.params / 1e6:.0f}M parameters, float32 -> bfloat16), page cache warm, "
+        f"recorded with py-spy at {PROFILE_RATE} Hz, idle threads included"
+        f"{', native frames included' if prof['native'] else ''}. Written by "
+        "`benchmarks/run.py`; its wall time under py-spy was "
+        f"{prof['wall']:.1f} s.",
+        "",
+        f"    {shlex.join(prof['py-spy'])} \\",
+        "        python convert.py experiment=debug ... verify=true workers=1",
+        "",
+        "## Main thread: the wall time, phase by phase",
+        "",
+        "| phase | s | % |",
+        "| --- | ---: | ---: |",
+        *(f"| {k} | {v * secs:.2f} | {100 * v / main_total:.0f} |" for k, v in phases.items()),
+        "",
+        "## The convert worker: what streaming a chunk costs",
+        "",
+        "| operation | s | % of the worker's time |",
+        "| --- | ---: | ---: |",
+        *(f"| {k} | {v * secs:.2f} | {100 * v / worker_total:.0f} |" for k, v in ops.items()),
+        "",
+        "Innermost frames of the worker (self time, native where py-spy could name it):",
+        "",
+        "| frame | s | % |",
+        "| --- | ---: | ---: |",
+        *(f"| `{k}` | {v * secs:.2f} | {100 * v / worker_total:.0f} |" for k, v in top),
+        "",
+        "## Threads",
+        "",
+        "| thread | role | samples (s) |",
+        "| --- | --- | ---: |",
+        *(
+            f"| {tid.removeprefix('thread (')} | {roles[tid]} | {sum(n for _, n in s) * secs:.2f} |"
+            for tid, s in prof["threads"].items()
+        ),
+        "",
+        "## Reading",
+        "",
+        _profile_paragraph(phases, ops, main_total, worker_total),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _profile_paragraph(
+    phases: dict[str, int], ops: dict[str, int], main_total: int, worker_total: int
+) -> str:
+    def share(counts: dict[str, int], prefix: str, total: int) -> float:
+        return 100 * sum(v for k, v in counts.items() if k.startswith(prefix)) / total
+
+    startup = share(phases, "startup", main_total) + share(phases, "other", main_total)
+    convert = share(phases, "convert", main_total)
+    fsync = share(phases, "fsync", main_total)
+    verify = share(phases, "verify", main_total)
+    manifest = share(phases, "manifest", main_total)
+    plan = share(phases, "plan", main_total) + share(phases, "skeleton", main_total)
+    top_ops = ", ".join(f"{k} {100 * v / worker_total:.0f}%" for k, v in list(ops.items())[:4])
+    return (
+        f"Of the wall time, {startup:.0f}% passes outside the conversion job (interpreter "
+        f"start, importing torch and Hydra, composing the config, exit), {plan:.0f}% in "
+        f"planning and writing the skeleton, {convert:.0f}% streaming the tensors, "
+        f"{fsync:.0f}% in the output's fsync, {verify:.0f}% verifying and {manifest:.0f}% "
+        f"on the manifest. While streaming, the worker's time splits as: {top_ops}. "
+        "The sha256 of the source files runs on its own thread meanwhile and competes for "
+        "the machine's two cores."
+    )
+
+
+# Report -------------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, str]:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    mem_kib = int(Path("/proc/meminfo").read_text().split()[1])
+    return {
+        "nproc": str(os.cpu_count()),
+        "RAM": f"{mem_kib / 2**20:.1f} GiB",
+        "CPU": cpu,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def _median(case: Case, method: Method, key: str) -> float:
+    return statistics.median(r[key] for r in case.runs[method.label])
+
+
+def _phase(case: Case, method: Method, phase: str) -> float:
+    return statistics.median(r["durations"].get(phase, 0.0) for r in case.runs[method.label])
+
+
+def results_table(case: Case) -> list[str]:
+    dcp_wall, dcp_rss = _median(case, DCP, "wall"), _median(case, DCP, "rss_mb")
+    floor_wall = _median(case, FLOOR, "wall")
+    rows = [
+        "| method | wall s (min-max) | + flush s | peak RSS MB | output MB | out MB/s | "
+        "source MB read | src MB/s | wall / dcp_to_torch | RSS / dcp_to_torch | "
+        "wall / floor (fsync) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for m in METHODS:
+        walls = [r["wall"] for r in case.runs[m.label]]
+        wall, rss = statistics.median(walls), _median(case, m, "rss_mb")
+        out_mb, src_mb = _median(case, m, "out_bytes") / MB, case.src_bytes(m) / MB
+        rows.append(
+            f"| {m.label} | {wall:.2f} ({min(walls):.2f}-{max(walls):.2f}) | "
+            f"{_median(case, m, 'flush'):.2f} | {rss:.0f} | {out_mb:.0f} | {out_mb / wall:.0f} | "
+            f"{src_mb:.0f} | {src_mb / wall:.0f} | {wall / dcp_wall:.2f} | {rss / dcp_rss:.3f} | "
+            f"{wall / floor_wall:.2f} |"
+        )
+    return rows
+
+
+def split_table(cases: list[Case]) -> list[str]:
+    rows = [
+        "| input | method | wall s | plan | convert (incl. fsync) | verify | manifest | "
+        "outside the job (start-up, exit) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for case in cases:
+        for m in METHODS:
+            if m.kind != "ours":
+                continue
+            wall = _median(case, m, "wall")
+            inside = statistics.median(sum(r["durations"].values()) for r in case.runs[m.label])
+            phases = " | ".join(f"{_phase(case, m, p):.2f}" for p in PHASES)
+            rows.append(
+                f"| {case.inp.name} | {m.label} | {wall:.2f} | {phases} | {wall - inside:.2f} |"
+            )
+    return rows
+
+
+def targets_table(cases: list[Case], cgroup: dict[str, dict]) -> list[str]:
+    def mark(ok: bool) -> str:
+        return "met" if ok else "**missed**"
+
+    rows = [
+        "| input | method | wall / dcp_to_torch (target) | RSS / dcp_to_torch (<= 0.15) | "
+        "wall / floor (<= 1.5) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for case in cases:
+        dcp_wall, dcp_rss = _median(case, DCP, "wall"), _median(case, DCP, "rss_mb")
+        floor_wall, target = _median(case, FLOOR, "wall"), TARGETS[case.inp.kind]
+        for m in METHODS:
+            if m.kind != "ours":
+                continue
+            wall, rss = _median(case, m, "wall"), _median(case, m, "rss_mb")
+            rows.append(
+                f"| {case.inp.name} | {m.label}{'' if not m.verify else ' (informational)'} | "
+                f"{wall / dcp_wall:.2f} (<= {target}): {mark(wall / dcp_wall <= target)} | "
+                f"{rss / dcp_rss:.3f}: {mark(rss / dcp_rss <= RSS_TARGET)} | "
+                f"{wall / floor_wall:.2f}: {mark(wall / floor_wall <= FLOOR_TARGET)} |"
+            )
+    ours_ok = all(r["status"] == "completed" for k, r in cgroup.items() if k != DCP.label)
+    rows += [
+        "",
+        f"Memory cgroup: every titan2tune run completed: {mark(ours_ok)}; dcp_to_torch "
+        f"{cgroup[DCP.label]['status']}.",
+    ]
+    return rows
+
+
+def cgroup_table(cgroup: dict[str, dict]) -> list[str]:
+    rows = [
+        "| method | status | wall s | peak RSS MB (wait4) | cgroup peak MB (incl. page cache) "
+        "| failcnt |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for label, r in cgroup.items():
+        rows.append(
+            f"| {label} | {r['status']} | {r['wall']:.2f} | {r['rss_mb']:.0f} | "
+            f"{r['cgroup_peak_mb']:.0f} | {r['failcnt']} |"
+        )
+    return rows
+
+
+def inputs_table(cases: list[Case], build: dict) -> list[str]:
+    rows = [
+        "| input | shape | parameters | kind | files MB | model bytes read MB | output MB "
+        "(bfloat16) | build s | build peak RSS MB |",
+        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for c in cases:
+        s, b = c.inp.shape, build.get(c.inp.name, {})
+        shape = (
+            f"dim {s.dim}, {s.n_layers} layers, {s.n_heads}/{s.n_kv_heads} heads, "
+            f"vocab {s.vocab_size}, hidden {s.hidden_dim}"
+        )
+        rows.append(
+            f"| {c.inp.name} | {shape} | {c.inp.params / 1e6:.0f}M | {c.inp.kind} | "
+            f"{c.all_bytes / MB:.0f} | {c.model_bytes / MB:.0f} | {c.out_bytes / MB:.0f} | "
+            f"{b.get('seconds', float('nan')):.0f} | {b.get('peak_rss_mb', float('nan')):.0f} |"
+        )
+    return rows
+
+
+def results_markdown(
+    cases: list[Case], cgroup: dict[str, dict], build: dict, cgroup_mb: int, command_line: str
+) -> str:
+    info = machine()
+    loads = [r["load1"] for c in cases for runs in c.runs.values() for r in runs]
+    lines = [
+        "# Benchmark results",
+        "",
+        "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()) + ".",
+        f"Load average (1 min) at the start of the timed runs: median "
+        f"{statistics.median(loads):.1f}, min {min(loads):.1f}, max {max(loads):.1f} "
+        f"on {info['nproc']} cores: the machine was shared with other work.",
+        "",
+        f"Command: `{command_line}`",
+        "",
+        "Every method runs as a subprocess; wall time is taken around it and peak RSS is the "
+        "child's `ru_maxrss` from `os.wait4`. Medians over the repeats; each repeat runs every "
+        "method in another order, after reading the inputs once so that the page cache is warm. "
+        "Outputs are float32 -> bfloat16 for titan2tune; `dcp_to_torch` writes the whole state "
+        "dict as stored (float32, and the optimizer state of the full checkpoint). "
+        "The I/O floor (`benchmarks/floor.py`) reads the shard byte ranges holding the tensors "
+        "titan2tune's output needs and writes as many bytes as that output with plain file "
+        "calls; **ratios to the floor use the fsync variant**, since titan2tune fsyncs its "
+        "output before publishing it. `+ flush s` is the `sync` after a run: what it left for "
+        "the kernel to write back (dcp_to_torch does not fsync, so its wall time leaves that "
+        "out). MB = 10^6 bytes.",
+        "",
+        "## Inputs",
+        "",
+        "Two-rank FSDP2 DCP saves by `converter.demo.write_step` (torchtitan G4 layout, float32).",
+        "",
+        *inputs_table(cases, build),
+        "",
+    ]
+    for case in cases:
+        lines += [f"## {case.inp.name}", "", *results_table(case), ""]
+    lines += [
+        "## titan2tune's own timing split",
+        "",
+        "Medians of the manifest's `durations_s`; the last column is the wall time outside "
+        "the job: Python start, importing torch and Hydra, composing the config, exit.",
+        "",
+        *split_table(cases),
+        "",
+        f"## In a {cgroup_mb} MiB memory cgroup ({cases[0].inp.name})",
+        "",
+        "One run each, cgroup v1 `memory.limit_in_bytes`; the cgroup's peak counts page cache "
+        "too, which the kernel reclaims under pressure.",
+        "",
+        *cgroup_table(cgroup),
+        "",
+        "## Targets",
+        "",
+        "Wall time <= 0.6x dcp_to_torch on the weights-only checkpoint and <= 0.35x on the full "
+        "one, peak RSS <= 15% of dcp_to_torch's, wall time <= 1.5x the I/O floor, with "
+        "verify=false; verify=true rows are shown alongside.",
+        "",
+        *targets_table(cases, cgroup),
+        "",
+        "![wall time and peak RSS](results.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def chart(cases: list[Case], path: Path) -> None:
+    """Bar charts of median wall time (outside-the-job share hatched) and peak RSS."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(cases), figsize=(7 * len(cases), 8), squeeze=False)
+    labels = [m.label for m in METHODS]
+    colors = ["C0" if m.kind == "ours" else "C3" if m.kind == "dcp" else "C7" for m in METHODS]
+    for col, case in enumerate(cases):
+        walls = [_median(case, m, "wall") for m in METHODS]
+        spans = [[r["wall"] for r in case.runs[m.label]] for m in METHODS]
+        err = [
+            [w - min(s) for w, s in zip(walls, spans, strict=True)],
+            [max(s) - w for w, s in zip(walls, spans, strict=True)],
+        ]
+        ax = axes[0][col]
+        ax.barh(labels, walls, xerr=err, color=colors)
+        outside = [
+            _median(case, m, "wall")
+            - statistics.median(sum(r["durations"].values()) for r in case.runs[m.label])
+            if m.kind == "ours"
+            else 0.0
+            for m in METHODS
+        ]
+        ax.barh(labels, outside, fill=False, hatch="//", edgecolor="white", linewidth=0)
+        ax.set_title(f"{case.inp.name}: wall time (s), hatched: outside the job")
+        ax.invert_yaxis()
+        ax = axes[1][col]
+        ax.barh(labels, [_median(case, m, "rss_mb") for m in METHODS], color=colors)
+        ax.set_title(f"{case.inp.name}: peak RSS (MB)")
+        ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=HERE / "work", help="inputs and outputs")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cgroup-mb", type=int, default=512, help="memory cgroup limit")
+    parser.add_argument(
+        "--build-input", choices=[i.name for i in INPUTS], help="internal: build one input"
+    )
+    args = parser.parse_args()
+    work = args.work.resolve()
+    if args.build_input:
+        build_input(work, args.build_input)
+        return
+    logs = work / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    command_line = shlex.join(["python", "benchmarks/run.py", *sys.argv[1:]])
+
+    build_file = work / "build.json"
+    build = json.loads(build_file.read_text()) if build_file.exists() else {}
+    build.update(build_inputs(work, logs))
+    build_file.write_text(json.dumps(build, indent=2))
+    cases = []
+    for inp in INPUTS:
+        print(f"{inp.name}: probe conversion, then {args.repeats} repeats", flush=True)
+        cases.append(prepare(inp, work, logs))
+        benchmark(cases[-1], args.repeats, logs)
+    cgroup = {m.label: in_cgroup(m, cases[0], args.cgroup_mb << 20, logs) for m in CGROUP_METHODS}
+    print("profiling one conversion with py-spy", flush=True)
+    prof = profile(cases[0], work, logs)
+
+    (work / "results.json").write_text(
+        json.dumps({c.inp.name: c.runs for c in cases} | {"cgroup": cgroup}, indent=2)
+    )
+    report = results_markdown(cases, cgroup, build, args.cgroup_mb, command_line)
+    (HERE / "RESULTS.md").write_text(report)
+    chart(cases, HERE / "results.png")
+    (HERE / "PROFILE.md").write_text(profile_markdown(prof, cases[0]))
+    shutil.rmtree(work / "out" / "hydra", ignore_errors=True)
+    print(report)
+
+
+if __name__ == "__main__":
+    main()

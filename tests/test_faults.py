@@ -1,0 +1,728 @@
+"""Bad input and faults: every case fails with a short error that names the file or key at fault
+and says what to do, with no traceback unless asked for, and changes nothing on disk: no output,
+no partial, no lock file, no new folder, and the source checkpoint byte for byte as it was.
+
+Each case runs ``python convert.py`` for real, in a subprocess, on a damaged copy of a real
+two-rank FSDP2 DCP save. Starting the interpreter and torch costs seconds, so the table cases
+run side by side; the kill, race and resource cases run on their own on a larger checkpoint.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import io
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
+
+from converter import demo
+from converter.errors import ConversionError
+from converter.sink import OutputFile
+from tests.conftest import REPO, model_overrides
+
+# G3 (fused QKV, so head counts can contradict the shapes), grouped-query attention.
+SMALL = demo.ModelShape(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=96, hidden_dim=160)
+# ~580 MB of float32: larger than the memory cgroup below, and slow enough to write that a
+# conversion can be killed, or raced, while it writes.
+BIG = demo.ModelShape(
+    dim=1024, n_layers=6, n_heads=8, n_kv_heads=8, vocab_size=32768, hidden_dim=2816
+)
+STEP = 10
+OUT = ("model.pt", "model.pt.manifest.json", "model.pt.torchtune.yaml")
+# A tensor whose bytes the corruption cases overwrite; its name is the same in the output.
+VICTIM = "layers.1.feed_forward.w2.weight"
+CONCURRENT_RUNS = 3
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints: written once per module, copied for each case that damages one
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A full (resumable) G3 save at step 10: (its step folder, the weights it holds)."""
+    step_dir = tmp_path_factory.mktemp("pristine_small") / "checkpoint" / f"step-{STEP}"
+    weights = demo.write_step(
+        step_dir, demo.reference_weights(SMALL, seed=11), SMALL, generation="G3", kind="full"
+    )
+    return step_dir, weights
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor], dict[str, str]]:
+    """A float32 weights-only G4 save: (checkpoint folder, weights, sha256 of every file)."""
+    root = tmp_path_factory.mktemp("pristine_big") / "checkpoint"
+    weights = demo.write_step(
+        root / "step-1", demo.reference_weights(BIG, seed=12), BIG,
+        generation="G4", kind="weights_only", export_dtype=torch.float32,
+    )  # fmt: skip
+    return root, weights, snapshot(root)
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every entry under ``root``: sha256 of files, link targets, and folders."""
+    if not root.exists():
+        return {}
+    found = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if path.is_symlink():
+            found[rel] = f"-> {os.readlink(path)}"
+        elif path.is_dir():
+            found[rel] = "dir"
+        else:
+            with open(path, "rb") as f:
+                found[rel] = hashlib.file_digest(f, "sha256").hexdigest()
+    return found
+
+
+def command(overrides: dict[str, str], hydra_dir: Path) -> list[str]:
+    args = {"experiment": "debug", "hydra.run.dir": str(hydra_dir), **overrides}
+    return [sys.executable, "convert.py", *(f"{k}={v}" for k, v in args.items())]
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a run: as ours, without a HYDRA_FULL_ERROR the CI might set."""
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    return {**env, **(extra or {})}
+
+
+def small_overrides(root: Path) -> dict[str, str]:
+    """A run of the small checkpoint copied to ``root/checkpoint``, output to ``root/out``."""
+    model = dict(o.split("=", 1) for o in model_overrides(SMALL))
+    return {
+        "experiment.checkpoint_dir": str(root / "checkpoint"),
+        "experiment.output": str(root / "out" / "model.pt"),
+        **model,
+    }
+
+
+def big_overrides(checkpoint: Path, output: Path, **more: str) -> dict[str, str]:
+    model = dict(o.split("=", 1) for o in model_overrides(BIG))
+    return {
+        "experiment.checkpoint_dir": str(checkpoint),
+        "experiment.output": str(output),
+        **model,
+        **more,
+    }
+
+
+def assert_matches(output: Path, weights: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """The output loads as torchtune loads it and holds exactly the weights, cast."""
+    loaded = torch.load(output, mmap=True, weights_only=True)
+    assert sorted(loaded) == sorted(weights)
+    for key, tensor in weights.items():
+        assert torch.equal(loaded[key], tensor.to(dtype)), key
+
+
+def error_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if "[ERROR]" in line or "Error" in line]
+    return lines[0] if lines else ""
+
+
+# --------------------------------------------------------------------------------------------
+# Damage, each to a fresh copy of the small checkpoint under ``root``
+# --------------------------------------------------------------------------------------------
+
+
+def copy_small(root: Path, pristine: Path, name: str = f"step-{STEP}") -> Path:
+    step_dir = root / "checkpoint" / name
+    shutil.copytree(pristine, step_dir)
+    return step_dir
+
+
+def read_index(step_dir: Path) -> Metadata:
+    with open(step_dir / ".metadata", "rb") as f:
+        return pickle.load(f)
+
+
+def overwrite_tensor_bytes(step_dir: Path, key: str, value: bytes) -> None:
+    """Overwrites the first stored values of ``key`` in place, leaving the blob's structure
+    intact, as a bit flip or a stray write would: only a value check can notice."""
+    index = read_index(step_dir)
+    chunk = index.state_dict_metadata[key].chunks[0]
+    info = index.storage_data[MetadataIndex(key, chunk.offsets)]
+    path = step_dir / info.relative_path
+    with open(path, "r+b") as f:
+        f.seek(info.offset)
+        blob = f.read(info.length)
+        stored = torch.load(io.BytesIO(blob), weights_only=True)
+        at = blob.find(stored.contiguous().view(torch.uint8).numpy().tobytes())
+        assert at > 0, f"the bytes of {key} not found in their blob"
+        f.seek(info.offset + at)
+        f.write(value)
+
+
+def add_keys(step_dir: Path, keys: list[str], like: str) -> None:
+    """Adds index entries for ``keys`` (pointing at ``like``'s data) to ``.metadata``."""
+    index = read_index(step_dir)
+    entry = index.state_dict_metadata[like]
+    for key in keys:
+        index.state_dict_metadata[key] = entry
+        for chunk in entry.chunks:
+            index.storage_data[MetadataIndex(key, chunk.offsets)] = index.storage_data[
+                MetadataIndex(like, chunk.offsets)
+            ]
+    (step_dir / ".metadata").write_bytes(pickle.dumps(index))
+
+
+def truncate(path: Path) -> None:
+    os.truncate(path, path.stat().st_size // 2)
+
+
+@contextmanager
+def tmpfs(path: Path, size: str, read_only: bool = False) -> Iterator[Path]:
+    """A small file system of our own, to fill up or to refuse writes even to root."""
+    path.mkdir(parents=True, exist_ok=True)
+    options = f"size={size}" + (",ro" if read_only else "")
+    run = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    if run.returncode:
+        pytest.skip(f"cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN): {run.stderr}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def hold_lock(lock_file: Path, stack: ExitStack) -> None:
+    """Holds the output's lock as a running conversion does."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    stack.callback(os.close, fd)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+Prepare = Callable[[Path, Path, ExitStack], dict[str, str]]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One way to run the converter wrongly or on damaged input, and what the run must say.
+
+    ``prepare(root, pristine_step_dir, cleanup)`` lays out the case under ``root`` and returns
+    the command-line overrides. Unless ``ok``, the run must exit non-zero with every fragment
+    of ``expect`` on stderr and change nothing under ``root``.
+    """
+
+    prepare: Prepare
+    expect: tuple[str, ...]
+    ok: bool = False
+    traceback: bool = False
+    env: dict[str, str] = field(default_factory=dict)
+    prlimit: tuple[str, ...] = ()  # e.g. "--fsize=65536" for the run
+    check: Callable[[Path, dict[str, torch.Tensor]], None] | None = None
+
+
+def _copy(root: Path, pristine: Path, cleanup: ExitStack) -> dict[str, str]:
+    copy_small(root, pristine)
+    return small_overrides(root)
+
+
+def _missing_folder(root: Path, pristine: Path, cleanup: ExitStack) -> dict[str, str]:
+    return {**small_overrides(root), "experiment.checkpoint_dir": str(root / "no_such_folder")}
+
+
+def _missing_folder_debug(root: Path, pristine: Path, cleanup: ExitStack) -> dict[str, str]:
+    return {**_missing_folder(root, pristine, cleanup), "debug": "true"}
+
+
+def _empty_folder(root: Path, pristine: Path, cleanup: ExitStack) -> dict[str, str]:
+    (root / "checkpoint").mkdir()
+    return small_overrides(root)
+
+
+def _not_dcp(root: Path, pristine: Path, cleanup: ExitStack) -> dict[str, str]:
+    """A Hugging Face export where a torchtitan checkpoint folder was expected."""
+    (root / "checkpoint").mkdir()
+    (root / "checkpoint" / "config.json").write_text("{}")
+    (root / "checkpoint" / "model.safetensors").write_bytes(b"\0" * 64)
+    return small_overrides(root)
+
+
+def _step_missing(root: Path, pristine: Path, cleanup: ExitStack) -> dict[str, str]:
+    copy_small(root, pristine)
+    copy_small(root, pristine, "step-20")
+    return {**small_overrides(root), "experiment.step": "7"}
+
+
+def _latest_unfinished(root: Path, pristine: Path, cleanup: ExitStack) -> dict[str, str]:
+    """step-20 has its shards but no ``.metadata``: the save was cut short."""
+    copy_small(root, pristine)
+    (copy_small(root, pristine, "step-20") / ".metadata").unlink()
+    return {**small_overrides(root), "experiment.step": "latest"}
+
+
+def _check_latest(root: Path, weights: dict[str, torch.Tensor]) -> None:
+    """It converted step-10, and the manifest holds each source file's size and sha256."""
+    output = root / "out" / "model.pt"
+    assert_matches(output, weights, torch.bfloat16)
+    manifest = json.loads((root / "out" / "model.pt.manifest.json").read_text())
+    assert manifest["source"]["step"] == STEP
+    step_dir = root / "checkpoint" / f"step-{STEP}"
+    files = {p.name: p for p in step_dir.iterdir()}
+    assert set(manifest["source"]["files"]) == set(files) == {".metadata", *_shards(step_dir)}
+    for name, recorded in manifest["source"]["files"].items():
+        with open(files[name], "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        assert recorded == {"bytes": files[name].stat().st_size, "sha256": digest}, name
+
+
+def _shards(step_dir: Path) -> list[str]:
+    return [p.name for p in step_dir.glob("*.distcp")]
+
+
+def _metadata_truncated(root: Path, pristine: Path, cleanup: ExitStack) -> dict[str, str]:
+    truncate(copy_small(root, pristine) / ".metadata")
+    return small_overrides(root)
+
+
+def _metadata_garbage(root: Path, pristine: Path, cleanup: ExitStack) -> dict[str, str]:
+    (copy_small(root, pristine) / ".metadata").write_bytes(b"this is not a pickle\n" * 50)
+    return small_overrides(root)
+
+
+def _metadata_unknown(root: Path, pristine: Path, cleanup: ExitStack) -> dict[str, str]:
+    """A well-formed pickle, but not a DCP index (as a future format might be)."""
+    index = {"format": "dcp-v9", "state_dict_metadata": []}
+    (copy_small(root, pristine) / ".metadata").write_bytes(pickle.dumps(index))
+    return small_overrides(root)
+
+
+def _shard_missing(root: Path, pristine: Path, cleanup: ExitStack) -> dict[str, str]:
+    (copy_small(root, pristine) / "__1_0.distcp").unlink()
+    return small_overrides(root)
+
+
+def _shard_truncated(root: Path, pristine: Path, cleanup: ExitStack) -> dict[str, str]:
+    truncate(copy_small(root, pristine) / "__1_0.distcp")
+    return small_overrides(root)
+
+
+def _shard_overwritten(root: Path, pristine: Path, cleanup: ExitStack) -> dict[str, str]:
+    """16 float32 values of VICTIM become all-ones bit patterns: NaN."""
+    overwrite_tensor_bytes(copy_small(root, pristine), VICTIM, b"\xff" * 64)
+    return small_overrides(root)
+
+
+def _shard_overwritten_allowed(root: Path, pristine: Path, cleanup: ExitStack) -> dict[str, str]:
+    return {**_shard_overwritten(root, pristine, cleanup), "allow_nonfinite": "true"}
+
+
+def _check_nan_written(root: Path, weights: dict[str, torch.Tensor]) -> None:
+    loaded = torch.load(root / "out" / "model.pt", mmap=True, weights_only=True)
+    assert int(torch.isnan(loaded[VICTIM]).sum()) == 16
+    assert all(torch.isfinite(t).all() for k, t in loaded.items() if k != VICTIM)
+
+
+def _unknown_keys(root: Path, pristine: Path, cleanup: ExitStack) -> dict[str, str]:
+    """A vision tower and a q-norm: keys of a model family the layouts do not describe."""
+    step_dir = copy_small(root, pristine)
+    add_keys(step_dir, ["vision_tower.proj.weight", "layers.0.attention.q_norm.weight"], VICTIM)
+    return small_overrides(root)
+
+
+def _heads_contradict(root: Path, pristine: Path, cleanup: ExitStack) -> dict[str, str]:
+    """96 fused rows cannot be 6 query heads and 2 kv heads of equal size."""
+    copy_small(root, pristine)
+    return {
+        **small_overrides(root),
+        "experiment.model.n_heads": "6",
+        "experiment.model.n_kv_heads": "2",
+    }
+
+
+def _output_folder_missing(root: Path, pristine: Path, cleanup: ExitStack) -> dict[str, str]:
+    copy_small(root, pristine)
+    return {**small_overrides(root), "experiment.output": str(root / "out" / "a" / "model.pt")}
+
+
+def _check_output_folder_made(root: Path, weights: dict[str, torch.Tensor]) -> None:
+    assert sorted(p.name for p in (root / "out" / "a").iterdir()) == sorted(OUT)
+    assert_matches(root / "out" / "a" / "model.pt", weights, torch.bfloat16)
+
+
+def _output_read_only(root: Path, pristine: Path, cleanup: ExitStack) -> dict[str, str]:
+    """A read-only file system: even root cannot write there."""
+    copy_small(root, pristine)
+    cleanup.enter_context(tmpfs(root / "out", "1m", read_only=True))
+    return small_overrides(root)
+
+
+def _disk_full(root: Path, pristine: Path, cleanup: ExitStack) -> dict[str, str]:
+    """96 KiB of room for a 190 KiB output."""
+    copy_small(root, pristine)
+    cleanup.enter_context(tmpfs(root / "out", "96k"))
+    return small_overrides(root)
+
+
+def _output_is_source(root: Path, pristine: Path, cleanup: ExitStack) -> dict[str, str]:
+    """``model.pt`` is a link to a shard file of the checkpoint being converted."""
+    step_dir = copy_small(root, pristine)
+    (root / "out").mkdir()
+    (root / "out" / "model.pt").symlink_to(step_dir / "__0_0.distcp")
+    return small_overrides(root)
+
+
+def _output_in_step_folder(root: Path, pristine: Path, cleanup: ExitStack) -> dict[str, str]:
+    step_dir = copy_small(root, pristine)
+    return {**small_overrides(root), "experiment.output": str(step_dir / "model.pt")}
+
+
+def _output_locked(root: Path, pristine: Path, cleanup: ExitStack) -> dict[str, str]:
+    """Another conversion to the same output holds its lock."""
+    copy_small(root, pristine)
+    hold_lock(root / "out" / ".model.pt.lock", cleanup)
+    return small_overrides(root)
+
+
+def _only(**overrides: str) -> Prepare:
+    def prepare(root: Path, pristine: Path, cleanup: ExitStack) -> dict[str, str]:
+        return {**_copy(root, pristine, cleanup), **overrides}
+
+    return prepare
+
+
+def _check_small(root: Path, weights: dict[str, torch.Tensor]) -> None:
+    assert sorted(p.name for p in (root / "out").iterdir()) == sorted(OUT)
+    assert_matches(root / "out" / "model.pt", weights, torch.bfloat16)
+
+
+CASES: dict[str, Case] = {
+    "checkpoint_folder_missing": Case(
+        _missing_folder, ("no_such_folder", "does not exist", "Set experiment.checkpoint_dir")
+    ),
+    "checkpoint_folder_empty": Case(
+        _empty_folder, ("is not a torchtitan checkpoint folder", "holds nothing")
+    ),
+    "checkpoint_folder_not_dcp": Case(
+        _not_dcp, ("no step-<N> folders", "model.safetensors", "experiment.checkpoint_dir")
+    ),
+    "step_missing_lists_steps": Case(
+        _step_missing, ("no step-7 folder", "[10, 20]", "Set experiment.step")
+    ),
+    "latest_skips_unfinished_save": Case(
+        _latest_unfinished,
+        ("step-20", "has no .metadata", "using the newest complete save, step-10"),
+        ok=True,
+        check=_check_latest,
+    ),
+    "metadata_truncated": Case(
+        _metadata_truncated, (f"step-{STEP}/.metadata", "truncated or damaged", "experiment.step")
+    ),
+    "metadata_garbage": Case(_metadata_garbage, (f"step-{STEP}/.metadata", "truncated or damaged")),
+    "metadata_unknown_format": Case(
+        _metadata_unknown,
+        (f"step-{STEP}/.metadata", "not a torch.distributed.checkpoint index", "holds a dict"),
+    ),
+    "shard_missing": Case(_shard_missing, ("__1_0.distcp", "is missing", "Copy the whole step")),
+    "shard_truncated": Case(_shard_truncated, ("__1_0.distcp", "is truncated")),
+    "shard_bytes_overwritten": Case(
+        _shard_overwritten, (repr(VICTIM), "16 NaN/Inf values", "allow_nonfinite=true")
+    ),
+    "shard_bytes_overwritten_allowed": Case(
+        _shard_overwritten_allowed, ("wrote",), ok=True, check=_check_nan_written
+    ),
+    "unknown_keys_listed": Case(
+        _unknown_keys,
+        ("no known torchtitan layout", "vision_tower.proj.weight", "attention.q_norm.weight"),
+    ),
+    "heads_contradict_fused_qkv": Case(
+        _heads_contradict, ("n_heads=6", "n_kv_heads=2", "attention.qkv_linear.wqkv.weight")
+    ),
+    "output_folder_missing_is_made": Case(
+        _output_folder_missing, ("wrote",), ok=True, check=_check_output_folder_made
+    ),
+    "output_folder_read_only": Case(_output_read_only, ("out/model.pt", "read-only")),
+    "output_disk_full": Case(_disk_full, ("out/model.pt", "the disk is full")),
+    "output_file_size_limit": Case(
+        _copy, ("out/model.pt", "file size limit"), prlimit=("--fsize=65536",)
+    ),
+    "output_is_a_source_file": Case(
+        _output_is_source, ("out/model.pt", "is the source file", "__0_0.distcp")
+    ),
+    "output_inside_step_folder": Case(
+        _output_in_step_folder, (f"step-{STEP}/model.pt", "inside the source step folder")
+    ),
+    "output_locked_by_another_run": Case(
+        _output_locked, ("Another conversion is writing", "out/.model.pt.lock")
+    ),
+    "debug_shows_traceback": Case(
+        _missing_folder_debug,
+        ("Traceback", "ConversionError", "no_such_folder"),
+        traceback=True,
+    ),
+    "hydra_full_error_shows_traceback": Case(
+        _missing_folder,
+        ("Traceback", "ConversionError", "no_such_folder"),
+        traceback=True,
+        env={"HYDRA_FULL_ERROR": "1"},
+    ),
+    "low_fd_limit_completes": Case(
+        _only(workers="2"), ("wrote",), ok=True, prlimit=("--nofile=64",), check=_check_small
+    ),
+    # Composition errors: compose-level checks are in test_config.py; these are the CLI's.
+    "invalid_dtype_lists_choices": Case(
+        _only(**{"experiment.export_dtype": "bf17"}),
+        ("export_dtype", "bf17", "[bfloat16, float16, float32, keep]"),
+    ),
+    "wrong_type_names_key": Case(
+        _only(workers="abc"), ("workers", "'abc'", "could not be converted to Integer")
+    ),
+}
+
+
+@dataclass
+class Run:
+    returncode: int
+    stderr: str
+    before: dict[str, str]
+    after: dict[str, str]
+    root: Path
+    seconds: float
+
+
+@pytest.fixture(scope="module")
+def runs(small, tmp_path_factory) -> Iterator[dict[str, Run | str]]:
+    """Runs every case of CASES, CONCURRENT_RUNS at a time; a case that cannot be set up
+    here (no mount permission) maps to the reason."""
+    pristine, _ = small
+    results: dict[str, Run | str] = {}
+    hydra_root = tmp_path_factory.mktemp("hydra")
+    with ExitStack() as cleanup:
+        pending = []
+        for name, case in CASES.items():
+            root = tmp_path_factory.mktemp(name)
+            try:
+                overrides = case.prepare(root, pristine, cleanup)
+            except pytest.skip.Exception as e:
+                results[name] = str(e)
+                continue
+            cmd = command(overrides, hydra_root / name)
+            if case.prlimit:
+                cmd = ["prlimit", *case.prlimit, "--", *cmd]
+            pending.append((name, root, cmd, child_env(case.env), snapshot(root)))
+        running: list[tuple[str, Path, subprocess.Popen, dict[str, str], io.IOBase, float]] = []
+        while pending or running:
+            while pending and len(running) < CONCURRENT_RUNS:
+                name, root, cmd, env, before = pending.pop(0)
+                err = open(hydra_root / f"{name}.stderr", "w+")  # noqa: SIM115
+                proc = subprocess.Popen(
+                    cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err
+                )
+                running.append((name, root, proc, before, err, time.perf_counter()))
+            for item in list(running):
+                name, root, proc, before, err, start = item
+                if proc.poll() is None:
+                    continue
+                seconds = time.perf_counter() - start
+                running.remove(item)
+                err.seek(0)
+                after = snapshot(root)
+                results[name] = Run(proc.returncode, err.read(), before, after, root, seconds)
+                err.close()
+                print(f"{name}: exit {proc.returncode} in {seconds:.1f} s")
+            time.sleep(0.1)
+        yield results
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_fault(name, runs, small):
+    """The run exits as it should, says what is wrong and what to do, and, unless it was to
+    succeed, leaves every file under the case's folder as it was."""
+    case, run = CASES[name], runs[name]
+    if isinstance(run, str):
+        pytest.skip(run)
+    for fragment in case.expect:
+        assert fragment in run.stderr, f"{fragment!r} not in:\n{run.stderr}"
+    assert ("Traceback" in run.stderr) == case.traceback, run.stderr
+    if case.ok:
+        assert run.returncode == 0, run.stderr
+        changed = {k for k in run.before if run.after.get(k) != run.before[k]}
+        assert not changed, f"the run changed {changed}"
+    else:
+        assert run.returncode != 0, run.stderr
+        if not case.traceback:
+            line = error_line(run.stderr)
+            assert line and len(line) < 800, f"not one short error line:\n{run.stderr}"
+        assert run.after == run.before, "the failed run left files or changed the source"
+    if case.check is not None:
+        case.check(run.root, small[1])
+
+
+# --------------------------------------------------------------------------------------------
+# The sink on a filling disk, in-process: every short write must be resumed or reported
+# --------------------------------------------------------------------------------------------
+
+
+def test_disk_filling_mid_tensor_is_reported_not_truncated(tmp_path):
+    """On a filling disk ``pwrite`` first writes part of a buffer, then fails. A write that
+    resumed at the wrong byte (a multi-dimensional view sliced by rows) lost data silently."""
+    with tmpfs(tmp_path / "fs", "256k") as fs:
+        layout = {f"t{i}": ((256, 256), torch.float32) for i in range(4)}
+        with (
+            pytest.raises(ConversionError, match="the disk is full"),
+            OutputFile(fs / "model.pt") as out,
+        ):
+            out.create(layout)
+            for name in layout:
+                out.write(name, 0, torch.ones(256, 256))
+        assert list(fs.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------
+# Killed, raced, and starved runs, on the large checkpoint
+# --------------------------------------------------------------------------------------------
+
+
+def _allocated_fraction(path: Path) -> float:
+    """How much of the sparse partial file has been written (its structure comes first, with
+    holes where the tensor bytes go). Without sparse files this is 1 at once."""
+    st = path.stat()
+    return min(1.0, st.st_blocks * 512 / st.st_size) if st.st_size else 0.0
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_ctime_ns
+
+
+def test_sigkill_during_write_leaves_no_output_and_next_run_succeeds(big, tmp_path):
+    """SIGKILL cannot be caught: what is left is what the design leaves. Killed while the
+    structure is written, half-way through the tensors, and while the file is verified, a run
+    leaves only its hidden partial (and lock) file; the next run removes them and succeeds."""
+    checkpoint, weights, sources = big
+    out = tmp_path / "out"
+    cmd = command(big_overrides(checkpoint, out / "model.pt", batch_mb="32"), tmp_path / "hydra")
+    partial = out / ".model.pt.partial"
+    kill_points: dict[str, Callable[[], bool]] = {
+        "writing the structure": lambda: True,
+        "half the tensors written": lambda: _allocated_fraction(partial) >= 0.5,
+        "verifying": lambda: _allocated_fraction(partial) >= 1.0,
+    }
+    for point, reached in kill_points.items():
+        stale = _identity(partial)  # left by the previous kill; this run must replace it
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        try:
+            while proc.poll() is None and not (
+                _identity(partial) not in (None, stale) and reached()
+            ):
+                time.sleep(0.005)
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == -signal.SIGKILL, f"finished before {point}: {stderr}"
+        assert not (out / "model.pt").exists(), point
+        assert {p.name for p in out.iterdir()} <= {".model.pt.partial", ".model.pt.lock"}, point
+
+    run = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted(OUT)  # partial and lock gone
+    assert_matches(out / "model.pt", weights, torch.bfloat16)
+    assert snapshot(checkpoint) == sources
+
+
+def test_two_runs_to_one_output_never_interleave(big, tmp_path):
+    """Started together, one run converts and the other fails at once, naming the lock; the
+    file is the one complete conversion."""
+    checkpoint, weights, sources = big
+    out = tmp_path / "out"
+    procs = [
+        subprocess.Popen(
+            command(
+                big_overrides(checkpoint, out / "model.pt", **{
+                    "experiment.export_dtype": "float32", "batch_mb": "32",
+                }),
+                tmp_path / f"hydra{i}",
+            ),
+            cwd=REPO, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]  # fmt: skip
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    for p in procs:
+        p.stderr.close()
+    codes = sorted(code for code, _ in results)
+    assert codes[0] == 0 and codes[1] != 0, f"expected one winner and one loser: {results}"
+    loser = next(err for code, err in results if code != 0)
+    assert "Another conversion is writing" in loser and ".model.pt.lock" in loser, loser
+    assert "Traceback" not in loser
+    assert sorted(p.name for p in out.iterdir()) == sorted(OUT)
+    assert_matches(out / "model.pt", weights, torch.float32)
+    assert snapshot(checkpoint) == sources
+
+
+def _memory_cgroup_parent() -> Path:
+    """Our own cgroup v1 memory folder: a child of it limits the run without moving it out of
+    whatever accounting we run under."""
+    base = Path("/sys/fs/cgroup/memory")
+    if not (base / "memory.limit_in_bytes").exists():
+        pytest.skip("no cgroup v1 memory controller at /sys/fs/cgroup/memory")
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            return base / path.lstrip("/")
+    return base
+
+
+def test_memory_cgroup_smaller_than_the_checkpoint(big, tmp_path):
+    """A 400 MB memory cgroup (page cache included, REFERENCE.md section 5) converts a
+    ~580 MB float32 checkpoint to a ~580 MB output: memory is bounded by batch_mb."""
+    checkpoint, weights, _ = big
+    size = sum(p.stat().st_size for p in checkpoint.rglob("*") if p.is_file())
+    limit = 400 << 20
+    assert size > limit
+    group = _memory_cgroup_parent() / f"titan2tune-test-{uuid.uuid4().hex[:8]}"
+    group.mkdir()
+    try:
+        (group / "memory.limit_in_bytes").write_text(str(limit))
+        out = tmp_path / "out" / "model.pt"
+        cmd = command(
+            big_overrides(checkpoint, out, **{
+                "experiment.export_dtype": "float32", "batch_mb": "32",
+            }),
+            tmp_path / "hydra",
+        )  # fmt: skip
+        # The shell joins the cgroup, then becomes the converter: no Python code between
+        # fork and exec in this (threaded) test process.
+        join = f'echo $$ > {group / "cgroup.procs"} && exec "$@"'
+        proc = subprocess.Popen(
+            ["sh", "-c", join, "sh", *cmd], cwd=REPO, env=child_env(),
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        _, stderr = proc.communicate(timeout=600)
+        peak = int((group / "memory.max_usage_in_bytes").read_text())
+        failcnt = int((group / "memory.failcnt").read_text())
+    finally:
+        group.rmdir()
+    print(
+        f"checkpoint {size / 2**20:.0f} MiB, cgroup limit {limit / 2**20:.0f} MiB: "
+        f"max_usage_in_bytes {peak / 2**20:.0f} MiB (page cache included), failcnt {failcnt}"
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode} (137: OOM-killed): {stderr}"
+    assert peak <= limit
+    assert_matches(out, weights, torch.float32)

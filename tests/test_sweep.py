@@ -1,0 +1,103 @@
+"""The three experiments through a real Hydra multirun of the entry point, as users run it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torchtune.models.convert_weights import meta_to_tune
+
+from converter import demo
+from tests.conftest import REPO
+
+EXPERIMENTS = ("debug", "500M", "debug_pretrained")
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    """A working folder laid out as `make demo` leaves it: outputs/checkpoint_<name>/step-<N>.
+
+    The 500M experiment gets only its last (weights-only) save here; its full training save
+    is ~6 GB and adds nothing the small experiments' full saves do not already test."""
+    root = tmp_path_factory.mktemp("demo")
+    saved = demo.write_demo(
+        root / "outputs", ("debug", "debug_pretrained", "500M"), skip_full=("500M",)
+    )
+    return root, saved
+
+
+def sweep(cwd, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "convert.py"), "-m", *overrides],
+        cwd=cwd, capture_output=True, text=True, timeout=900,
+    )
+
+
+def latest_weights(saved: dict, name: str) -> dict[str, torch.Tensor]:
+    return saved[name][max(saved[name])]
+
+
+def test_sweep_of_the_three_experiments(demo_root):
+    root, saved = demo_root
+    run = sweep(root, "experiment=" + ",".join(EXPERIMENTS))
+    assert run.returncode == 0, run.stderr
+    for name in EXPERIMENTS:
+        out = root / "outputs" / f"checkpoint_{name}" / "final_model.pt"
+        tensors = torch.load(out, mmap=True, weights_only=True)
+        manifest = json.loads(out.with_name(out.name + ".manifest.json").read_text())
+        export = getattr(torch, manifest["output"]["dtype"])
+        expected = {k: v.to(export) for k, v in latest_weights(saved, name).items()}
+        assert sorted(tensors) == sorted(expected), name
+        assert all(torch.equal(tensors[k], v) for k, v in expected.items()), name
+        assert manifest["source"]["step"] == max(saved[name])
+        assert (out.parent / "final_model.pt.torchtune.yaml").exists()
+    # The end-of-sweep summary lists every experiment.
+    table = run.stdout
+    for name in EXPERIMENTS:
+        assert f"\n{name} " in table and "converted" in table
+    # A second identical sweep finds every output up to date.
+    again = sweep(root, "experiment=" + ",".join(EXPERIMENTS))
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("skipped") == len(EXPERIMENTS)
+
+
+def test_sweep_with_overrides(demo_root):
+    root, saved = demo_root
+    run = sweep(
+        root,
+        "experiment=debug,debug_pretrained",
+        "output_format=torchtune",
+        "experiment.export_dtype=float32",
+        "experiment.output=${experiment.checkpoint_dir}/tune_fp32/model.pt",
+        "workers=2",
+    )
+    assert run.returncode == 0, run.stderr
+    for name in ("debug", "debug_pretrained"):
+        out = root / "outputs" / f"checkpoint_{name}" / "tune_fp32" / "model.pt"
+        tensors = torch.load(out, mmap=True, weights_only=True)
+        expected = {k: v.float() for k, v in latest_weights(saved, name).items()}
+        if demo.DEMO_EXPERIMENTS[name][0].tied_embeddings:
+            expected.pop("output.weight")
+        expected = meta_to_tune(expected)
+        assert sorted(tensors) == sorted(expected)
+        assert all(torch.equal(tensors[k], v) for k, v in expected.items())
+        yaml_text = (out.parent / "model.pt.torchtune.yaml").read_text()
+        assert "FullModelTorchTuneCheckpointer" in yaml_text
+
+
+def test_sweep_fails_when_one_experiment_fails(demo_root, tmp_path):
+    root, _ = demo_root
+    run = sweep(
+        root,
+        "experiment=debug,debug_pretrained",
+        f"experiment.output={tmp_path}/${{experiment.name}}.pt",
+        # Valid for debug (16 heads), contradicts debug_pretrained's fused QKV shapes.
+        "experiment.model.n_heads=16",
+        "experiment.model.n_kv_heads=null",
+    )
+    assert run.returncode != 0
+    assert "debug_pretrained" in run.stdout and "failed" in run.stdout
+    assert (tmp_path / "debug.pt").exists() and not (tmp_path / "debug_pretrained.pt").exists()
