@@ -341,8 +341,23 @@ def _warmup(step: int) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def _rank_main(rank: int, job: dict[str, Any]) -> None:
-    """One rank: build, shard, (train,) save, and report its shards and peak RSS to job files."""
+def _rank_main(rank: int, jobs: list[dict[str, Any]]) -> None:
+    """One rank: joins the process group once, then writes every step of ``jobs`` in turn
+    (starting the ranks costs more than writing a small checkpoint)."""
+    world_size: int = jobs[0]["world_size"]
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(jobs[0]["port"])
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(minutes=30))
+    try:
+        for job in jobs:
+            _rank_write(rank, job)
+    finally:
+        dist.destroy_process_group()
+
+
+def _rank_write(rank: int, job: dict[str, Any]) -> None:
+    """Build, shard, (train,) save one step, and report its shards and peak RSS to job files."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_optimizer_state_dict,
@@ -356,71 +371,64 @@ def _rank_main(rank: int, job: dict[str, Any]) -> None:
     generation: str = job["generation"]
     kind: str = job["kind"]
     work = Path(job["work_dir"])
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(job["port"])
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(minutes=30))
-    try:
-        mesh = init_device_mesh("cpu", (world_size,))
-        with torch.device("meta"):
-            model = _Transformer(shape, generation)
-        for block in model.layers.values():
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        model.to_empty(device="cpu")
+    mesh = init_device_mesh("cpu", (world_size,))
+    with torch.device("meta"):
+        model = _Transformer(shape, generation)
+    for block in model.layers.values():
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    model.to_empty(device="cpu")
 
-        weights = torch.load(job["weights_file"], mmap=True, weights_only=True)
-        params = dict(model.named_parameters())
-        if sorted(params) != sorted(_param_names(shape, generation)):
-            raise AssertionError(f"unexpected parameter names: {sorted(params)}")
-        with torch.no_grad():
+    weights = torch.load(job["weights_file"], mmap=True, weights_only=True)
+    params = dict(model.named_parameters())
+    if sorted(params) != sorted(_param_names(shape, generation)):
+        raise AssertionError(f"unexpected parameter names: {sorted(params)}")
+    with torch.no_grad():
+        for name, param in params.items():
+            full = _full_param(weights, name, shape)
+            # src_data_rank=None: every rank slices its own chunk, no communication.
+            param.copy_(distribute_tensor(full, mesh, param.placements, src_data_rank=None))
+        if generation == "G1":
+            model.freqs_cis.copy_(_freqs_cis(shape))
+    del weights
+
+    step: int = job["step"]
+    if kind == "full":
+        optim = torch.optim.AdamW(
+            model.parameters(), lr=_LR, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1
+        )
+        sched = torch.optim.lr_scheduler.LambdaLR(optim, _warmup)
+        for it in range(job["optimizer_steps"]):
+            # One parameter at a time, so at most one gradient shard is alive: this keeps
+            # the 500M demo's ranks at params + two Adam moments.
             for name, param in params.items():
-                full = _full_param(weights, name, shape)
-                # src_data_rank=None: every rank slices its own chunk, no communication.
-                param.copy_(distribute_tensor(full, mesh, param.placements, src_data_rank=None))
-            if generation == "G1":
-                model.freqs_cis.copy_(_freqs_cis(shape))
-        del weights
+                assert isinstance(param, DTensor)
+                local = param.to_local()
+                gen = torch.Generator().manual_seed(zlib.crc32(f"{name}:{it}:{rank}".encode()))
+                grad = torch.randn(local.shape, generator=gen).mul_(1e-2)
+                param.grad = DTensor.from_local(
+                    grad, mesh, param.placements, shape=param.shape, stride=param.stride()
+                )
+                optim.step()
+                param.grad = None
+            sched.step()
+        optim_sd = get_optimizer_state_dict(
+            model, optim, options=StateDictOptions(flatten_optimizer_state_dict=True)
+        )
+        state = _full_state(model.state_dict(), optim_sd, sched, generation, step, rank, job)
+    else:
+        dtype = getattr(torch, job["export_dtype"])
+        state = {k: v.to(dtype) for k, v in model.state_dict().items() if k != "freqs_cis"}
 
-        step: int = job["step"]
-        if kind == "full":
-            optim = torch.optim.AdamW(
-                model.parameters(), lr=_LR, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1
-            )
-            sched = torch.optim.lr_scheduler.LambdaLR(optim, _warmup)
-            for it in range(job["optimizer_steps"]):
-                # One parameter at a time, so at most one gradient shard is alive: this keeps
-                # the 500M demo's ranks at params + two Adam moments.
-                for name, param in params.items():
-                    assert isinstance(param, DTensor)
-                    local = param.to_local()
-                    gen = torch.Generator().manual_seed(zlib.crc32(f"{name}:{it}:{rank}".encode()))
-                    grad = torch.randn(local.shape, generator=gen).mul_(1e-2)
-                    param.grad = DTensor.from_local(
-                        grad, mesh, param.placements, shape=param.shape, stride=param.stride()
-                    )
-                    optim.step()
-                    param.grad = None
-                sched.step()
-            optim_sd = get_optimizer_state_dict(
-                model, optim, options=StateDictOptions(flatten_optimizer_state_dict=True)
-            )
-            state = _full_state(model.state_dict(), optim_sd, sched, generation, step, rank, job)
-        else:
-            dtype = getattr(torch, job["export_dtype"])
-            state = {k: v.to(dtype) for k, v in model.state_dict().items() if k != "freqs_cis"}
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(job["step_dir"], thread_count=1))
+    dist.barrier()
 
-        dcp.save(state, storage_writer=dcp.FileSystemWriter(job["step_dir"], thread_count=1))
-        dist.barrier()
-
-        if kind == "full":
-            del state, optim_sd, optim, sched
-            shards = {n: p.to_local().detach().clone() for n, p in params.items()}
-            torch.save(shards, work / f"shards_{rank}.pt")
-            del shards
-        (work / f"stats_{rank}.json").write_text(json.dumps({"peak_rss_mib": _peak_rss_mib()}))
-    finally:
-        dist.destroy_process_group()
+    if kind == "full":
+        del state, optim_sd, optim, sched
+        shards = {n: p.to_local().detach().clone() for n, p in params.items()}
+        torch.save(shards, work / f"shards_{rank}.pt")
+        del shards
+    (work / f"stats_{rank}.json").write_text(json.dumps({"peak_rss_mib": _peak_rss_mib()}))
 
 
 def _full_state(
@@ -533,78 +541,115 @@ def _save_weights(weights: dict[str, torch.Tensor], shape: ModelShape, path: Pat
     torch.save(tensors, path)
 
 
-def _write_step_from_file(
-    step_dir: Path,
-    weights_file: Path,
-    shape: ModelShape,
-    *,
-    generation: str,
-    kind: str,
-    export_dtype: torch.dtype,
-    world_size: int,
-    optimizer_steps: int,
-) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Run the ranks on weights saved by :func:`_save_weights`; return tensors and stats.
+@dataclass(frozen=True)
+class StepSpec:
+    """One step folder to write: see :func:`write_step` for the fields."""
+
+    step_dir: Path
+    weights_file: Path
+    shape: ModelShape
+    generation: str
+    kind: str
+    export_dtype: torch.dtype = torch.float32
+    optimizer_steps: int = 2
+
+
+def _write_steps_from_files(
+    specs: Sequence[StepSpec], world_size: int
+) -> list[tuple[dict[str, torch.Tensor], dict[str, float]]]:
+    """Run the ranks once over steps whose weights :func:`_save_weights` wrote; return each
+    step's tensors and stats.
 
     The weights go through a file that each rank maps, so the driver need not keep them in
     memory while the ranks run (the 500M demo would otherwise hold a third copy).
     """
-    if generation not in GENERATIONS:
-        raise ValueError(f"generation must be one of {GENERATIONS}, got {generation!r}")
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    step_dir = Path(step_dir)
-    _prepare_step_dir(step_dir)
+    for spec in specs:
+        if spec.generation not in GENERATIONS:
+            raise ValueError(f"generation must be one of {GENERATIONS}, got {spec.generation!r}")
+        if spec.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {spec.kind!r}")
+        _prepare_step_dir(Path(spec.step_dir))
     start = time.perf_counter()
+    port = _free_port()
     with tempfile.TemporaryDirectory(prefix="titan2tune-demo-") as tmp:
-        work = Path(tmp)
-        job = {
-            "world_size": world_size,
-            "shape": {f: getattr(shape, f) for f in ModelShape.__dataclass_fields__},
-            "generation": generation,
-            "kind": kind,
-            "export_dtype": str(export_dtype).removeprefix("torch."),
-            "optimizer_steps": optimizer_steps,
-            "step": _step_number(step_dir, optimizer_steps),
-            "step_dir": str(step_dir),
-            "weights_file": str(weights_file),
-            "work_dir": str(work),
-            "port": _free_port(),
-        }
+        jobs = []
+        for i, spec in enumerate(specs):
+            work = Path(tmp) / str(i)
+            work.mkdir()
+            jobs.append(
+                {
+                    "world_size": world_size,
+                    "shape": {f: getattr(spec.shape, f) for f in ModelShape.__dataclass_fields__},
+                    "generation": spec.generation,
+                    "kind": spec.kind,
+                    "export_dtype": str(spec.export_dtype).removeprefix("torch."),
+                    "optimizer_steps": spec.optimizer_steps,
+                    "step": _step_number(Path(spec.step_dir), spec.optimizer_steps),
+                    "step_dir": str(spec.step_dir),
+                    "weights_file": str(spec.weights_file),
+                    "work_dir": str(work),
+                    "port": port,
+                }
+            )
         try:
             torch_mp.start_processes(
-                _rank_main, args=(job,), nprocs=world_size, join=True, start_method="spawn"
+                _rank_main, args=(jobs,), nprocs=world_size, join=True, start_method="spawn"
             )
         except (torch_mp.ProcessRaisedException, torch_mp.ProcessExitedException) as exc:
             raise RuntimeError(
                 f"demo checkpoint writer: rank {exc.error_index} failed while writing "
-                f"{step_dir} ({generation}, {kind}); the step folder is incomplete.\n{exc}"
+                f"{[str(s.step_dir) for s in specs]}; the step folders may be incomplete.\n{exc}"
             ) from exc
-        if not (step_dir / ".metadata").exists():
-            raise RuntimeError(f"demo checkpoint writer: no .metadata in {step_dir}")
-        stats = {"seconds": time.perf_counter() - start}
-        for r in range(world_size):
-            stats[f"rank{r}_peak_rss_mib"] = json.loads((work / f"stats_{r}.json").read_text())[
-                "peak_rss_mib"
-            ]
+        seconds = (time.perf_counter() - start) / len(specs)
+        return [
+            _collect(spec, Path(job["work_dir"]), world_size, seconds)
+            for spec, job in zip(specs, jobs, strict=True)
+        ]
 
-        if kind == "full":
-            # The trained values come from the ranks' own parameter shards (FSDP2 shards dim 0
-            # in rank order), not from reading the checkpoint back.
-            shards = [
-                torch.load(work / f"shards_{r}.pt", mmap=True, weights_only=True)
-                for r in range(world_size)
-            ]
-            params = {name: torch.cat([s[name] for s in shards]) for name in shards[0]}
-            del shards
-            result = _params_to_meta(params, shape)
-        else:
-            weights = torch.load(weights_file, mmap=True, weights_only=True)
-            # copy=True: do not hand back tensors backed by a temporary mapped file.
-            result = {k: weights[k].to(export_dtype, copy=True) for k in _meta_shapes(shape)}
-            if shape.tied_embeddings:
-                result["output.weight"] = result["tok_embeddings.weight"]
+
+def _collect(
+    spec: StepSpec, work: Path, world_size: int, seconds: float
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """The tensors one step saved and its ranks' stats, from the ranks' job files."""
+    step_dir, shape = Path(spec.step_dir), spec.shape
+    if not (step_dir / ".metadata").exists():
+        raise RuntimeError(f"demo checkpoint writer: no .metadata in {step_dir}")
+    stats = {"seconds": seconds}
+    for r in range(world_size):
+        stats[f"rank{r}_peak_rss_mib"] = json.loads((work / f"stats_{r}.json").read_text())[
+            "peak_rss_mib"
+        ]
+    if spec.kind == "full":
+        # The trained values come from the ranks' own parameter shards (FSDP2 shards dim 0
+        # in rank order), not from reading the checkpoint back.
+        shards = [
+            torch.load(work / f"shards_{r}.pt", mmap=True, weights_only=True)
+            for r in range(world_size)
+        ]
+        params = {name: torch.cat([s[name] for s in shards]) for name in shards[0]}
+        del shards
+        return _params_to_meta(params, shape), stats
+    weights = torch.load(spec.weights_file, mmap=True, weights_only=True)
+    # copy=True: do not hand back tensors backed by a temporary mapped file.
+    result = {k: weights[k].to(spec.export_dtype, copy=True) for k in _meta_shapes(shape)}
+    if shape.tied_embeddings:
+        result["output.weight"] = result["tok_embeddings.weight"]
     return result, stats
+
+
+def write_steps(
+    steps: Sequence[tuple[Path, dict[str, torch.Tensor], ModelShape, dict[str, Any]]],
+    world_size: int = 2,
+) -> list[dict[str, torch.Tensor]]:
+    """:func:`write_step` for many steps with one start of the ranks: each item is
+    ``(step_dir, weights, shape, {"generation": ..., "kind": ..., ...})``."""
+    with tempfile.TemporaryDirectory(prefix="titan2tune-weights-") as tmp:
+        specs = []
+        for i, (step_dir, weights, shape, options) in enumerate(steps):
+            weights_file = Path(tmp) / f"weights_{i}.pt"
+            _save_weights(weights, shape, weights_file)
+            specs.append(StepSpec(Path(step_dir), weights_file, shape, **options))
+        return [tensors for tensors, _ in _write_steps_from_files(specs, world_size)]
 
 
 def write_step(
@@ -628,20 +673,13 @@ def write_step(
     Returns the Meta-style-keyed full tensors exactly as saved, so a test can compare a
     converter's output with them without trusting DCP or the converter.
     """
-    with tempfile.TemporaryDirectory(prefix="titan2tune-weights-") as tmp:
-        weights_file = Path(tmp) / "weights.pt"
-        _save_weights(weights, shape, weights_file)
-        result, _ = _write_step_from_file(
-            step_dir,
-            weights_file,
-            shape,
-            generation=generation,
-            kind=kind,
-            export_dtype=export_dtype,
-            world_size=world_size,
-            optimizer_steps=optimizer_steps,
-        )
-    return result
+    options = {
+        "generation": generation,
+        "kind": kind,
+        "export_dtype": export_dtype,
+        "optimizer_steps": optimizer_steps,
+    }
+    return write_steps([(step_dir, weights, shape, options)], world_size)[0]
 
 
 def _disk_usage(path: Path) -> int:
@@ -668,39 +706,47 @@ def write_demo(
     unknown = [n for n in (*experiments, *skip_full) if n not in DEMO_EXPERIMENTS]
     if unknown:
         raise ValueError(f"unknown experiments {unknown}; known: {sorted(DEMO_EXPERIMENTS)}")
-    saved: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    saved: dict[str, dict[int, dict[str, torch.Tensor]]] = {name: {} for name in experiments}
     total_start = time.perf_counter()
+    weights = {
+        # A stable seed per experiment, whatever the order asked for.
+        name: reference_weights(
+            DEMO_EXPERIMENTS[name][0], seed=1000 + list(DEMO_EXPERIMENTS).index(name)
+        )
+        for name in experiments
+    }
+    # Round r writes every experiment's r-th step with one start of the ranks; a later step
+    # saves the weights that the earlier full step trained, as in a real run.
+    rounds = max(len(DEMO_EXPERIMENTS[name][2]) for name in experiments)
     with tempfile.TemporaryDirectory(prefix="titan2tune-weights-") as tmp:
-        weights_file = Path(tmp) / "weights.pt"
-        for name in experiments:
-            shape, generation, steps = DEMO_EXPERIMENTS[name]
-            seed = 1000 + list(DEMO_EXPERIMENTS).index(name)  # stable whatever the order
-            _save_weights(reference_weights(shape, seed=seed), shape, weights_file)
-            saved[name] = {}
-            for step, kind, dtype in steps:
-                if kind == "full" and name in skip_full:
+        for r in range(rounds):
+            batch = []
+            for name in experiments:
+                shape, generation, steps = DEMO_EXPERIMENTS[name]
+                if r >= len(steps) or (steps[r][1] == "full" and name in skip_full):
                     continue
+                step, kind, dtype = steps[r]
+                weights_file = Path(tmp) / f"{name}_{r}.pt"
+                _save_weights(weights[name], shape, weights_file)
                 step_dir = out_root / f"checkpoint_{name}" / f"step-{step}"
-                tensors, stats = _write_step_from_file(
-                    step_dir,
-                    weights_file,
-                    shape,
-                    generation=generation,
-                    kind=kind,
-                    export_dtype=dtype,
-                    world_size=2,
-                    optimizer_steps=2,
+                batch.append(
+                    (name, step, StepSpec(step_dir, weights_file, shape, generation, kind, dtype))
                 )
-                if kind == "full":
-                    _save_weights(tensors, shape, weights_file)
+            if not batch:
+                continue
+            for (name, step, spec), (tensors, stats) in zip(
+                batch, _write_steps_from_files([b[2] for b in batch], world_size=2), strict=True
+            ):
+                if spec.kind == "full":
+                    weights[name] = tensors
                 saved[name][step] = tensors
                 ranks = ", ".join(
                     f"{v:.0f}" for k, v in stats.items() if k.endswith("_peak_rss_mib")
                 )
-                dtype_name = str(dtype).removeprefix("torch.")
+                dtype_name = str(spec.export_dtype).removeprefix("torch.")
                 print(
-                    f"wrote {step_dir} [{name}: {generation} {kind} {dtype_name}]"
-                    f" {_disk_usage(step_dir) / 2**20:.1f} MiB in {stats['seconds']:.1f} s"
+                    f"wrote {spec.step_dir} [{name}: {spec.generation} {spec.kind} {dtype_name}]"
+                    f" {_disk_usage(spec.step_dir) / 2**20:.1f} MiB"
                     f" (peak RSS MiB per rank: {ranks})",
                     flush=True,
                 )

@@ -38,31 +38,29 @@ FULL_STEP, WEIGHTS_ONLY_STEP = 10, 20
 
 
 @pytest.fixture(scope="session")
-def checkpoint_factory(tmp_path_factory):
-    """Writes (once per session) a torchtitan checkpoint folder of one layout generation and
-    model variant: a full training save at FULL_STEP and a bfloat16 weights-only save at
-    WEIGHTS_ONLY_STEP, each by two FSDP2 ranks. Returns (folder, shape, {step: weights})."""
-    made: dict[tuple[str, str], tuple[Path, demo.ModelShape, dict[int, dict]]] = {}
-
-    def make(generation: str, variant: str):
-        if (generation, variant) not in made:
-            root = tmp_path_factory.mktemp(f"{generation}_{variant}") / "checkpoint"
-            shape = demo.ModelShape(**VARIANTS[variant])
-            weights = demo.reference_weights(shape, seed=len(made) + 1)
-            saved = {
-                FULL_STEP: demo.write_step(
-                    root / f"step-{FULL_STEP}", weights, shape,
-                    generation=generation, kind="full",
-                ),
-                WEIGHTS_ONLY_STEP: demo.write_step(
-                    root / f"step-{WEIGHTS_ONLY_STEP}", weights, shape,
-                    generation=generation, kind="weights_only", export_dtype=torch.bfloat16,
-                ),
-            }
-            made[generation, variant] = root, shape, saved
-        return made[generation, variant]
-
-    return make
+def layout_checkpoints(tmp_path_factory):
+    """A torchtitan checkpoint folder per layout generation and model variant, each with a full
+    training save at FULL_STEP and a bfloat16 weights-only save at WEIGHTS_ONLY_STEP, all
+    written by two FSDP2 ranks in one start of the ranks (starting them is the slow part).
+    Returns {(generation, variant): (folder, shape, {step: weights as saved})}."""
+    base = tmp_path_factory.mktemp("layouts")
+    cases = [(g, v) for g in ("G1", "G2", "G3", "G4") for v in VARIANTS]
+    steps, folders = [], {}
+    for seed, (generation, variant) in enumerate(cases, start=1):
+        shape = demo.ModelShape(**VARIANTS[variant])
+        weights = demo.reference_weights(shape, seed=seed)
+        folders[generation, variant] = base / f"{generation}_{variant}" / "checkpoint", shape
+        root = folders[generation, variant][0]
+        steps.append((root / f"step-{FULL_STEP}", weights, shape,
+                      {"generation": generation, "kind": "full"}))
+        steps.append((root / f"step-{WEIGHTS_ONLY_STEP}", weights, shape,
+                      {"generation": generation, "kind": "weights_only",
+                       "export_dtype": torch.bfloat16}))
+    saved = demo.write_steps(steps)
+    return {
+        case: (root, shape, {FULL_STEP: saved[2 * i], WEIGHTS_ONLY_STEP: saved[2 * i + 1]})
+        for i, (case, (root, shape)) in enumerate(folders.items())
+    }
 
 
 def model_overrides(shape) -> list[str]:

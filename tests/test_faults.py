@@ -55,24 +55,37 @@ CONCURRENT_RUNS = 3
 
 
 @pytest.fixture(scope="module")
-def small(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
-    """A full (resumable) G3 save at step 10: (its step folder, the weights it holds)."""
-    step_dir = tmp_path_factory.mktemp("pristine_small") / "checkpoint" / f"step-{STEP}"
-    weights = demo.write_step(
-        step_dir, demo.reference_weights(SMALL, seed=11), SMALL, generation="G3", kind="full"
-    )
-    return step_dir, weights
+def saves(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor], Path, dict[str, torch.Tensor]]:
+    """Both checkpoints, by one start of the ranks: a full (resumable) G3 save at step 10 and
+    a float32 weights-only G4 save. Returns (small step folder, its weights, big checkpoint
+    folder, its weights)."""
+    small_step = tmp_path_factory.mktemp("pristine_small") / "checkpoint" / f"step-{STEP}"
+    big_root = tmp_path_factory.mktemp("pristine_big") / "checkpoint"
+    small_weights, big_weights = demo.write_steps(
+        [
+            (
+                small_step, demo.reference_weights(SMALL, seed=11), SMALL,
+                {"generation": "G3", "kind": "full"},
+            ),
+            (
+                big_root / "step-1", demo.reference_weights(BIG, seed=12), BIG,
+                {"generation": "G4", "kind": "weights_only", "export_dtype": torch.float32},
+            ),
+        ]
+    )  # fmt: skip
+    return small_step, small_weights, big_root, big_weights
 
 
 @pytest.fixture(scope="module")
-def big(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor], dict[str, str]]:
-    """A float32 weights-only G4 save: (checkpoint folder, weights, sha256 of every file)."""
-    root = tmp_path_factory.mktemp("pristine_big") / "checkpoint"
-    weights = demo.write_step(
-        root / "step-1", demo.reference_weights(BIG, seed=12), BIG,
-        generation="G4", kind="weights_only", export_dtype=torch.float32,
-    )  # fmt: skip
-    return root, weights, snapshot(root)
+def small(saves) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The small checkpoint's step folder and the weights it holds."""
+    return saves[0], saves[1]
+
+
+@pytest.fixture(scope="module")
+def big(saves) -> tuple[Path, dict[str, torch.Tensor], dict[str, str]]:
+    """The big checkpoint folder, its weights, and the sha256 of each of its files."""
+    return saves[2], saves[3], snapshot(saves[2])
 
 
 def snapshot(root: Path) -> dict[str, str]:

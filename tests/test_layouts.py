@@ -50,9 +50,9 @@ def convert(tmp_path, root, shape, *overrides: str) -> job.JobResult:
 @pytest.mark.parametrize("output_format", ["meta", "torchtune"])
 @pytest.mark.parametrize("export_dtype", ["bfloat16", "float16", "float32", "keep"])
 def test_layout_converts_exactly(
-    tmp_path, checkpoint_factory, generation, variant, kind, output_format, export_dtype
+    tmp_path, layout_checkpoints, generation, variant, kind, output_format, export_dtype
 ):
-    root, shape, saved = checkpoint_factory(generation, variant)
+    root, shape, saved = layout_checkpoints[generation, variant]
     step = FULL_STEP if kind == "full" else WEIGHTS_ONLY_STEP
     result = convert(
         tmp_path, root, shape, f"experiment.step={step}",

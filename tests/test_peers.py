@@ -123,13 +123,12 @@ def test_older_layouts_from_the_same_weights(titan_run, tmp_path):
         n_kv_heads=info["n_kv_heads"], vocab_size=info["vocab_size"],
         hidden_dim=info["hidden_dim"], tied_embeddings=info["tied"],
     )
-    dirs, weights = [], {}
-    for gen in ("G1", "G2", "G3"):
-        root = tmp_path / gen / "checkpoint"
-        weights[str(root)] = demo.write_step(
-            root / "step-7", meta, shape, generation=gen, kind="full"
-        )
-        dirs.append(str(root))
+    dirs = [str(tmp_path / gen / "checkpoint") for gen in ("G1", "G2", "G3")]
+    written = demo.write_steps(
+        [(f"{d}/step-7", meta, shape, {"generation": d.split("/")[-2], "kind": "full"})
+         for d in dirs]
+    )
+    weights = dict(zip(dirs, written, strict=True))
     out_root = tmp_path / "converted"
     out_root.mkdir()
     convert_sweep(dirs, out_root, info)

@@ -1,0 +1,395 @@
+"""Sweeps on a real SLURM cluster, launched as users launch them: ``python convert.py -m
+experiment=... hydra/launcher=slurm`` from a working folder, with the jobs run by slurmd.
+
+The cluster is the one-node cluster of ``launch/slurm_cluster.sh up`` (``make test`` starts it).
+Without it these tests fail in CI (CI=true) and are skipped elsewhere. The checkpoints are real
+two-rank DCP saves (``converter.demo``); no part of SLURM, submitit or Hydra is mocked.
+
+Every sweep runs under a timeout: the test cluster has no accounting, so submitit cannot tell
+that a job ended without a result file and would wait for it forever. A sweep that times out
+has its SLURM jobs cancelled before the test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from converter import demo
+from tests.conftest import REPO
+
+CLUSTER = REPO / "launch" / "slurm_cluster.sh"
+EXPERIMENTS = ("debug", "500M", "debug_pretrained")
+SWEEP_TIMEOUT_S = 300  # one sweep: job start-up and conversion, even with the node busy
+REQUEUE_TIMEOUT_S = 420  # ... plus a requeue (cred_expire=30 s before it may start again)
+ARTIFACTS = {"final_model.pt", "final_model.pt.manifest.json", "final_model.pt.torchtune.yaml"}
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def slurm_cmd(*args: str, check: bool = True) -> str:
+    return subprocess.run(
+        list(args), capture_output=True, text=True, timeout=60, check=check
+    ).stdout.strip()
+
+
+def submitted_jobs(folder: Path) -> list[str]:
+    """SLURM job ids of every sweep launched below ``folder``, from submitit's job folders
+    (``.submitit/<id>`` for a one-job sweep, ``.submitit/<array id>_<index>`` per element of
+    an array; the array's own folder holds only its sbatch script)."""
+    return sorted(
+        d.parent.name for sub in folder.rglob(".submitit") for d in sub.glob("*/*_submitted.pkl")
+    )
+
+
+def cancel_jobs(folder: Path) -> None:
+    """Cancels the jobs of the sweeps below ``folder`` (ours only: the cluster is shared)."""
+    ids = {d.name.split("_")[0] for sub in folder.rglob(".submitit") for d in sub.iterdir()}
+    if ids:
+        slurm_cmd("scancel", *sorted(ids), check=False)
+
+
+def job_state(job: str) -> str:
+    """RUNNING, PENDING, COMPLETED, FAILED, ...; "" once SLURM has forgotten the job."""
+    out = slurm_cmd("squeue", "-h", "-t", "all", "-j", job, "-o", "%T", check=False)
+    return out.splitlines()[0] if out else ""
+
+
+def wait_for(what: str, ready: Callable[[], bool], timeout_s: float, on_timeout: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if time.monotonic() > deadline:
+            cancel_jobs(on_timeout)
+            pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(0.1)
+
+
+def sweep(cwd: Path, *overrides: str, timeout: float = SWEEP_TIMEOUT_S) -> tuple[int, str]:
+    """Runs a sweep on SLURM to its end; returns (exit code, stdout + stderr)."""
+    try:
+        run = subprocess.run(
+            [sys.executable, str(REPO / "convert.py"), "-m", *overrides, "hydra/launcher=slurm"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as e:
+        cancel_jobs(cwd)
+        pytest.fail(
+            f"sweep {overrides} did not finish in {timeout} s (jobs cancelled); queue:\n"
+            f"{slurm_cmd('squeue', check=False)}\nlauncher stderr:\n{_text(e.stderr)[-3000:]}"
+        )
+    return run.returncode, run.stdout + run.stderr
+
+
+def _text(data: bytes | str | None) -> str:
+    return data.decode(errors="replace") if isinstance(data, bytes) else data or ""
+
+
+class BackgroundSweep:
+    """A sweep left running while the test acts on its SLURM job."""
+
+    def __init__(self, cwd: Path, sweep_dir: Path, *overrides: str) -> None:
+        self.cwd, self.sweep_dir = cwd, sweep_dir
+        sweep_dir.mkdir(parents=True)
+        self.log = sweep_dir.parent / f"{sweep_dir.name}.launcher.log"
+        with self.log.open("w") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    str(REPO / "convert.py"),
+                    "-m",
+                    *overrides,
+                    "hydra/launcher=slurm",
+                    f"hydra.sweep.dir={sweep_dir}",
+                ],
+                cwd=cwd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def job(self) -> str:
+        """The id of this one-experiment sweep's SLURM job, once submitted."""
+        wait_for("the sweep's submission", lambda: submitted_jobs(self.sweep_dir), 60, self.cwd)
+        (job,) = submitted_jobs(self.sweep_dir)
+        return job
+
+    def wait_converting(self, partial: Path, after_ns: int = 0) -> str:
+        """Waits until the job is RUNNING and writing ``partial`` (a file created after
+        ``after_ns``): submitit's signal handlers are then installed and the conversion is under
+        way. Returns the job id."""
+        job = self.job()
+
+        def converting() -> bool:
+            try:
+                created = partial.stat().st_ctime_ns > after_ns
+            except FileNotFoundError:
+                return False
+            return created and job_state(job) == "RUNNING"
+
+        wait_for(f"job {job} to write {partial}", converting, SWEEP_TIMEOUT_S, self.cwd)
+        return job
+
+    def finish(self, timeout: float) -> tuple[int, str]:
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            pytest.fail(f"sweep did not finish in {timeout} s; launcher log:\n{self.output()}")
+        return code, self.output()
+
+    def stop(self) -> None:
+        """Ends the launching process (its jobs are cancelled too)."""
+        self.proc.kill()
+        self.proc.wait()
+        cancel_jobs(self.sweep_dir)
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+
+def summary_rows(output: str) -> dict[str, str]:
+    """experiment -> status, from the end-of-sweep table."""
+    rows = re.findall(r"^(\S+) +(converted|skipped|failed) +", output, flags=re.M)
+    return dict(rows)
+
+
+def sweep_dir_of(cwd: Path, output: str) -> Path:
+    """The sweep folder the launcher reported (Hydra's default: outputs/sweeps/<time>)."""
+    found = re.search(r"sweep output dir : (\S+)$", output, flags=re.M)
+    assert found, output[-3000:]
+    return cwd / found.group(1)
+
+
+def manifest_of(out: Path) -> dict:
+    return json.loads(out.with_name(out.name + ".manifest.json").read_text())
+
+
+def assert_output_equals(out: Path, saved: dict[str, torch.Tensor], export: torch.dtype) -> None:
+    """The output holds exactly the saved weights (Meta keys), cast to the export dtype."""
+    tensors = torch.load(out, mmap=True, weights_only=True)
+    assert sorted(tensors) == sorted(saved), out
+    for key, value in saved.items():
+        assert tensors[key].dtype == export, key
+        assert torch.equal(tensors[key], value.to(export)), key
+
+
+def export_dtype(name: str) -> torch.dtype:
+    return demo.DEMO_EXPERIMENTS[name][2][-1][2]  # the weights-only save's dtype is the export's
+
+
+def latest(saved: dict, name: str) -> dict[str, torch.Tensor]:
+    return saved[name][max(saved[name])]
+
+
+# ----------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster() -> None:
+    """The local cluster must be up: a hard failure in CI, where `make test` starts it."""
+    try:
+        status = subprocess.run(
+            ["bash", str(CLUSTER), "status"], capture_output=True, text=True, timeout=60
+        )
+        healthy, report = status.returncode == 0, status.stdout + status.stderr
+    except (OSError, subprocess.TimeoutExpired) as e:
+        healthy, report = False, str(e)
+    if not healthy:
+        message = (
+            f"no healthy SLURM cluster ({CLUSTER.relative_to(REPO)} status failed); start it "
+            f"with `bash {CLUSTER.relative_to(REPO)} up` (as root).\n{report}"
+        )
+        if in_ci():
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def demo_root(slurm_cluster, tmp_path_factory):
+    """A working folder laid out as `make demo` leaves it (outputs/checkpoint_<name>/step-<N>),
+    written once for this module, and the weights each save holds.
+
+    Only the weights-only saves are written: `step=latest` converts those, and leaving out the
+    full saves (the 500M one is ~6 GB) keeps this at three two-rank writes. Full saves of every
+    layout are converted by test_layouts.py and test_sweep.py."""
+    root = tmp_path_factory.mktemp("slurm_demo")
+    saved = demo.write_demo(root / "outputs", EXPERIMENTS, skip_full=EXPERIMENTS)
+    yield root, saved
+    cancel_jobs(root)
+
+
+# -------------------------------------------------------------------------------------- tests
+
+
+def test_profiles_resolve_from_any_directory(tmp_path, monkeypatch):
+    """hydra/launcher=slurm and =slurm_gpu compose outside the repo, with the requests the docs
+    state, and their fields (sbatch options included) can be overridden. No cluster needed."""
+    monkeypatch.chdir(tmp_path)
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cpu = compose(
+            "convert",
+            ["experiment=debug", "hydra/launcher=slurm"],
+            return_hydra_config=True,
+        ).hydra.launcher
+        gpu = compose(
+            "convert",
+            [
+                "experiment=debug",
+                "hydra/launcher=slurm_gpu",
+                "hydra.launcher.partition=gpu",
+                "hydra.launcher.account=proj",
+                "hydra.launcher.qos=high",
+                "hydra.launcher.timeout_min=30",
+                "hydra.launcher.array_parallelism=2",
+                "+hydra.launcher.additional_parameters.mail-type=END",
+            ],
+            return_hydra_config=True,
+        ).hydra.launcher
+    assert cpu._target_.endswith("SlurmLauncher") and gpu._target_.endswith("SlurmLauncher")
+    assert cpu.gpus_per_node is None and cpu.gres is None  # no GPU unless asked for
+    assert (cpu.cpus_per_task, cpu.mem_gb, cpu.timeout_min) == (1, 4, 60)
+    assert cpu.additional_parameters == {"requeue": True}
+    assert gpu.gpus_per_node == 1
+    assert (gpu.partition, gpu.account, gpu.qos, gpu.timeout_min) == ("gpu", "proj", "high", 30)
+    assert gpu.array_parallelism == 2
+    assert gpu.additional_parameters == {"requeue": True, "mail-type": "END"}
+
+
+def test_three_experiments_on_slurm(demo_root):
+    """The README command, run on SLURM: every experiment is converted by its own SLURM job
+    (recorded in its manifest), every output holds exactly the saved weights, and the
+    end-of-sweep summary lists all three."""
+    root, saved = demo_root
+    code, output = sweep(root, "experiment=" + ",".join(EXPERIMENTS))
+    assert code == 0, output[-5000:]
+    assert summary_rows(output) == dict.fromkeys(EXPERIMENTS, "converted"), output[-3000:]
+
+    sweep_dir = sweep_dir_of(root, output)
+    assert sweep_dir.parent == root / "outputs" / "sweeps"
+    jobs = submitted_jobs(sweep_dir)
+    # One array of three elements: <array id>_<index>.
+    assert len(jobs) == 3 and len({j.split("_")[0] for j in jobs}) == 1, jobs
+    ran_in = set()
+    for name in EXPERIMENTS:
+        out = root / "outputs" / f"checkpoint_{name}" / "final_model.pt"
+        assert_output_equals(out, latest(saved, name), export_dtype(name))
+        slurm = manifest_of(out)["slurm"]
+        assert slurm["job_id"] in jobs and slurm["hostname"], slurm
+        assert Path(slurm["stderr"]).parent == sweep_dir / ".submitit" / slurm["job_id"]
+        assert f"{name}: wrote " in Path(slurm["stderr"]).read_text()
+        ran_in.add(slurm["job_id"])
+    assert len(ran_in) == 3  # three jobs, not one job converting three experiments
+
+    # What the profile asked SLURM for (sbatch script written by submitit).
+    (script,) = sweep_dir.glob(".submitit/*/*_submission.sh")
+    sbatch = set(re.findall(r"^#SBATCH (\S+)", script.read_text(), flags=re.M))
+    assert {"--cpus-per-task=1", "--mem=4GB", "--time=60", "--requeue"} <= sbatch, sbatch
+    assert "--signal=USR2@120" in sbatch and "--array=0-2%16" in sbatch, sbatch
+    assert not any(opt.startswith(("--gpus", "--gres")) for opt in sbatch), sbatch
+
+
+def test_broken_checkpoint_fails_only_its_job(demo_root, tmp_path):
+    """One experiment's shard is truncated: its job fails with an error naming the shard, the
+    other job converts, the summary shows both and where the failed job ran and logged, and the
+    sweep exits non-zero."""
+    root, saved = demo_root
+    for name in ("debug", "debug_pretrained"):  # the step folders, not earlier outputs
+        for step in (root / "outputs" / f"checkpoint_{name}").glob("step-*"):
+            shutil.copytree(step, tmp_path / "outputs" / f"checkpoint_{name}" / step.name)
+    (step,) = (tmp_path / "outputs" / "checkpoint_debug_pretrained").glob("step-*")
+    shard = step / "__0_0.distcp"
+    os.truncate(shard, shard.stat().st_size // 2)
+
+    code, output = sweep(tmp_path, "experiment=debug,debug_pretrained")
+    assert code != 0, output[-5000:]
+    assert summary_rows(output) == {"debug": "converted", "debug_pretrained": "failed"}, output
+
+    failure = re.search(
+        r"^debug_pretrained failed \(SLURM job (\S+), log (\S+)\):\n +(.+)$", output, flags=re.M
+    )
+    assert failure, output[-3000:]
+    job, log, error = failure.groups()
+    sweep_dir = sweep_dir_of(tmp_path, output)
+    assert job in submitted_jobs(sweep_dir)
+    assert Path(log).parent == sweep_dir / ".submitit" / job
+    assert f"Shard file {shard} is truncated" in error
+    assert f"Shard file {shard} is truncated" in Path(log).read_text()
+
+    good = tmp_path / "outputs" / "checkpoint_debug" / "final_model.pt"
+    assert_output_equals(good, latest(saved, "debug"), export_dtype("debug"))
+    # The failed job wrote nothing beside its (damaged) source.
+    broken = tmp_path / "outputs" / "checkpoint_debug_pretrained"
+    assert sorted(p.name for p in broken.iterdir()) == [step.name]
+
+
+def test_killed_then_preempted_conversion_finishes_when_resubmitted(demo_root, tmp_path):
+    """The 500M conversion (1 GB, several seconds) is
+    1. SIGKILLed by SLURM mid-write: it leaves a partial file, never an output;
+    2. resubmitted, then preempted (USR2, as `scancel --signal=USR2` or a preempting scheduler
+       sends it): submitit checkpoints the launcher, the job requeues itself, runs the Hydra job
+       again from the start and writes a correct output; nothing partial is left;
+    3. resubmitted once more: the complete output is skipped."""
+    root, saved = demo_root
+    out = tmp_path / "preempt" / "final_model.pt"
+    partial = out.with_name(f".{out.name}.partial")
+    overrides = ("experiment=500M", f"experiment.output={out}")
+
+    # 1. Killed: SIGKILL, so no handler runs and no cleanup happens.
+    killed = BackgroundSweep(root, tmp_path / "sweep_killed", *overrides)
+    try:
+        job = killed.wait_converting(partial)
+        slurm_cmd("scancel", "--signal=KILL", job)
+        wait_for(
+            f"job {job} to end",
+            lambda: job_state(job) not in ("RUNNING", "COMPLETING"),
+            60,
+            tmp_path,
+        )
+    finally:
+        # Without accounting the launcher would wait for this job's result forever.
+        killed.stop()
+    assert partial.exists() and not out.exists()
+    debris = partial.stat().st_ctime_ns
+
+    # 2. Resubmitted, then preempted while it converts.
+    preempted = BackgroundSweep(root, tmp_path / "sweep_preempted", *overrides)
+    try:
+        job = preempted.wait_converting(partial, after_ns=debris)
+        slurm_cmd("scancel", "--signal=USR2", job)
+        code, output = preempted.finish(REQUEUE_TIMEOUT_S)
+    finally:
+        cancel_jobs(preempted.sweep_dir)
+    assert code == 0, output[-5000:]
+    assert summary_rows(output) == {"500M": "converted"}, output[-3000:]
+    assert "Restarts=1" in slurm_cmd("scontrol", "show", "job", "-o", job)  # requeued by SLURM
+    job_log = (preempted.sweep_dir / ".submitit" / job / f"{job}_0_log.err").read_text()
+    assert "this job is preempted" in job_log and f"Requeued job {job}" in job_log, job_log
+    assert job_log.count("500M: step-2000 of") == 2, job_log  # started, then started again
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted(ARTIFACTS)
+    assert manifest_of(out)["slurm"]["job_id"] == job
+    assert_output_equals(out, latest(saved, "500M"), export_dtype("500M"))
+
+    # 3. Resubmitted after completion: nothing to do.
+    before = out.stat().st_mtime_ns
+    code, output = sweep(root, *overrides, f"hydra.sweep.dir={tmp_path}/sweep_resubmitted")
+    assert code == 0, output[-5000:]
+    assert summary_rows(output) == {"500M": "skipped"}, output[-3000:]
+    assert out.stat().st_mtime_ns == before
