@@ -168,6 +168,7 @@ class Case:
 
 
 def converter_argv(case: Case, out: Path, verify: bool, workers: int) -> list[str]:
+    """``convert.py`` on ``case`` to ``out``, the model's sizes given as they were saved."""
     s = case.inp.shape
     return [
         sys.executable,
@@ -191,6 +192,7 @@ def converter_argv(case: Case, out: Path, verify: bool, workers: int) -> list[st
 
 
 def command(method: Method, case: Case, out: Path) -> list[str]:
+    """The command line with which ``method`` converts ``case`` to ``out``."""
     if method.kind == "ours":
         return converter_argv(case, out, verify=method.verify, workers=method.workers)
     if method.kind == "dcp":
@@ -218,11 +220,13 @@ def run_child(argv: list[str], log: Path, cgroup: Path | None = None) -> dict:
 
 
 def remove_outputs(out: Path) -> None:
+    """An output and the converter's manifest and recipe snippet beside it."""
     for path in (out, manifest_path(out), torchtune_yaml_path(out)):
         path.unlink(missing_ok=True)
 
 
 def load1() -> float:
+    """The 1-minute load average."""
     return float(Path("/proc/loadavg").read_text().split()[0])
 
 
@@ -338,6 +342,7 @@ def in_cgroup(method: Method, case: Case, limit: int, logs: Path) -> dict:
 
 
 def _rmdir_when_empty(cgroup: Path) -> None:
+    """Removes a cgroup once the kernel has let go of its last task."""
     for _ in range(50):
         try:
             cgroup.rmdir()
@@ -356,7 +361,8 @@ MAIN_PHASES = (
     ("manifest: waiting for the sources' sha256", ("_hashes",)),
     ("manifest: sha256 of the output, the rest", ("build_manifest",)),
     ("fsync of the output", ("OutputFile.sync",)),
-    ("publish, sidecars", ("_convert (converter/job.py)", "write_atomic")),
+    ("publish, sidecars", ("OutputFile.publish",)),
+    ("publish, sidecars", ("write_atomic",)),
     ("convert: waiting for the workers", ("convert_tensors",)),
     ("skeleton: torch.save under skip_data, offsets", ("OutputFile.create",)),
     ("plan: index, validation, plan", ("_convert (converter/job.py)",)),

@@ -2,8 +2,9 @@
 
 The YAML files in ``conf/`` are merged onto these dataclasses, so a misspelt key or a value of
 the wrong type (``export_dtype=bf17``, ``step=1.5``) fails when Hydra composes the config, before
-any checkpoint is touched. Constraints that a type cannot express (``step=-3``) are checked by ``check()``, which runs as
-the job turns the composed config into these objects, before it reads anything.
+any checkpoint is touched. Constraints that a type cannot express (``step=-3``) are checked by
+``check()``, which runs as the job turns the composed config into these objects, before it reads
+anything.
 """
 
 from __future__ import annotations
@@ -68,9 +69,7 @@ class ModelConfig:
     def check(self) -> None:
         if self.n_heads <= 0:
             raise ValueError(f"experiment.model.n_heads must be positive, got {self.n_heads}")
-        if self.n_kv_heads is not None and (
-            self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads
-        ):
+        if self.n_kv_heads is not None and (self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads):
             raise ValueError(
                 f"experiment.model.n_kv_heads={self.n_kv_heads} must be a positive divisor of "
                 f"n_heads={self.n_heads}"

@@ -185,4 +185,3 @@ def _check_finite(
         "step, choose another experiment.export_dtype, or set allow_nonfinite=true to write "
         "the values anyway."
     )
-

@@ -128,7 +128,10 @@ def find_step_dir(checkpoint_dir: Path, step: int | str) -> tuple[int, Path]:
             log.warning(
                 "step-%s in %s has no %s (an unfinished save); using the newest complete "
                 "save, step-%s.",
-                max(unfinished), checkpoint_dir, METADATA_FILE, chosen,
+                max(unfinished),
+                checkpoint_dir,
+                METADATA_FILE,
+                chosen,
             )
         return chosen, complete[chosen]
     assert isinstance(step, int)
@@ -177,9 +180,7 @@ class DcpCheckpoint:
                 chunks.append(
                     Chunk(tuple(c.offsets), tuple(c.sizes), path, info.offset, info.length)
                 )
-            self.tensors[key] = TensorEntry(
-                key, md.properties.dtype, tuple(md.size), tuple(chunks)
-            )
+            self.tensors[key] = TensorEntry(key, md.properties.dtype, tuple(md.size), tuple(chunks))
         self.shard_sizes = self._check_shards(shard_extent)
 
     def _read_metadata(self) -> Metadata:
@@ -261,8 +262,10 @@ class DcpCheckpoint:
                 "shard file and the index come from different saves; copy the step folder again."
             )
         assert buffer.storage_offset() == 0
-        return buffer[:length].view(meta.dtype).as_strided(
-            meta.shape, meta.stride(), meta.storage_offset()
+        return (
+            buffer[:length]
+            .view(meta.dtype)
+            .as_strided(meta.shape, meta.stride(), meta.storage_offset())
         )
 
     def parts(self, entry: TensorEntry) -> list[RowPart]:
@@ -270,7 +273,9 @@ class DcpCheckpoint:
         if entry.row_chunked:
             return [
                 RowPart(
-                    c.offsets[0], c.offsets[0] + c.sizes[0], c.length,
+                    c.offsets[0],
+                    c.offsets[0] + c.sizes[0],
+                    c.length,
                     partial(self.read_chunk, entry, c),
                 )
                 for c in sorted(entry.chunks, key=lambda c: c.offsets)
@@ -285,7 +290,7 @@ class DcpCheckpoint:
         out = buffer[: entry.nbytes].view(entry.dtype).view(entry.shape)
         for chunk in entry.chunks:
             view = out
-            for dim, (start, size) in enumerate(zip(chunk.offsets, chunk.sizes)):
+            for dim, (start, size) in enumerate(zip(chunk.offsets, chunk.sizes, strict=True)):
                 view = view.narrow(dim, start, size)
             view.copy_(self.read_chunk(entry, chunk))
         return out

@@ -47,8 +47,10 @@ def verify_output(
                     f"expected {spec.dtype}{spec.shape}",
                 )
             written = sorted(regions[spec.name], key=lambda r: r.start)
+            # Contiguous from byte 0 to the end: each region starts where the previous ended.
             ends = [0] + [r.start + r.length for r in written]
-            if ends[-1] != tensor.nbytes or any(r.start != e for r, e in zip(written, ends)):
+            gaps = any(r.start != end for r, end in zip(written, ends[:-1], strict=True))
+            if gaps or ends[-1] != tensor.nbytes:
                 raise _mismatch(path, f"{spec.name!r} was not written exactly once in full")
             for r in written:
                 if _digest(fd, offsets[spec.name] + r.start, r.length) != r.digest:

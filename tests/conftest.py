@@ -30,7 +30,12 @@ def compose(overrides: list[str]) -> DictConfig:
 VARIANTS = {
     "mha": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=96, hidden_dim=160),
     "gqa_tied": dict(
-        dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=96, hidden_dim=160,
+        dim=64,
+        n_layers=2,
+        n_heads=8,
+        n_kv_heads=2,
+        vocab_size=96,
+        hidden_dim=160,
         tied_embeddings=True,
     ),
 }
@@ -51,11 +56,17 @@ def layout_checkpoints(tmp_path_factory):
         weights = demo.reference_weights(shape, seed=seed)
         folders[generation, variant] = base / f"{generation}_{variant}" / "checkpoint", shape
         root = folders[generation, variant][0]
-        steps.append((root / f"step-{FULL_STEP}", weights, shape,
-                      {"generation": generation, "kind": "full"}))
-        steps.append((root / f"step-{WEIGHTS_ONLY_STEP}", weights, shape,
-                      {"generation": generation, "kind": "weights_only",
-                       "export_dtype": torch.bfloat16}))
+        steps.append(
+            (root / f"step-{FULL_STEP}", weights, shape, {"generation": generation, "kind": "full"})
+        )
+        steps.append(
+            (
+                root / f"step-{WEIGHTS_ONLY_STEP}",
+                weights,
+                shape,
+                {"generation": generation, "kind": "weights_only", "export_dtype": torch.bfloat16},
+            )
+        )
     saved = demo.write_steps(steps)
     return {
         case: (root, shape, {FULL_STEP: saved[2 * i], WEIGHTS_ONLY_STEP: saved[2 * i + 1]})

@@ -43,7 +43,9 @@ def test_every_documented_override_applies():
     )
     exp = conf.experiment
     assert (exp.checkpoint_dir, exp.step, exp.output) == (
-        "/data/run7/checkpoint", 1200, "/data/out/model.pt",
+        "/data/run7/checkpoint",
+        1200,
+        "/data/out/model.pt",
     )
     assert exp.export_dtype is ExportDtype.float16 and exp.model.kv_heads == 4
     assert exp.model.tied_embeddings and conf.output_format is OutputFormat.torchtune
@@ -83,7 +85,10 @@ def test_values_a_type_cannot_express_fail_before_any_work(override, message):
 def test_cli_unknown_experiment_lists_the_choices():
     run = subprocess.run(
         [sys.executable, "convert.py", "experiment=nope"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert run.returncode != 0
     assert "Could not find 'experiment/nope'" in run.stderr

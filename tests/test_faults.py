@@ -46,7 +46,7 @@ STEP = 10
 OUT = ("model.pt", "model.pt.manifest.json", "model.pt.torchtune.yaml")
 # A tensor whose bytes the corruption cases overwrite; its name is the same in the output.
 VICTIM = "layers.1.feed_forward.w2.weight"
-CONCURRENT_RUNS = 3
+CONCURRENT_RUNS = 4
 
 
 # --------------------------------------------------------------------------------------------
@@ -491,14 +491,6 @@ CASES: dict[str, Case] = {
     ),
     "low_fd_limit_completes": Case(
         _only(workers="2"), ("wrote",), ok=True, prlimit=("--nofile=64",), check=_check_small
-    ),
-    # Composition errors: compose-level checks are in test_config.py; these are the CLI's.
-    "invalid_dtype_lists_choices": Case(
-        _only(**{"experiment.export_dtype": "bf17"}),
-        ("export_dtype", "bf17", "[bfloat16, float16, float32, keep]"),
-    ),
-    "wrong_type_names_key": Case(
-        _only(workers="abc"), ("workers", "'abc'", "could not be converted to Integer")
     ),
 }
 

@@ -20,9 +20,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 def expected_output(saved: dict, export_dtype: str, output_format: str, tied: bool) -> dict:
     """What torchtune should find in the file, derived from the saved weights independently of
     the converter's key tables: torchtune's own meta_to_tune names the torchtune format."""
-    out = {
-        k: v if export_dtype == "keep" else v.to(DTYPES[export_dtype]) for k, v in saved.items()
-    }
+    out = {k: v if export_dtype == "keep" else v.to(DTYPES[export_dtype]) for k, v in saved.items()}
     if output_format == "meta":
         # torchtune's Meta checkpointer, with model_type LLAMA3_2, pops output.weight itself.
         return out
@@ -55,8 +53,12 @@ def test_layout_converts_exactly(
     root, shape, saved = layout_checkpoints[generation, variant]
     step = FULL_STEP if kind == "full" else WEIGHTS_ONLY_STEP
     result = convert(
-        tmp_path, root, shape, f"experiment.step={step}",
-        f"experiment.export_dtype={export_dtype}", f"output_format={output_format}",
+        tmp_path,
+        root,
+        shape,
+        f"experiment.step={step}",
+        f"experiment.export_dtype={export_dtype}",
+        f"output_format={output_format}",
     )
     assert result.status == "converted", result.error
 
@@ -69,8 +71,9 @@ def test_layout_converts_exactly(
         assert torch.equal(out[key], want), key
 
     manifest = json.loads(open(result.output + ".manifest.json").read())
-    assert manifest["source"]["generation"] == ("G2" if generation == "G1" and kind ==
-                                                "weights_only" else generation)
+    assert manifest["source"]["generation"] == (
+        "G2" if generation == "G1" and kind == "weights_only" else generation
+    )
     assert manifest["source"]["kind"] == kind
     # Nothing is silently dropped: every key of the checkpoint is converted or accounted for.
     stored = set(FileSystemReader(root / f"step-{step}").read_metadata().state_dict_metadata)

@@ -33,38 +33,49 @@ def peak_rss_mb(args: list[str]) -> float:
     """Runs ``convert.py`` and returns its peak resident set size as the kernel counted it."""
     run = subprocess.run(
         [sys.executable, "-c", _MEASURE, sys.executable, "convert.py", *args],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert run.returncode == 0, run.stderr
     return int(run.stdout.split()[-1]) / 1024  # kilobytes on Linux
 
 
 def test_peak_rss_is_bounded_by_the_batch_budget(tmp_path):
-    small = demo.ModelShape(dim=64, n_layers=1, n_heads=4, n_kv_heads=4, vocab_size=64,
-                            hidden_dim=128)
-    large = demo.ModelShape(dim=1024, n_layers=8, n_heads=8, n_kv_heads=8, vocab_size=8192,
-                            hidden_dim=2816)
-    demo.write_steps([
-        (tmp_path / name / "step-1", demo.reference_weights(shape, seed=7), shape,
-         {"generation": "G4", "kind": "weights_only"})
-        for name, shape in (("small", small), ("large", large))
-    ])
-    checkpoint_mb = sum(
-        f.stat().st_size for f in (tmp_path / "large" / "step-1").iterdir()
-    ) / 2**20
+    small = demo.ModelShape(
+        dim=64, n_layers=1, n_heads=4, n_kv_heads=4, vocab_size=64, hidden_dim=128
+    )
+    large = demo.ModelShape(
+        dim=1024, n_layers=8, n_heads=8, n_kv_heads=8, vocab_size=8192, hidden_dim=2816
+    )
+    demo.write_steps(
+        [
+            (
+                tmp_path / name / "step-1",
+                demo.reference_weights(shape, seed=7),
+                shape,
+                {"generation": "G4", "kind": "weights_only"},
+            )
+            for name, shape in (("small", small), ("large", large))
+        ]
+    )
+    checkpoint_mb = sum(f.stat().st_size for f in (tmp_path / "large" / "step-1").iterdir()) / 2**20
     assert checkpoint_mb > 10 * BUDGET_MB
 
     def run(name: str, shape: demo.ModelShape) -> float:
-        return peak_rss_mb([
-            "experiment=debug",
-            f"experiment.checkpoint_dir={tmp_path / name}",
-            f"experiment.output={tmp_path / name / 'model.pt'}",
-            f"experiment.model.n_heads={shape.n_heads}",
-            f"experiment.model.n_layers={shape.n_layers}",
-            "experiment.export_dtype=float32",
-            f"batch_mb={BUDGET_MB}",
-            "workers=2",
-        ])
+        return peak_rss_mb(
+            [
+                "experiment=debug",
+                f"experiment.checkpoint_dir={tmp_path / name}",
+                f"experiment.output={tmp_path / name / 'model.pt'}",
+                f"experiment.model.n_heads={shape.n_heads}",
+                f"experiment.model.n_layers={shape.n_layers}",
+                "experiment.export_dtype=float32",
+                f"batch_mb={BUDGET_MB}",
+                "workers=2",
+            ]
+        )
 
     base, peak = run("small", small), run("large", large)
     print(f"checkpoint {checkpoint_mb:.0f} MB: peak RSS {peak:.0f} MB, tiny run {base:.0f} MB")

@@ -53,7 +53,9 @@ def convert_sweep(checkpoint_dirs: list[str], out_root, info: dict, *sweep: str)
     """One real multirun of the entry point over checkpoints, steps and formats."""
     run = subprocess.run(
         [
-            sys.executable, str(REPO / "convert.py"), "-m",
+            sys.executable,
+            str(REPO / "convert.py"),
+            "-m",
             "experiment=debug",
             "experiment.checkpoint_dir=" + ",".join(checkpoint_dirs),
             "experiment.export_dtype=keep",
@@ -62,7 +64,10 @@ def convert_sweep(checkpoint_dirs: list[str], out_root, info: dict, *sweep: str)
             *model_overrides(info),
             *sweep,
         ],
-        cwd=out_root, capture_output=True, text=True, timeout=900,
+        cwd=out_root,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert run.returncode == 0, run.stdout + run.stderr
 
@@ -119,14 +124,20 @@ def test_older_layouts_from_the_same_weights(titan_run, tmp_path):
     saved = titan_writer.read_saved_model_weights(info["step_dirs"]["step-2"], titan_keys)
     meta = tune_loader.titan_to_meta(saved)
     shape = demo.ModelShape(
-        dim=info["dim"], n_layers=info["n_layers"], n_heads=info["n_heads"],
-        n_kv_heads=info["n_kv_heads"], vocab_size=info["vocab_size"],
-        hidden_dim=info["hidden_dim"], tied_embeddings=info["tied"],
+        dim=info["dim"],
+        n_layers=info["n_layers"],
+        n_heads=info["n_heads"],
+        n_kv_heads=info["n_kv_heads"],
+        vocab_size=info["vocab_size"],
+        hidden_dim=info["hidden_dim"],
+        tied_embeddings=info["tied"],
     )
     dirs = [str(tmp_path / gen / "checkpoint") for gen in ("G1", "G2", "G3")]
     written = demo.write_steps(
-        [(f"{d}/step-7", meta, shape, {"generation": d.split("/")[-2], "kind": "full"})
-         for d in dirs]
+        [
+            (f"{d}/step-7", meta, shape, {"generation": d.split("/")[-2], "kind": "full"})
+            for d in dirs
+        ]
     )
     weights = dict(zip(dirs, written, strict=True))
     out_root = tmp_path / "converted"

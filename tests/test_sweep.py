@@ -32,7 +32,10 @@ def demo_root(tmp_path_factory):
 def sweep(cwd, *overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(REPO / "convert.py"), "-m", *overrides],
-        cwd=cwd, capture_output=True, text=True, timeout=900,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
 
 
