@@ -5,6 +5,7 @@ torchtune loads them and compared with the saved weights, bit for bit after the 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,7 +71,7 @@ def test_layout_converts_exactly(
         assert out[key].shape == want.shape, key
         assert torch.equal(out[key], want), key
 
-    manifest = json.loads(open(result.output + ".manifest.json").read())
+    manifest = json.loads(Path(result.output + ".manifest.json").read_text())
     assert manifest["source"]["generation"] == (
         "G2" if generation == "G1" and kind == "weights_only" else generation
     )
