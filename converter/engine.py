@@ -55,10 +55,10 @@ class BufferPool:
     def borrow(self, nbytes: int) -> torch.Tensor:
         with self._cond:
             while True:
-                fits = [b for b in self._free if b.numel() >= nbytes]
+                fits = [i for i, b in enumerate(self._free) if b.numel() >= nbytes]
                 if fits:
-                    buffer = min(fits, key=torch.Tensor.numel)
-                    self._free.remove(buffer)
+                    # By index: list.remove would compare tensors elementwise.
+                    buffer = self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
                     break
                 if self._allocated + nbytes <= self.budget or not self._in_use:
                     # Drop idle buffers that are too small before growing past the budget.
