@@ -143,7 +143,7 @@ FLOOR = Method("I/O floor (fsync)", "floor", fsync=True)
 FLOOR_NOSYNC = Method("I/O floor (no fsync)", "floor", fsync=False)
 METHODS = (OURS_FAST, OURS_FAST_2, OURS_DEFAULT, OURS_VERIFY_2, DCP, FLOOR, FLOOR_NOSYNC)
 CGROUP_METHODS = (OURS_FAST, OURS_FAST_2, OURS_DEFAULT, DCP)
-PHASES = ("plan", "convert", "verify", "manifest")
+JOB_ORDER = ("plan", "convert", "verify", "source_sha256_wait", "manifest")  # as job.py runs
 TARGETS = {"weights_only": 0.6, "full": 0.35}  # wall time vs dcp_to_torch
 RSS_TARGET, FLOOR_TARGET = 0.15, 1.5
 CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
@@ -387,35 +387,47 @@ WORKER_OPS = (
     ("xxh3 digest of the written bytes", ("xxh3",)),
     ("waiting for a pool buffer", ("borrow",)),
 )
+CPU_ACTIVITIES = (
+    ("sha256 of the source files (own thread)", ("SourceHasher._run",)),
+    MAIN_PHASES[0],
+    *WORKER_OPS,
+    ("progress bar", ("tqdm",)),
+    *MAIN_PHASES[1:],
+)
 
 
 def profile(case: Case, work: Path, logs: Path) -> dict:
-    """Records one default conversion (verify=true, workers=1) with py-spy, native frames if
-    py-spy can unwind them here; returns the raw samples per thread id."""
-    raw, out = work / "profile.txt", case.out_dir / "profile.pt"
-    log = logs / "profile.log"
-    for native in (["--native"], []):
-        remove_outputs(out)
-        warm(case.step_dir)
-        os.sync()
-        pyspy = ["py-spy", "record", "--idle", "--threads", "--nolineno", "--rate"]
-        pyspy += [str(PROFILE_RATE), "--format", "raw", "-o", str(raw), *native, "--"]
-        run = run_child([*pyspy, *converter_argv(case, out, True, 1)], log)
-        remove_outputs(out)
-        if run["code"] == 0:
-            break
-    else:
-        raise RuntimeError(f"py-spy failed; see {log}")
-    threads: dict[str, list[tuple[list[str], int]]] = {}
-    for line in raw.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        frames = stack.split(";")
-        tid = frames[0].split(")")[0]  # "thread (123): MainThread" -> "thread (123"
-        threads.setdefault(tid, []).append((frames, int(count)))
-    return {"wall": run["wall"], "native": bool(native), "py-spy": pyspy, "threads": threads}
+    """Records one default conversion (verify=true, workers=1) twice with py-spy: with idle
+    threads (where the wall time goes) and without (where the CPU time goes), with native
+    frames if py-spy can unwind them here. Returns the samples per mode and thread id."""
+    out, result = case.out_dir / "profile.pt", {}
+    for mode, idle in (("wall", ["--idle"]), ("cpu", [])):
+        raw, log = work / f"profile-{mode}.txt", logs / f"profile-{mode}.log"
+        for native in (["--native"], []):
+            remove_outputs(out)
+            warm(case.step_dir)
+            os.sync()
+            pyspy = ["py-spy", "record", *idle, "--threads", "--nolineno", "--rate"]
+            pyspy += [str(PROFILE_RATE), "--format", "raw", "-o", str(raw), *native, "--"]
+            run = run_child([*pyspy, *converter_argv(case, out, True, 1)], log)
+            remove_outputs(out)
+            if run["code"] == 0:
+                break
+        else:
+            raise RuntimeError(f"py-spy failed; see {log}")
+        threads: dict[str, list[tuple[list[str], int]]] = {}
+        for line in raw.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            frames = stack.split(";")
+            tid = frames[0].split(")")[0]  # "thread (123): MainThread" -> "thread (123"
+            threads.setdefault(tid, []).append((frames, int(count)))
+        result[mode] = {"wall": run["wall"], "cpu": run["cpu"], "threads": threads}
+        result[mode] |= {"py-spy": pyspy, "native": bool(native)}
+    return result
 
 
 def _classify(samples: list[tuple[list[str], int]], rules: tuple) -> dict[str, int]:
+    """Sample counts per label of the first rule whose substrings all occur in the stack."""
     counts: dict[str, int] = {}
     for frames, n in samples:
         stack = ";".join(frames)
@@ -448,96 +460,109 @@ def _leaf(frames: list[str]) -> str:
     return f"{name} ({where}"
 
 
+def _table(head: str, counts: dict[str, int], total: int, code: bool = False) -> list[str]:
+    tick = "`" if code else ""
+    return [
+        f"| {head} | s | % |",
+        "| --- | ---: | ---: |",
+        *(
+            f"| {tick}{k}{tick} | {v / PROFILE_RATE:.2f} | {100 * v / total:.0f} |"
+            for k, v in counts.items()
+        ),
+    ]
+
+
 def profile_markdown(prof: dict, case: Case) -> str:
-    secs = 1 / PROFILE_RATE
-    roles = {tid: _thread_role(s) for tid, s in prof["threads"].items()}
-    main = next(s for tid, s in prof["threads"].items() if roles[tid] == "main")
-    workers = [s for tid, s in prof["threads"].items() if roles[tid] == "convert worker"]
-    worker_samples = [x for s in workers for x in s]
+    wall, cpu = prof["wall"], prof["cpu"]
+    roles = {tid: _thread_role(s) for tid, s in wall["threads"].items()}
+    main = next(s for tid, s in wall["threads"].items() if roles[tid] == "main")
+    worker = [x for tid, s in wall["threads"].items() if roles[tid] == "convert worker" for x in s]
     phases = _classify(main, MAIN_PHASES)
     imports = _classify([x for x in main if "_find_and_load" in ";".join(x[0])], IMPORTS)
-    ops = _classify(worker_samples, WORKER_OPS)
-    main_total, worker_total = sum(phases.values()), sum(ops.values()) or 1
+    ops = _classify(worker, WORKER_OPS)
+    on_cpu = [x for s in cpu["threads"].values() for x in s]
+    activities = _classify(on_cpu, CPU_ACTIVITIES)
     leaves: dict[str, int] = {}
-    for frames, n in worker_samples:
+    for frames, n in on_cpu:
         leaves[_leaf(frames)] = leaves.get(_leaf(frames), 0) + n
-    top = sorted(leaves.items(), key=lambda kv: -kv[1])[:15]
-
+    top = dict(sorted(leaves.items(), key=lambda kv: -kv[1])[:15])
+    main_total, worker_total = sum(phases.values()), sum(ops.values()) or 1
+    cpu_total = sum(activities.values())
     lines = [
         "# Where a conversion's time goes",
         "",
         f"One default conversion (verify=true, workers=1) of `{case.inp.name}` "
         f"({case.inp.params / 1e6:.0f}M parameters, float32 -> bfloat16), page cache warm, "
-        f"recorded with py-spy at {PROFILE_RATE} Hz, idle threads included"
-        f"{', native frames included' if prof['native'] else ''}. Written by "
-        "`benchmarks/run.py`; its wall time under py-spy was "
-        f"{prof['wall']:.1f} s.",
+        f"recorded twice with py-spy at {PROFILE_RATE} Hz"
+        f"{', native frames included' if wall['native'] else ''}: once with idle threads "
+        "(where the wall time goes) and once without (where the CPU time goes). Written by "
+        "`benchmarks/run.py`, on the machine and under the load described in RESULTS.md: "
+        "with other work on the two cores, waits for a core show up as time in whatever "
+        "was running.",
         "",
-        f"    {shlex.join(prof['py-spy'])} \\",
+        f"    {shlex.join(wall['py-spy'])} \\",
         "        python convert.py experiment=debug ... verify=true workers=1",
+        "",
+        f"Wall time under py-spy: {wall['wall']:.1f} s with idle threads, {cpu['wall']:.1f} s "
+        f"without; CPU time of py-spy and the process: {wall['cpu']:.1f} s and "
+        f"{cpu['cpu']:.1f} s.",
         "",
         "## Main thread: the wall time, phase by phase",
         "",
-        "| phase | s | % |",
-        "| --- | ---: | ---: |",
-        *(f"| {k} | {v * secs:.2f} | {100 * v / main_total:.0f} |" for k, v in phases.items()),
+        *_table("phase", phases, main_total),
         "",
         "Imports on the main thread, by package (torch.distributed counted apart from torch):",
         "",
-        "| package | s |",
-        "| --- | ---: |",
-        *(f"| {k} | {v * secs:.2f} |" for k, v in imports.items()),
+        *_table("package", imports, main_total),
         "",
-        "## The convert worker: what streaming a chunk costs",
+        "## The CPU time, all threads",
         "",
-        "| operation | s | % of the worker's time |",
-        "| --- | ---: | ---: |",
-        *(f"| {k} | {v * secs:.2f} | {100 * v / worker_total:.0f} |" for k, v in ops.items()),
+        *_table("activity", activities, cpu_total),
         "",
-        "Innermost frames of the worker (self time, native where py-spy could name it):",
+        "Innermost frames on the CPU (self time, native where py-spy could name it):",
         "",
-        "| frame | s | % |",
-        "| --- | ---: | ---: |",
-        *(f"| `{k}` | {v * secs:.2f} | {100 * v / worker_total:.0f} |" for k, v in top),
+        *_table("frame", top, cpu_total, code=True),
         "",
-        "## Threads",
+        "## The convert worker's wall time: what streaming a chunk costs",
         "",
-        "| thread | role | samples (s) |",
+        *_table("operation", ops, worker_total),
+        "",
+        "## Threads (wall-time recording)",
+        "",
+        "| thread | role | sampled s |",
         "| --- | --- | ---: |",
         *(
-            f"| {tid.removeprefix('thread (')} | {roles[tid]} | {sum(n for _, n in s) * secs:.2f} |"
-            for tid, s in prof["threads"].items()
+            f"| {tid.removeprefix('thread (')} | {roles[tid]} | "
+            f"{sum(n for _, n in s) / PROFILE_RATE:.2f} |"
+            for tid, s in wall["threads"].items()
         ),
         "",
         "## Reading",
         "",
-        _profile_paragraph(phases, ops, main_total, worker_total),
+        _profile_paragraph(phases, activities, main_total, cpu_total),
         "",
     ]
     return "\n".join(lines)
 
 
 def _profile_paragraph(
-    phases: dict[str, int], ops: dict[str, int], main_total: int, worker_total: int
+    phases: dict[str, int], activities: dict[str, int], main_total: int, cpu_total: int
 ) -> str:
-    def share(counts: dict[str, int], prefix: str, total: int) -> float:
-        return 100 * sum(v for k, v in counts.items() if k.startswith(prefix)) / total
+    def share(counts: dict[str, int], prefixes: tuple[str, ...], total: int) -> float:
+        return 100 * sum(v for k, v in counts.items() if k.startswith(prefixes)) / total
 
-    startup = share(phases, "startup", main_total) + share(phases, "other", main_total)
-    convert = share(phases, "convert", main_total)
-    fsync = share(phases, "fsync", main_total)
-    verify = share(phases, "verify", main_total)
-    manifest = share(phases, "manifest", main_total)
-    plan = share(phases, "plan", main_total) + share(phases, "skeleton", main_total)
-    top_ops = ", ".join(f"{k} {100 * v / worker_total:.0f}%" for k, v in list(ops.items())[:4])
+    startup = share(phases, ("startup", "other"), main_total)
+    top = ", ".join(f"{k} {100 * v / cpu_total:.0f}%" for k, v in list(activities.items())[:5])
     return (
         f"Of the wall time, {startup:.0f}% passes outside the conversion job (interpreter "
-        f"start, importing torch and Hydra, composing the config, exit), {plan:.0f}% in "
-        f"planning and writing the skeleton, {convert:.0f}% streaming the tensors, "
-        f"{fsync:.0f}% in the output's fsync, {verify:.0f}% verifying and {manifest:.0f}% "
-        f"on the manifest. While streaming, the worker's time splits as: {top_ops}. "
-        "The sha256 of the source files runs on its own thread meanwhile and competes for "
-        "the machine's two cores."
+        "start, importing torch and Hydra, composing the config, exit), "
+        f"{share(phases, ('plan', 'skeleton'), main_total):.0f}% in planning and writing the "
+        f"skeleton, {share(phases, ('convert',), main_total):.0f}% streaming the tensors, "
+        f"{share(phases, ('fsync',), main_total):.0f}% in the output's fsync, "
+        f"{share(phases, ('verify',), main_total):.0f}% verifying and "
+        f"{share(phases, ('manifest',), main_total):.0f}% on the manifest. The CPU time goes "
+        f"to: {top}. The bytes themselves (reading the shards, casting, writing) take "
+        f"{share(activities, ('read:', 'cast', 'pwrite'), cpu_total):.0f}% of it."
     )
 
 
@@ -565,6 +590,20 @@ def machine() -> dict[str, str]:
     }
 
 
+def source_version() -> str:
+    """The repository's commit, and whether the converter's code differs from it."""
+    head = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--", "converter", "conf", "convert.py"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    return f"commit {head}" + (" with uncommitted changes to the converter" if dirty else "")
+
+
 def _ok(case: Case, method: Method) -> list[dict]:
     """The runs of ``method`` that succeeded."""
     return [r for r in case.runs[method.label] if r["code"] == 0]
@@ -575,8 +614,14 @@ def _median(case: Case, method: Method, key: str) -> float:
     return statistics.median(r[key] for r in runs) if runs else math.nan
 
 
-def _phase(case: Case, method: Method, phase: str) -> float:
-    return statistics.median(r["durations"].get(phase, 0.0) for r in _ok(case, method))
+def _phase(case: Case, method: Method, phase: str) -> str:
+    """Median seconds of one phase of the converter's own timing, or "-" if it did not run."""
+    times = [r["durations"][phase] for r in _ok(case, method) if phase in r["durations"]]
+    return f"{statistics.median(times):.2f}" if times else "-"
+
+
+def _median_phase(case: Case, method: Method, phase: str) -> float:
+    return statistics.median(r["durations"][phase] for r in _ok(case, method))
 
 
 def _outside(case: Case, method: Method) -> float:
@@ -620,19 +665,23 @@ def results_table(case: Case) -> list[str]:
 
 
 def split_table(cases: list[Case]) -> list[str]:
+    ours = [m for m in METHODS if m.kind == "ours"]
+    seen = {k for c in cases for m in ours for r in _ok(c, m) for k in r["durations"]}
+    phases = sorted(seen, key=lambda k: (JOB_ORDER + (k,)).index(k))
     rows = [
-        "| input | method | wall s | plan | convert (incl. fsync) | verify | manifest | "
-        "outside the job (start-up, exit) |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| input | method | wall s | {' | '.join(phases)} | outside the job (start-up, exit) "
+        "| convert / floor (fsync) |",
+        "| --- | --- " + "| ---: " * (len(phases) + 3) + "|",
     ]
     for case in cases:
-        for m in METHODS:
-            if m.kind != "ours" or not _ok(case, m):
+        for m in ours:
+            if not _ok(case, m):
                 continue
-            phases = " | ".join(f"{_phase(case, m, p):.2f}" for p in PHASES)
+            split = " | ".join(_phase(case, m, p) for p in phases)
             rows.append(
-                f"| {case.inp.name} | {m.label} | {_median(case, m, 'wall'):.2f} | {phases} | "
-                f"{_outside(case, m):.2f} |"
+                f"| {case.inp.name} | {m.label} | {_median(case, m, 'wall'):.2f} | {split} | "
+                f"{_outside(case, m):.2f} | "
+                f"{_median_phase(case, m, 'convert') / _median(case, FLOOR, 'wall'):.2f} |"
             )
     return rows
 
@@ -707,7 +756,12 @@ def inputs_table(cases: list[Case], build: dict) -> list[str]:
 
 
 def results_markdown(
-    cases: list[Case], cgroup: dict[str, dict], build: dict, cgroup_mb: int, command_line: str
+    cases: list[Case],
+    cgroup: dict[str, dict],
+    build: dict,
+    cgroup_mb: int,
+    command_line: str,
+    version: str,
 ) -> str:
     info = machine()
     loads = [r["load1"] for c in cases for runs in c.runs.values() for r in runs]
@@ -719,7 +773,7 @@ def results_markdown(
         f"{statistics.median(loads):.1f}, min {min(loads):.1f}, max {max(loads):.1f} "
         f"on {info['nproc']} cores: the machine was shared with other work.",
         "",
-        f"Command: `{command_line}`",
+        f"Command: `{command_line}`, on titan2tune {version}.",
         "",
         "Every method runs as a subprocess of the stdlib-only launcher `benchmarks/timed.py`, "
         "which takes the wall time around it (`time.perf_counter`) and its peak RSS "
@@ -749,8 +803,10 @@ def results_markdown(
     lines += [
         "## titan2tune's own timing split",
         "",
-        "Medians of the manifest's `durations_s`; the last column is the wall time outside "
-        "the job: Python start, importing torch and Hydra, composing the config, exit.",
+        "Medians of the manifest's `durations_s` (`convert` includes the output's fsync). "
+        "`outside the job` is the rest of the wall "
+        "time: Python start, importing torch and Hydra, composing the config, exit. The last "
+        "column sets the in-process conversion alone (streaming plus fsync) against the floor.",
         "",
         *split_table(cases),
         "",
@@ -827,6 +883,7 @@ def main() -> None:
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     command_line = shlex.join(["python", "benchmarks/run.py", *sys.argv[1:]])
+    version = source_version()
 
     build_file = work / "build.json"
     build = json.loads(build_file.read_text()) if build_file.exists() else {}
@@ -844,7 +901,7 @@ def main() -> None:
     (work / "results.json").write_text(
         json.dumps({c.inp.name: c.runs for c in cases} | {"cgroup": cgroup}, indent=2)
     )
-    report = results_markdown(cases, cgroup, build, args.cgroup_mb, command_line)
+    report = results_markdown(cases, cgroup, build, args.cgroup_mb, command_line, version)
     (HERE / "RESULTS.md").write_text(report)
     chart(cases, HERE / "results.png")
     (HERE / "PROFILE.md").write_text(profile_markdown(prof, cases[0]))

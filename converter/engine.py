@@ -135,7 +135,12 @@ def convert_tensors(
     sources = sorted(consumers, key=lambda k: -checkpoint.tensors[k].nbytes)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="convert") as pool_exec:
         futures = [pool_exec.submit(convert_source, key) for key in sources]
-        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        try:
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        except BaseException:  # interrupted (SIGTERM/USR2 -> SystemExit, Ctrl-C): stop soon
+            stop.set()
+            pool_exec.shutdown(wait=True, cancel_futures=True)
+            raise
         failed = [f for f in done if f.exception() is not None]
         if failed:
             stop.set()  # the other workers finish their current chunk and return

@@ -72,14 +72,27 @@ def run(cfg: DictConfig) -> JobResult:
         conf = _checked(cfg)
         result = _convert(conf, cfg, result)
     except ConversionError as e:
+        _reraise_interruption(e)
         result.error = str(e)
         log.error("%s: %s", name, e, exc_info=_show_tracebacks(cfg))
     except Exception as e:  # a bug, not bad input: keep the traceback
+        _reraise_interruption(e)
         result.error = f"{type(e).__name__}: {e}"
         log.exception("%s: conversion failed unexpectedly", name)
     result.seconds = round(time.perf_counter() - start, 2)
     _write_status(result)
     return result
+
+
+def _reraise_interruption(e: BaseException) -> None:
+    """An error raised while the job was being stopped (submitit's preemption handler raises
+    SystemExit, and torch may turn it into another error on its way out) is the interruption,
+    not a failed conversion: re-raise it so no failure is reported for a job being requeued."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, SystemExit | KeyboardInterrupt):
+            raise seen
+        seen = seen.__cause__ or seen.__context__
 
 
 def _show_tracebacks(cfg: DictConfig) -> bool:
@@ -166,6 +179,10 @@ def _convert(conf: ConvertConfig, cfg: DictConfig, result: JobResult) -> JobResu
                 t = time.perf_counter()
                 verify_output(out.partial, plan, regions, checkpoint)
                 times["verify"] = time.perf_counter() - t
+            # Hashing the sources ran alongside; this waits only if it has not finished.
+            t = time.perf_counter()
+            source_sha256 = _hashes(hasher)
+            times["source_sha256_wait"] = time.perf_counter() - t
             # The manifest and snippet go first: an output on disk always has its manifest.
             t = time.perf_counter()
             manifest = build_manifest(
@@ -181,7 +198,7 @@ def _convert(conf: ConvertConfig, cfg: DictConfig, result: JobResult) -> JobResu
                 config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
                 fingerprint=print_,
                 slurm=_slurm_info(),
-                source_sha256=_hashes(hasher),
+                source_sha256=source_sha256,
             )
             manifest["durations_s"]["manifest"] = round(time.perf_counter() - t, 3)
             try:

@@ -251,15 +251,26 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_WHY = {
+    errno.ENOSPC: ("the disk is full", "free space on it"),
+    errno.EDQUOT: ("the disk quota is exceeded", "free space within the quota"),
+    errno.EFBIG: (
+        "the file size limit (ulimit -f) is exceeded",
+        "raise the limit (ulimit -f unlimited, or the job's RLIMIT_FSIZE)",
+    ),
+    errno.EACCES: ("permission is denied", "make the folder writable for this user"),
+    errno.EPERM: ("permission is denied", "make the folder writable for this user"),
+    errno.EROFS: ("the file system is read-only", "write to a writable file system"),
+    errno.ENOTDIR: ("a part of the path is a file, not a folder", "fix the path"),
+    errno.EISDIR: ("the output path is a folder", "name a .pt file"),
+}
+
+
 def output_error(path: Path, e: OSError) -> ConversionError:
-    why = {
-        errno.ENOSPC: "the disk is full",
-        errno.EDQUOT: "the disk quota is exceeded",
-        errno.EFBIG: "the file size limit (ulimit -f) is exceeded",
-        errno.EACCES: "permission is denied",
-        errno.EROFS: "the file system is read-only",
-    }.get(e.errno or 0, e.strerror or str(e))
+    """The paragraph for an OSError met while writing ``path``: what failed, and the fix."""
+    why, fix = _WHY.get(e.errno or 0, (e.strerror or str(e), "fix the cause"))
+    where = f" (at {e.filename})" if e.filename and str(e.filename) != str(path) else ""
     return ConversionError(
-        f"Cannot write {path}: {why} ({e.filename or path}). Nothing was written under that "
-        "name; free space or choose a writable experiment.output, then run again."
+        f"Cannot write {path}: {why}{where}. Nothing was written under that name; {fix}, or "
+        "choose another experiment.output, then run again."
     )

@@ -286,8 +286,7 @@ def _latest_unfinished(root: Path, pristine: Path, cleanup: ExitStack) -> dict[s
 
 def _check_latest(root: Path, weights: dict[str, torch.Tensor]) -> None:
     """It converted step-10, and the manifest holds each source file's size and sha256."""
-    output = root / "out" / "model.pt"
-    assert_matches(output, weights, torch.bfloat16)
+    _check_small(root, weights)
     manifest = json.loads((root / "out" / "model.pt.manifest.json").read_text())
     assert manifest["source"]["step"] == STEP
     step_dir = root / "checkpoint" / f"step-{STEP}"
@@ -341,6 +340,7 @@ def _shard_overwritten_allowed(root: Path, pristine: Path, cleanup: ExitStack) -
 
 
 def _check_nan_written(root: Path, weights: dict[str, torch.Tensor]) -> None:
+    assert sorted(p.name for p in (root / "out").iterdir()) == sorted(OUT)
     loaded = torch.load(root / "out" / "model.pt", mmap=True, weights_only=True)
     assert int(torch.isnan(loaded[VICTIM]).sum()) == 16
     assert all(torch.isfinite(t).all() for k, t in loaded.items() if k != VICTIM)
@@ -561,8 +561,8 @@ def test_fault(name, runs, small):
     assert ("Traceback" in run.stderr) == case.traceback, run.stderr
     if case.ok:
         assert run.returncode == 0, run.stderr
-        changed = {k for k in run.before if run.after.get(k) != run.before[k]}
-        assert not changed, f"the run changed {changed}"
+        elsewhere = {k: v for k, v in run.after.items() if k != "out" and k.split("/")[0] != "out"}
+        assert elsewhere == run.before, "the run changed files outside its output folder"
     else:
         assert run.returncode != 0, run.stderr
         if not case.traceback:
@@ -719,15 +719,22 @@ def test_memory_cgroup_smaller_than_the_checkpoint(big, tmp_path):
             ["sh", "-c", join, "sh", *cmd], cwd=REPO, env=child_env(),
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
-        _, stderr = proc.communicate(timeout=600)
+        stderr = proc.stderr.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        proc.stderr.close()
         peak = int((group / "memory.max_usage_in_bytes").read_text())
         failcnt = int((group / "memory.failcnt").read_text())
     finally:
         group.rmdir()
     print(
         f"checkpoint {size / 2**20:.0f} MiB, cgroup limit {limit / 2**20:.0f} MiB: "
-        f"max_usage_in_bytes {peak / 2**20:.0f} MiB (page cache included), failcnt {failcnt}"
+        f"max_usage_in_bytes {peak / 2**20:.0f} MiB (page cache included), failcnt {failcnt}, "
+        f"peak RSS {usage.ru_maxrss / 1024:.0f} MiB"
     )
     assert proc.returncode == 0, f"exit {proc.returncode} (137: OOM-killed): {stderr}"
-    assert peak <= limit
+    manifest = json.loads(out.with_name("model.pt.manifest.json").read_text())
+    print(f"durations: {manifest['durations_s']}")
+    # Reading and writing ~1.1 GB through the page cache fills the cgroup: it was charged.
+    assert peak > limit // 2, "the run was not charged to the cgroup"
     assert_matches(out, weights, torch.float32)

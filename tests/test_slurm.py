@@ -33,6 +33,7 @@ CLUSTER = REPO / "launch" / "slurm_cluster.sh"
 EXPERIMENTS = ("debug", "500M", "debug_pretrained")
 SWEEP_TIMEOUT_S = 300  # one sweep: job start-up and conversion, even with the node busy
 REQUEUE_TIMEOUT_S = 420  # ... plus a requeue (cred_expire=30 s before it may start again)
+SWEEP_DIR = "hydra.sweep.dir="
 ARTIFACTS = {"final_model.pt", "final_model.pt.manifest.json", "final_model.pt.torchtune.yaml"}
 
 
@@ -91,7 +92,9 @@ def sweep(cwd: Path, *overrides: str, timeout: float = SWEEP_TIMEOUT_S) -> tuple
             timeout=timeout,
         )
     except subprocess.TimeoutExpired as e:
-        cancel_jobs(cwd)
+        elsewhere = [o.removeprefix(SWEEP_DIR) for o in overrides if o.startswith(SWEEP_DIR)]
+        for folder in (cwd, *elsewhere):
+            cancel_jobs(cwd / folder)
         pytest.fail(
             f"sweep {overrides} did not finish in {timeout} s (jobs cancelled); queue:\n"
             f"{slurm_cmd('squeue', check=False)}\nlauncher stderr:\n{_text(e.stderr)[-3000:]}"
@@ -118,7 +121,7 @@ class BackgroundSweep:
                     "-m",
                     *overrides,
                     "hydra/launcher=slurm",
-                    f"hydra.sweep.dir={sweep_dir}",
+                    f"{SWEEP_DIR}{sweep_dir}",
                 ],
                 cwd=cwd,
                 stdout=log,
@@ -127,25 +130,38 @@ class BackgroundSweep:
 
     def job(self) -> str:
         """The id of this one-experiment sweep's SLURM job, once submitted."""
-        wait_for("the sweep's submission", lambda: submitted_jobs(self.sweep_dir), 60, self.cwd)
+        wait_for(
+            "the sweep's submission", lambda: submitted_jobs(self.sweep_dir), 60, self.sweep_dir
+        )
         (job,) = submitted_jobs(self.sweep_dir)
         return job
 
-    def wait_converting(self, partial: Path, after_ns: int = 0) -> str:
-        """Waits until the job is RUNNING and writing ``partial`` (a file created after
-        ``after_ns``): submitit's signal handlers are then installed and the conversion is under
-        way. Returns the job id."""
+    def job_log(self, job: str) -> Path:
+        """The job's stderr: its log lines and progress bar, from every run of it."""
+        return self.sweep_dir / ".submitit" / job / f"{job}_0_log.err"
+
+    def wait_running(self, what: str, ready: Callable[[str], bool]) -> str:
+        """Waits until the job is RUNNING and ``ready(job)``; returns the job id."""
         job = self.job()
-
-        def converting() -> bool:
-            try:
-                created = partial.stat().st_ctime_ns > after_ns
-            except FileNotFoundError:
-                return False
-            return created and job_state(job) == "RUNNING"
-
-        wait_for(f"job {job} to write {partial}", converting, SWEEP_TIMEOUT_S, self.cwd)
+        wait_for(
+            f"job {job} {what}",
+            lambda: job_state(job) == "RUNNING" and ready(job),
+            SWEEP_TIMEOUT_S,
+            self.sweep_dir,
+        )
         return job
+
+    def wait_streaming(self, name: str) -> str:
+        """Waits until the job's progress bar shows tensors of ``name`` written: the conversion
+        is past its set-up (submitit's signal handlers are installed, the output's structure is
+        written) and streams data into the partial file. Returns the job id."""
+        progress = re.compile(rf"{re.escape(name)}: +[1-9]\d*%\|")
+
+        def streaming(job: str) -> bool:
+            log = self.job_log(job)
+            return log.exists() and progress.search(log.read_text(errors="replace")) is not None
+
+        return self.wait_running("to stream tensors", streaming)
 
     def finish(self, timeout: float) -> tuple[int, str]:
         try:
@@ -156,9 +172,10 @@ class BackgroundSweep:
         return code, self.output()
 
     def stop(self) -> None:
-        """Ends the launching process (its jobs are cancelled too)."""
-        self.proc.kill()
-        self.proc.wait()
+        """Ends the launching process, if still running, and cancels its jobs."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
         cancel_jobs(self.sweep_dir)
 
     def output(self) -> str:
@@ -344,7 +361,7 @@ def test_broken_checkpoint_fails_only_its_job(demo_root, tmp_path):
 
 def test_killed_then_preempted_conversion_finishes_when_resubmitted(demo_root, tmp_path):
     """The 500M conversion (1 GB, several seconds) is
-    1. SIGKILLed by SLURM mid-write: it leaves a partial file, never an output;
+    1. SIGKILLed mid-write: it leaves a partial file, never an output;
     2. resubmitted, then preempted (USR2, as `scancel --signal=USR2` or a preempting scheduler
        sends it): submitit checkpoints the launcher, the job requeues itself, runs the Hydra job
        again from the start and writes a correct output; nothing partial is left;
@@ -354,11 +371,13 @@ def test_killed_then_preempted_conversion_finishes_when_resubmitted(demo_root, t
     partial = out.with_name(f".{out.name}.partial")
     overrides = ("experiment=500M", f"experiment.output={out}")
 
-    # 1. Killed: SIGKILL, so no handler runs and no cleanup happens.
+    # 1. Killed: SIGKILL to the job step's task, as the out-of-memory killer sends it, so no
+    # handler runs and nothing is cleaned up. (`scancel <job>` would send SIGTERM first, which
+    # submitit ignores, and SIGKILL only KillWait later: the conversion might finish meanwhile.)
     killed = BackgroundSweep(root, tmp_path / "sweep_killed", *overrides)
     try:
-        job = killed.wait_converting(partial)
-        slurm_cmd("scancel", "--signal=KILL", job)
+        job = killed.wait_running(f"to write {partial}", lambda job: partial.exists())
+        slurm_cmd("scancel", "--signal=KILL", f"{job}.0")
         wait_for(
             f"job {job} to end",
             lambda: job_state(job) not in ("RUNNING", "COMPLETING"),
@@ -369,20 +388,20 @@ def test_killed_then_preempted_conversion_finishes_when_resubmitted(demo_root, t
         # Without accounting the launcher would wait for this job's result forever.
         killed.stop()
     assert partial.exists() and not out.exists()
-    debris = partial.stat().st_ctime_ns
 
     # 2. Resubmitted, then preempted while it converts.
     preempted = BackgroundSweep(root, tmp_path / "sweep_preempted", *overrides)
     try:
-        job = preempted.wait_converting(partial, after_ns=debris)
+        # While tensors stream: the bulk of a conversion, so where a preemption mostly lands.
+        job = preempted.wait_streaming("500M")
         slurm_cmd("scancel", "--signal=USR2", job)
         code, output = preempted.finish(REQUEUE_TIMEOUT_S)
     finally:
-        cancel_jobs(preempted.sweep_dir)
+        preempted.stop()
     assert code == 0, output[-5000:]
     assert summary_rows(output) == {"500M": "converted"}, output[-3000:]
     assert "Restarts=1" in slurm_cmd("scontrol", "show", "job", "-o", job)  # requeued by SLURM
-    job_log = (preempted.sweep_dir / ".submitit" / job / f"{job}_0_log.err").read_text()
+    job_log = preempted.job_log(job).read_text(errors="replace")
     assert "this job is preempted" in job_log and f"Requeued job {job}" in job_log, job_log
     assert job_log.count("500M: step-2000 of") == 2, job_log  # started, then started again
     assert sorted(p.name for p in out.parent.iterdir()) == sorted(ARTIFACTS)
@@ -391,7 +410,7 @@ def test_killed_then_preempted_conversion_finishes_when_resubmitted(demo_root, t
 
     # 3. Resubmitted after completion: nothing to do.
     before = out.stat().st_mtime_ns
-    code, output = sweep(root, *overrides, f"hydra.sweep.dir={tmp_path}/sweep_resubmitted")
+    code, output = sweep(root, *overrides, f"{SWEEP_DIR}{tmp_path}/sweep_resubmitted")
     assert code == 0, output[-5000:]
     assert summary_rows(output) == {"500M": "skipped"}, output[-3000:]
     assert out.stat().st_mtime_ns == before
