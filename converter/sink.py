@@ -94,7 +94,7 @@ class OutputFile:
         assert self._fd is not None, "create() first"
         # Flat bytes: a short write (a filling disk) resumes at the right byte, and the next
         # pwrite reports why, rather than slicing a multi-dimensional view by rows.
-        view = memoryview(data.contiguous().view(torch.uint8).reshape(-1).numpy())
+        view = memoryview(data.contiguous().reshape(-1).view(torch.uint8).numpy())
         pos = self.offsets[name] + byte_offset
         try:
             while view:
