@@ -1,11 +1,14 @@
 """Benchmark titan2tune's converter against ``dcp_to_torch`` and the I/O floor.
 
     python benchmarks/run.py --work benchmarks/work --repeats 3
+    python benchmarks/run.py --work benchmarks/work --report-only
 
-Builds real two-rank FSDP2 DCP checkpoints once (``converter.demo``), then times, alternating
-the order every repeat, each method as a subprocess: wall seconds around it and its peak RSS
-from ``os.wait4``. Writes ``benchmarks/RESULTS.md``, ``benchmarks/results.png`` and
-``benchmarks/PROFILE.md``. Needs root for the memory-cgroup runs and for py-spy.
+Builds real two-rank FSDP2 DCP checkpoints once (``converter.demo``), then times each method
+as a subprocess of ``timed.py`` (wall, CPU seconds and peak RSS from ``os.wait4``), in another
+order every repeat; runs the 2.5 GB conversion in a memory cgroup and profiles one conversion
+with py-spy. Keeps the raw results in ``<work>/results.json`` and writes
+``benchmarks/RESULTS.md``, ``benchmarks/results.png`` and ``benchmarks/PROFILE.md``. Needs
+root for the memory cgroup and for py-spy.
 """
 
 from __future__ import annotations
@@ -387,6 +390,8 @@ WORKER_OPS = (
     ("xxh3 digest of the written bytes", ("xxh3",)),
     ("waiting for a pool buffer", ("borrow",)),
 )
+# Innermost frames of a thread that waits (py-spy's --native sampling counts them as active).
+WAITS = ("PyThread_acquire_lock", "pthread_cond_", "sem_wait", "sem_timedwait", "__futex")
 CPU_ACTIVITIES = (
     ("sha256 of the source files (own thread)", ("SourceHasher._run",)),
     MAIN_PHASES[0],
@@ -399,7 +404,7 @@ CPU_ACTIVITIES = (
 def profile(case: Case, work: Path, logs: Path) -> dict:
     """Records one default conversion (verify=true, workers=1) twice with py-spy: with idle
     threads (where the wall time goes) and without (where the CPU time goes), with native
-    frames if py-spy can unwind them here. Returns the samples per mode and thread id."""
+    frames if py-spy can unwind them here. Returns, per mode, the run and its raw file."""
     out, result = case.out_dir / "profile.pt", {}
     for mode, idle in (("wall", ["--idle"]), ("cpu", [])):
         raw, log = work / f"profile-{mode}.txt", logs / f"profile-{mode}.log"
@@ -415,15 +420,19 @@ def profile(case: Case, work: Path, logs: Path) -> dict:
                 break
         else:
             raise RuntimeError(f"py-spy failed; see {log}")
-        threads: dict[str, list[tuple[list[str], int]]] = {}
-        for line in raw.read_text().splitlines():
-            stack, _, count = line.rpartition(" ")
-            frames = stack.split(";")
-            tid = frames[0].split(")")[0]  # "thread (123): MainThread" -> "thread (123"
-            threads.setdefault(tid, []).append((frames, int(count)))
-        result[mode] = {"wall": run["wall"], "cpu": run["cpu"], "threads": threads}
-        result[mode] |= {"py-spy": pyspy, "native": bool(native)}
+        result[mode] = run | {"py-spy": pyspy, "native": bool(native), "raw": str(raw)}
     return result
+
+
+def read_samples(raw: Path) -> dict[str, list[tuple[list[str], int]]]:
+    """py-spy's raw output as thread id -> [(frames outermost first, sample count)]."""
+    threads: dict[str, list[tuple[list[str], int]]] = {}
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        tid = frames[0].split(")")[0]  # "thread (123): MainThread" -> "thread (123"
+        threads.setdefault(tid, []).append((frames, int(count)))
+    return threads
 
 
 def _classify(samples: list[tuple[list[str], int]], rules: tuple) -> dict[str, int]:
@@ -474,13 +483,16 @@ def _table(head: str, counts: dict[str, int], total: int, code: bool = False) ->
 
 def profile_markdown(prof: dict, case: Case) -> str:
     wall, cpu = prof["wall"], prof["cpu"]
-    roles = {tid: _thread_role(s) for tid, s in wall["threads"].items()}
-    main = next(s for tid, s in wall["threads"].items() if roles[tid] == "main")
-    worker = [x for tid, s in wall["threads"].items() if roles[tid] == "convert worker" for x in s]
+    wall_threads, cpu_threads = read_samples(Path(wall["raw"])), read_samples(Path(cpu["raw"]))
+    roles = {tid: _thread_role(s) for tid, s in wall_threads.items()}
+    main = next(s for tid, s in wall_threads.items() if roles[tid] == "main")
+    worker = [x for tid, s in wall_threads.items() if roles[tid] == "convert worker" for x in s]
     phases = _classify(main, MAIN_PHASES)
     imports = _classify([x for x in main if "_find_and_load" in ";".join(x[0])], IMPORTS)
     ops = _classify(worker, WORKER_OPS)
-    on_cpu = [x for s in cpu["threads"].values() for x in s]
+    active = [x for s in cpu_threads.values() for x in s]
+    on_cpu = [x for x in active if not _leaf(x[0]).startswith(WAITS)]
+    waits = sum(n for _, n in active) - sum(n for _, n in on_cpu)
     activities = _classify(on_cpu, CPU_ACTIVITIES)
     leaves: dict[str, int] = {}
     for frames, n in on_cpu:
@@ -517,6 +529,9 @@ def profile_markdown(prof: dict, case: Case) -> str:
         "",
         "## The CPU time, all threads",
         "",
+        f"Lock and condition waits that py-spy samples as active ({waits / PROFILE_RATE:.2f} s: "
+        "the progress bar's monitor, the main thread waiting for the workers) are left out.",
+        "",
         *_table("activity", activities, cpu_total),
         "",
         "Innermost frames on the CPU (self time, native where py-spy could name it):",
@@ -534,7 +549,7 @@ def profile_markdown(prof: dict, case: Case) -> str:
         *(
             f"| {tid.removeprefix('thread (')} | {roles[tid]} | "
             f"{sum(n for _, n in s) / PROFILE_RATE:.2f} |"
-            for tid, s in wall["threads"].items()
+            for tid, s in wall_threads.items()
         ),
         "",
         "## Reading",
@@ -713,7 +728,7 @@ def targets_table(cases: list[Case], cgroup: dict[str, dict]) -> list[str]:
     ours = {k: r["status"] for k, r in cgroup.items() if k != DCP.label}
     rows += [
         "",
-        "Memory cgroup: titan2tune "
+        "Memory cgroup: "
         + ", ".join(f"{k}: {v}" for k, v in ours.items())
         + f"; dcp_to_torch: {cgroup[DCP.label]['status']}.",
     ]
@@ -746,7 +761,7 @@ def inputs_table(cases: list[Case], build: dict) -> list[str]:
             f"dim {s.dim}, {s.n_layers} layers, {s.n_heads}/{s.n_kv_heads} heads, "
             f"vocab {s.vocab_size}, hidden {s.hidden_dim}"
         )
-        built = f"{b['seconds']:.0f} | {b['peak_rss_mb']:.0f}" if b else "not recorded | "
+        built = f"{b['seconds']:.0f} | {b['peak_rss_mb']:.0f}" if b else "- | -"
         rows.append(
             f"| {c.inp.name} | {shape} | {c.inp.params / 1e6:.0f}M | {c.inp.kind} | "
             f"{c.all_bytes / MB:.0f} | {c.model_bytes / MB:.0f} | {c.out_bytes / MB:.0f} | "
@@ -755,15 +770,8 @@ def inputs_table(cases: list[Case], build: dict) -> list[str]:
     return rows
 
 
-def results_markdown(
-    cases: list[Case],
-    cgroup: dict[str, dict],
-    build: dict,
-    cgroup_mb: int,
-    command_line: str,
-    version: str,
-) -> str:
-    info = machine()
+def results_markdown(cases: list[Case], results: dict) -> str:
+    info, cgroup = results["machine"], results["cgroup"]
     loads = [r["load1"] for c in cases for runs in c.runs.values() for r in runs]
     lines = [
         "# Benchmark results",
@@ -773,13 +781,13 @@ def results_markdown(
         f"{statistics.median(loads):.1f}, min {min(loads):.1f}, max {max(loads):.1f} "
         f"on {info['nproc']} cores: the machine was shared with other work.",
         "",
-        f"Command: `{command_line}`, on titan2tune {version}.",
+        f"Command: `{results['command']}`, on titan2tune {results['version']}.",
         "",
         "Every method runs as a subprocess of the stdlib-only launcher `benchmarks/timed.py`, "
         "which takes the wall time around it (`time.perf_counter`) and its peak RSS "
         "(`ru_maxrss`) and CPU seconds (user + system) from `os.wait4`; the launcher keeps "
         "the torch-holding benchmark process out of the child's RSS high-water mark. CPU "
-        "seconds do not grow with the machine's load the way wall time does. "
+        "seconds grow far less with the machine's load than wall time does. "
         "Medians over the repeats; each repeat runs every "
         "method in another order, after reading the inputs once so that the page cache is warm. "
         "Outputs are float32 -> bfloat16 for titan2tune; `dcp_to_torch` writes the whole state "
@@ -789,13 +797,14 @@ def results_markdown(
         "calls; **ratios to the floor use the fsync variant**, since titan2tune fsyncs its "
         "output before publishing it. `+ flush s` is the `sync` after a run: what it left for "
         "the kernel to write back (dcp_to_torch does not fsync, so its wall time leaves that "
-        "out). MB = 10^6 bytes.",
+        "out; the sync is system-wide, so other work's writes land there too). "
+        "MB = 10^6 bytes.",
         "",
         "## Inputs",
         "",
         "Two-rank FSDP2 DCP saves by `converter.demo.write_step` (torchtitan G4 layout, float32).",
         "",
-        *inputs_table(cases, build),
+        *inputs_table(cases, results["build"]),
         "",
     ]
     for case in cases:
@@ -810,7 +819,7 @@ def results_markdown(
         "",
         *split_table(cases),
         "",
-        f"## In a {cgroup_mb} MiB memory cgroup ({cases[0].inp.name})",
+        f"## In a {results['cgroup_mb']} MiB memory cgroup ({cases[0].inp.name})",
         "",
         "One run each, cgroup v1 `memory.limit_in_bytes`; the cgroup's peak counts page cache "
         "too, which the kernel reclaims under pressure.",
@@ -867,11 +876,62 @@ def chart(cases: list[Case], path: Path) -> None:
     plt.close(fig)
 
 
+def run_all(args: argparse.Namespace, work: Path, logs: Path) -> dict:
+    """Builds the inputs, runs every measurement and returns everything the reports need."""
+    results = {
+        "command": shlex.join(["python", "benchmarks/run.py", *sys.argv[1:]]),
+        "version": source_version(),
+        "cgroup_mb": args.cgroup_mb,
+    }
+    build_file = work / "build.json"
+    build = json.loads(build_file.read_text()) if build_file.exists() else {}
+    build.update(build_inputs(work, logs))
+    build_file.write_text(json.dumps(build, indent=2))
+    cases = []
+    for inp in INPUTS:
+        print(f"{inp.name}: probe conversion, then {args.repeats} repeats", flush=True)
+        cases.append(prepare(inp, work, logs))
+        benchmark(cases[-1], args.repeats, logs)
+    results["cgroup"] = {
+        m.label: in_cgroup(m, cases[0], args.cgroup_mb << 20, logs) for m in CGROUP_METHODS
+    }
+    print("profiling one conversion with py-spy", flush=True)
+    results["profile"] = profile(cases[0], work, logs)
+    shutil.rmtree(work / "out" / "hydra", ignore_errors=True)
+    results["cases"] = {
+        c.inp.name: {k: getattr(c, k) for k in ("model_bytes", "all_bytes", "out_bytes", "runs")}
+        for c in cases
+    }
+    return results | {"build": build, "machine": machine()}
+
+
+def write_reports(results: dict, work: Path) -> str:
+    """RESULTS.md, results.png and PROFILE.md from a run's results; returns RESULTS.md."""
+    cases = [
+        Case(
+            inp,
+            input_step_dir(work, inp),
+            work / "out",
+            work / f"{inp.name}-floor.json",
+            **results["cases"][inp.name],
+        )
+        for inp in INPUTS
+    ]
+    report = results_markdown(cases, results)
+    (HERE / "RESULTS.md").write_text(report)
+    chart(cases, HERE / "results.png")
+    (HERE / "PROFILE.md").write_text(profile_markdown(results["profile"], cases[0]))
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=HERE / "work", help="inputs and outputs")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cgroup-mb", type=int, default=512, help="memory cgroup limit")
+    parser.add_argument(
+        "--report-only", action="store_true", help="rewrite the reports from the last run"
+    )
     parser.add_argument(
         "--build-input", choices=[i.name for i in INPUTS], help="internal: build one input"
     )
@@ -882,31 +942,10 @@ def main() -> None:
         return
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    command_line = shlex.join(["python", "benchmarks/run.py", *sys.argv[1:]])
-    version = source_version()
-
-    build_file = work / "build.json"
-    build = json.loads(build_file.read_text()) if build_file.exists() else {}
-    build.update(build_inputs(work, logs))
-    build_file.write_text(json.dumps(build, indent=2))
-    cases = []
-    for inp in INPUTS:
-        print(f"{inp.name}: probe conversion, then {args.repeats} repeats", flush=True)
-        cases.append(prepare(inp, work, logs))
-        benchmark(cases[-1], args.repeats, logs)
-    cgroup = {m.label: in_cgroup(m, cases[0], args.cgroup_mb << 20, logs) for m in CGROUP_METHODS}
-    print("profiling one conversion with py-spy", flush=True)
-    prof = profile(cases[0], work, logs)
-
-    (work / "results.json").write_text(
-        json.dumps({c.inp.name: c.runs for c in cases} | {"cgroup": cgroup}, indent=2)
-    )
-    report = results_markdown(cases, cgroup, build, args.cgroup_mb, command_line, version)
-    (HERE / "RESULTS.md").write_text(report)
-    chart(cases, HERE / "results.png")
-    (HERE / "PROFILE.md").write_text(profile_markdown(prof, cases[0]))
-    shutil.rmtree(work / "out" / "hydra", ignore_errors=True)
-    print(report)
+    if not args.report_only:
+        results = run_all(args, work, logs)
+        (work / "results.json").write_text(json.dumps(results, indent=2))
+    print(write_reports(json.loads((work / "results.json").read_text()), work))
 
 
 if __name__ == "__main__":
