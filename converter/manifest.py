@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import threading
@@ -166,7 +167,7 @@ def build_manifest(
             "checkpointer": keymaps.CHECKPOINTERS[output_format],
             "dtype": export_dtype,
             "tensors": len(plan.tensors),
-            "parameters": sum(_numel(t.shape) for t in plan.tensors),
+            "parameters": sum(math.prod(t.shape) for t in plan.tensors),
             "bytes": out_bytes,
             "sha256": sha256_file(written),
         },
@@ -247,10 +248,3 @@ def model_builder(model: ModelConfig) -> dict[str, Any] | None:
     else:
         component = "torchtune.models.llama3._component_builders.llama3"
     return {"_component_": component, **args}
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

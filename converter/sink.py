@@ -19,12 +19,12 @@ import errno
 import fcntl
 import logging
 import os
-import zipfile
 from pathlib import Path
 from types import TracebackType
 
 import torch
 
+from converter.archive import storage_records
 from converter.errors import ConversionError
 
 log = logging.getLogger(__name__)
@@ -203,21 +203,19 @@ def _lock(path: Path) -> int | None:
         os.close(fd)
 
 
-def record_offsets(path: Path) -> dict[str, int]:
+def record_offsets(path: Path, loaded: dict[str, torch.Tensor] | None = None) -> dict[str, int]:
     """Byte offset in the file of each tensor's data, as ``torch.load`` sees the file.
 
     Loaded with ``mmap=True``, every tensor is a view into one mapping of the file, so its data
     pointer minus the mapping's base is its offset. We pair those with the zip records' offsets
     in file order and check that sizes and spacing agree, rather than trusting record naming.
-    No tensor data is touched, so this costs no memory.
+    No tensor data is touched, so this costs no memory. ``loaded`` is that load, if the caller
+    has it already.
     """
-    loaded = torch.load(path, mmap=True, weights_only=True)
-    with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
-        records = sorted(
-            (_data_offset(f, info), info.file_size)
-            for info in zf.infolist()
-            if "/data/" in info.filename and info.file_size  # empty tensors need no bytes
-        )
+    if loaded is None:
+        loaded = torch.load(path, mmap=True, weights_only=True)
+    with open(path, "rb") as f:
+        records = [r for r in storage_records(f) if r[1]]  # empty tensors need no bytes
     storages = sorted(
         (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes(), name)
         for name, t in loaded.items()
@@ -232,15 +230,6 @@ def record_offsets(path: Path) -> dict[str, int]:
             raise RuntimeError(f"{path}: record at byte {offset} does not hold tensor {name!r}")
         offsets[name] = offset
     return offsets
-
-
-def _data_offset(f, info: zipfile.ZipInfo) -> int:
-    """Where a stored record's bytes begin: after its local header, name and extra field."""
-    f.seek(info.header_offset)
-    header = f.read(30)
-    name_len = int.from_bytes(header[26:28], "little")
-    extra_len = int.from_bytes(header[28:30], "little")
-    return info.header_offset + 30 + name_len + extra_len
 
 
 def _fsync_dir(path: Path) -> None:

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import pickle
 import re
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
+from converter.archive import storage_records
 from converter.errors import ConversionError
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class TensorEntry:
 
     @property
     def nbytes(self) -> int:
-        return _numel(self.shape) * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
     @property
     def row_chunked(self) -> bool:
@@ -75,13 +76,6 @@ class RowPart:
     stop: int
     nbytes: int  # the buffer size that ``load`` needs
     load: Callable[[torch.Tensor], torch.Tensor]
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def list_steps(checkpoint_dir: Path) -> dict[int, Path]:
@@ -243,7 +237,10 @@ class DcpCheckpoint:
                 window = _FileWindow(f, chunk.offset, chunk.length)
                 with torch.serialization.skip_data():
                     meta = torch.load(window, map_location="cpu", weights_only=True)
-                start, length = _storage_record(window)
+                records = storage_records(window)
+                if len(records) != 1:
+                    raise ValueError(f"{len(records)} storage records in a one-tensor blob")
+                [(start, length)] = records
                 if length != meta.untyped_storage().nbytes() or length > buffer.numel():
                     raise ValueError(f"a storage record of {length} bytes does not fit")
                 window.seek(start)
@@ -294,20 +291,6 @@ class DcpCheckpoint:
                 view = view.narrow(dim, start, size)
             view.copy_(self.read_chunk(entry, chunk))
         return out
-
-
-def _storage_record(blob: io.RawIOBase) -> tuple[int, int]:
-    """Offset and length, within a ``torch.save`` archive of one tensor, of its storage bytes."""
-    blob.seek(0)
-    with zipfile.ZipFile(blob) as archive:
-        records = [i for i in archive.infolist() if "/data/" in i.filename]
-    if len(records) != 1:
-        raise ValueError(f"{len(records)} storage records in a one-tensor blob")
-    blob.seek(records[0].header_offset)
-    header = blob.read(30)
-    name_len = int.from_bytes(header[26:28], "little")
-    extra_len = int.from_bytes(header[28:30], "little")
-    return records[0].header_offset + 30 + name_len + extra_len, records[0].file_size
 
 
 class _FileWindow(io.RawIOBase):

@@ -31,7 +31,7 @@ def verify_output(
 ) -> None:
     try:
         loaded = torch.load(path, mmap=True, weights_only=True)
-        offsets = record_offsets(path)
+        offsets = record_offsets(path, loaded)
     except Exception as e:
         raise _mismatch(path, f"it does not load with torch.load(weights_only=True): {e}") from e
     if not isinstance(loaded, dict) or list(loaded) != [t.name for t in plan.tensors]:
