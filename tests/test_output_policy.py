@@ -1,0 +1,87 @@
+"""What happens to an output already on disk, and that the read-back check catches bad bytes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from converter import job
+from converter.config import ModelConfig
+from converter.engine import convert_tensors
+from converter.errors import ConversionError
+from converter.mapping import plan_conversion
+from converter.sink import OutputFile
+from converter.source import DcpCheckpoint
+from converter.verify import verify_output
+from tests.conftest import FULL_STEP, compose, model_overrides
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _run(root, shape, out: Path, *overrides: str) -> job.JobResult:
+    return job.run(
+        compose(
+            [
+                "experiment=debug",
+                f"experiment.checkpoint_dir={root}",
+                f"experiment.step={FULL_STEP}",
+                f"experiment.output={out}",
+                *model_overrides(shape),
+                *overrides,
+            ]
+        )
+    )
+
+
+def test_existing_output_is_replaced_only_with_overwrite(layout_checkpoints, tmp_path):
+    root, shape, saved = layout_checkpoints["G4", "mha"]
+    out = tmp_path / "model.pt"
+    assert _run(root, shape, out, "experiment.export_dtype=bfloat16").status == "converted"
+    before = _sha(out)
+
+    refused = _run(root, shape, out, "experiment.export_dtype=float32")
+    assert refused.status == "failed" and "already exists" in refused.error
+    assert "overwrite=true" in refused.error and _sha(out) == before
+
+    replaced = _run(root, shape, out, "experiment.export_dtype=float32", "overwrite=true")
+    assert replaced.status == "converted"
+    loaded = torch.load(out, mmap=True, weights_only=True)
+    assert torch.equal(loaded["norm.weight"], saved[FULL_STEP]["norm.weight"].float())
+
+
+def test_verify_rejects_a_changed_byte(layout_checkpoints, tmp_path):
+    root, shape, _ = layout_checkpoints["G4", "mha"]
+    checkpoint = DcpCheckpoint(root / f"step-{FULL_STEP}")
+    model = ModelConfig(n_heads=shape.n_heads, n_kv_heads=shape.n_kv_heads)
+    plan = plan_conversion(
+        checkpoint.tensors, checkpoint.byte_entries, model, "meta", torch.bfloat16, "source"
+    )
+    with OutputFile(tmp_path / "model.pt") as out:
+        out.create({t.name: (t.shape, t.dtype) for t in plan.tensors})
+        regions = convert_tensors(
+            checkpoint,
+            plan,
+            out,
+            workers=2,
+            budget_bytes=1 << 20,
+            allow_nonfinite=False,
+            progress=lambda n: None,
+        )
+        out.sync()
+        verify_output(out.partial, plan, regions, checkpoint)  # intact: passes
+        victim = plan.tensors[3].name
+        fd = os.open(out.partial, os.O_RDWR)
+        try:
+            offset = out.offsets[victim] + 5
+            byte = os.pread(fd, 1, offset)
+            os.pwrite(fd, bytes([byte[0] ^ 0x01]), offset)
+        finally:
+            os.close(fd)
+        with pytest.raises(ConversionError, match=f"Verification of .* failed: .*{victim}"):
+            verify_output(out.partial, plan, regions, checkpoint)
