@@ -7,6 +7,8 @@
 See README.md for every setting.
 """
 
+import logging
+import os
 import signal
 import sys
 
@@ -31,10 +33,28 @@ def main(cfg: DictConfig) -> job.JobResult:
     return result
 
 
+def _exit_code(code: object) -> int:
+    """The exit status that ``sys.exit(code)`` gives."""
+    if code is None or isinstance(code, int):
+        return code or 0
+    print(code, file=sys.stderr)
+    return 1
+
+
 if __name__ == "__main__":
     # Past a file size limit (ulimit -f) the kernel sends SIGXFSZ, whose default action kills
     # the process before it can clean up. Ignored, the write fails with EFBIG instead, and the
     # job reports it and removes its partial output. (CPython ignores it at start-up already;
     # this states that the job relies on it.)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    main()
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = _exit_code(e.code)
+    # Everything the job wrote is synced and closed by now. Tearing down the interpreter
+    # (freeing torch's modules one by one) took 1.4 s of a 10 s conversion here: skip it.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Union
 
-import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
@@ -28,10 +27,6 @@ class ExportDtype(Enum):
 
     def __str__(self) -> str:  # so ${experiment.export_dtype} interpolates as "bfloat16"
         return self.value
-
-    @property
-    def torch_dtype(self) -> torch.dtype | None:
-        return None if self is ExportDtype.keep else getattr(torch, self.value)
 
 
 class OutputFormat(Enum):

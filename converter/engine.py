@@ -1,9 +1,10 @@
 """The streaming conversion: source chunks -> cast tensors -> bytes in place in the output.
 
 Work is split by source tensor and handed to ``workers`` threads (torch's cast kernels and file
-I/O release the GIL). Every chunk is read into, and cast within, a buffer borrowed from one pool
-shared by the workers. The pool bounds the memory that tensor data can take to ``batch_mb`` (or
-one chunk, if a chunk is larger), however large the checkpoint, and it recycles its buffers:
+I/O release the GIL). Every run of rows (of at most 32 MiB) is read into, and cast within, a
+buffer borrowed from one pool shared by the workers. The pool bounds the memory that tensor data
+can take to ``batch_mb`` (or one row, if a row is larger), however large the checkpoint, and it
+recycles its buffers:
 fresh multi-megabyte allocations would cost a page fault per 4 KiB on every chunk, which was
 measured here to take longer than reading the bytes themselves.
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
@@ -24,10 +25,12 @@ import xxhash
 
 from converter.errors import ConversionError
 from converter.mapping import OutputTensor, Plan
-from converter.sink import OutputFile
+from converter.sink import Filler
 from converter.source import DcpCheckpoint
 
 _ALIGN = 64
+# Reads this large run at the disk's and the page cache's full speed; larger ones only cost memory.
+_PART_BYTES = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -84,31 +87,41 @@ class BufferPool:
 def convert_tensors(
     checkpoint: DcpCheckpoint,
     plan: Plan,
-    out: OutputFile,
+    out: Filler,
     *,
     workers: int,
     budget_bytes: int,
     allow_nonfinite: bool,
     progress: Callable[[int], None],
+    only: Collection[str] | None = None,
+    stopped: Callable[[], bool] = lambda: False,
 ) -> dict[str, list[Region]]:
-    """Fills every output tensor of ``plan`` into ``out``; returns what was written where."""
+    """Fills the output tensors of ``plan`` into ``out`` (from the source tensors ``only``, if
+    given: a task's share of a conversion split across tasks); returns what was written where.
+    ``stopped`` is asked between parts whether another task has failed the conversion."""
     consumers: dict[str, list[tuple[OutputTensor, int, int, int]]] = {}
     for tensor in plan.tensors:
         for p in tensor.pieces:
-            consumers.setdefault(p.source, []).append(
-                (tensor, p.src_start, p.src_stop, p.dst_start)
-            )
+            if only is None or p.source in only:
+                consumers.setdefault(p.source, []).append(
+                    (tensor, p.src_start, p.src_stop, p.dst_start)
+                )
     regions: dict[str, list[Region]] = {t.name: [] for t in plan.tensors}
     lock = threading.Lock()
     pool = BufferPool(budget_bytes)
     stop = threading.Event()
+    # A part's buffer holds its stored bytes and, cast, up to twice as many (bfloat16 ->
+    # float32): parts of a third of each worker's share keep every worker busy in the budget.
+    part_bytes = min(_PART_BYTES, budget_bytes // (3 * workers))
 
     def convert_source(key: str) -> None:
         entry = checkpoint.tensors[key]
         out_dtype = consumers[key][0][0].dtype
-        for part in checkpoint.parts(entry):
+        for part in checkpoint.parts(entry, part_bytes):
             if stop.is_set():
                 return
+            if stopped():
+                raise ConversionError("Task 0 stopped the conversion: it failed (see its log).")
             rows = part.stop - part.start
             # Room for the stored blob's tensor storage, then for the cast rows.
             read_bytes = _aligned(part.nbytes)

@@ -7,23 +7,24 @@ same source and settings skip the work.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import platform
-import threading
 from collections import Counter
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from converter import keymaps
 from converter.config import ModelConfig
-from converter.mapping import Plan
-from converter.source import DcpCheckpoint
+from converter.hashing import sha256_file
+
+if TYPE_CHECKING:  # the job imports this module before torch (see converter.job)
+    from converter.mapping import Plan
+    from converter.source import DcpCheckpoint
 
 MANIFEST_SUFFIX = ".manifest.json"
 TORCHTUNE_SUFFIX = ".torchtune.yaml"
@@ -62,61 +63,6 @@ def read_manifest(output: Path) -> dict[str, Any] | None:
         return None
 
 
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-class SourceHasher:
-    """The sha256 of every file of a checkpoint, taken on a background thread.
-
-    DCP keeps no checksums, so the manifest records the hash of each source file; taking it
-    in a separate pass would read the whole checkpoint once more before the conversion starts.
-    Instead this thread reads the files while the conversion runs (``hashlib`` releases the GIL
-    while it hashes), usually from the page cache the conversion fills anyway. ``result()``
-    waits for it; ``cancel()`` stops it after the block in hand, for a run that failed.
-    """
-
-    _BLOCK = 4 << 20
-
-    def __init__(self, paths: list[Path]) -> None:
-        self._paths = paths
-        self._digests: dict[Path, str] = {}
-        self._error: OSError | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="sha256-sources", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        buffer = bytearray(self._BLOCK)
-        view = memoryview(buffer)
-        try:
-            for path in self._paths:
-                digest = hashlib.sha256()
-                with open(path, "rb", buffering=0) as f:
-                    while not self._stop.is_set():
-                        n = f.readinto(buffer)
-                        if not n:
-                            break
-                        digest.update(view[:n])
-                self._digests[path] = digest.hexdigest()
-        except OSError as e:
-            self._error = e
-
-    def cancel(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def result(self) -> dict[Path, str]:
-        """``path -> sha256`` of every file; raises the OSError that stopped the hashing."""
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        if self._stop.is_set():
-            raise RuntimeError("hashing was cancelled")
-        return dict(self._digests)
-
-
 def package_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for name in _PACKAGES:
@@ -135,6 +81,7 @@ def build_manifest(
     plan: Plan,
     written: Path,
     output: Path,
+    output_sha256: str,
     output_format: str,
     export_dtype: str,
     durations: dict[str, float],
@@ -169,7 +116,7 @@ def build_manifest(
             "tensors": len(plan.tensors),
             "parameters": sum(math.prod(t.shape) for t in plan.tensors),
             "bytes": out_bytes,
-            "sha256": sha256_file(written),
+            "sha256": output_sha256,
         },
         "converted": {t.name: sorted({p.source for p in t.pieces}) for t in plan.tensors},
         "dropped": {d.key: d.reason for d in plan.dropped},

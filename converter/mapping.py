@@ -102,10 +102,12 @@ def plan_conversion(
     byte_entries: Iterable[str],
     model: ModelConfig,
     output_format: str,
-    export_dtype: torch.dtype | None,
+    export_dtype: str,
     source_name: str,
 ) -> Plan:
-    """Classifies every checkpoint key and maps the model weights to output tensors."""
+    """Classifies every checkpoint key and maps the model weights to output tensors;
+    floating-point weights are written as ``export_dtype`` (a torch dtype's name, or ``keep``)."""
+    cast_to = None if export_dtype == "keep" else getattr(torch, export_dtype)
     dropped: list[Dropped] = []
     model_keys: dict[str, str] = {}  # key within the model -> checkpoint key
     unknown: list[str] = []
@@ -175,7 +177,7 @@ def plan_conversion(
         name = _translate(pivot, output_names)
         assert name is not None, pivot  # every pivot key has a name in every format
         src_dtype = tensors[pieces[pivot][0].source].dtype
-        dtype = export_dtype if export_dtype and src_dtype.is_floating_point else src_dtype
+        dtype = cast_to if cast_to and src_dtype.is_floating_point else src_dtype
         out.append(OutputTensor(name, shapes[pivot], dtype, tuple(pieces[pivot])))
     tied = [(src, _translate(dst, output_names) or dst) for src, dst in tied]
     return Plan(generation, not has_training_state, out, dropped, tied)

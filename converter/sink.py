@@ -19,6 +19,7 @@ import errno
 import fcntl
 import logging
 import os
+import threading
 from pathlib import Path
 from types import TracebackType
 
@@ -28,6 +29,9 @@ from converter.archive import storage_records
 from converter.errors import ConversionError
 
 log = logging.getLogger(__name__)
+
+# Write-back starts every this many bytes written (see _Flusher).
+_FLUSH_BYTES = 128 << 20
 
 
 class OutputFile:
@@ -41,9 +45,8 @@ class OutputFile:
         self.partial = path.with_name(f".{path.name}.partial")
         self.lock_path = path.with_name(f".{path.name}.lock")
         self.sidecars = sidecars
-        self.offsets: dict[str, int] = {}
+        self.filler: Filler | None = None
         self._lock_fd: int | None = None
-        self._fd: int | None = None
         self._made_dirs: list[Path] = []
 
     def __enter__(self) -> OutputFile:
@@ -72,8 +75,9 @@ class OutputFile:
             raise
         return self
 
-    def create(self, layout: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
-        """Writes the archive's structure for tensors ``name -> (shape, dtype)``, in order."""
+    def create(self, layout: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> Filler:
+        """Writes the archive's structure for tensors ``name -> (shape, dtype)``, in order;
+        returns the means to fill in their bytes."""
         # torch.empty leaves the pages untouched, so this costs address space, not memory.
         skeleton = {
             name: torch.empty(shape, dtype=dtype) for name, (shape, dtype) in layout.items()
@@ -84,38 +88,15 @@ class OutputFile:
             # as the OSError with its errno. The skipped data is seeked over, not written.
             with open(self.partial, "wb") as f, torch.serialization.skip_data():
                 torch.save(skeleton, f)
-            self.offsets = record_offsets(self.partial)
-            self._fd = os.open(self.partial, os.O_WRONLY)
+            offsets = record_offsets(self.partial)
         except OSError as e:
             raise output_error(self.path, e) from e
-
-    def write(self, name: str, byte_offset: int, data: torch.Tensor) -> None:
-        """Writes ``data``'s bytes at ``byte_offset`` within tensor ``name``'s record."""
-        assert self._fd is not None, "create() first"
-        # Flat bytes: a short write (a filling disk) resumes at the right byte, and the next
-        # pwrite reports why, rather than slicing a multi-dimensional view by rows.
-        view = memoryview(data.contiguous().reshape(-1).view(torch.uint8).numpy())
-        pos = self.offsets[name] + byte_offset
-        try:
-            while view:
-                written = os.pwrite(self._fd, view, pos)
-                view, pos = view[written:], pos + written
-        except OSError as e:
-            raise output_error(self.path, e) from e
-
-    def sync(self) -> None:
-        """Makes the partial file complete and durable; it can be read back after this."""
-        assert self._fd is not None, "create() first"
-        try:
-            os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = None
-        except OSError as e:
-            raise output_error(self.path, e) from e
+        self.filler = Filler(self.partial, offsets, self.path)
+        return self.filler
 
     def publish(self) -> None:
-        """Gives the synced file its final name in one atomic step."""
-        assert self._fd is None, "sync() first"
+        """Gives the filled and synced file its final name in one atomic step."""
+        assert self.filler is not None and self.filler.closed, "fill and sync() first"
         try:
             os.replace(self.partial, self.path)
             _fsync_dir(self.path.parent)
@@ -128,9 +109,8 @@ class OutputFile:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        if self.filler is not None:
+            self.filler.close()
         try:
             self._remove_leftovers()
         finally:
@@ -159,6 +139,115 @@ class OutputFile:
             except OSError:
                 break
         self._made_dirs = []
+
+
+class Filler:
+    """An output file under construction, open for its tensors' bytes to be written in place.
+
+    The run that created the file fills it, and so do the other tasks of a SLURM job that
+    share the conversion (``converter.tasks``), each with a ``Filler`` of its own on the same
+    file: writes go to disjoint byte ranges, so they need no coordination.
+    """
+
+    def __init__(self, partial: Path, offsets: dict[str, int], output: Path) -> None:
+        """``offsets``: where each tensor's bytes start in ``partial``; ``output``: the final
+        name, which error messages give."""
+        self.partial = partial
+        self.offsets = offsets
+        self._output = output
+        try:
+            self._fd: int | None = os.open(partial, os.O_WRONLY)
+        except OSError as e:
+            raise output_error(output, e) from e
+        self._flusher = _Flusher(self._fd)
+
+    @property
+    def closed(self) -> bool:
+        return self._fd is None
+
+    def write(self, name: str, byte_offset: int, data: torch.Tensor) -> None:
+        """Writes ``data``'s bytes at ``byte_offset`` within tensor ``name``'s record."""
+        assert self._fd is not None, "closed"
+        # Flat bytes: a short write (a filling disk) resumes at the right byte, and the next
+        # pwrite reports why, rather than slicing a multi-dimensional view by rows.
+        view = memoryview(data.contiguous().reshape(-1).view(torch.uint8).numpy())
+        pos = self.offsets[name] + byte_offset
+        try:
+            self._flusher.check()
+            while view:
+                written = os.pwrite(self._fd, view, pos)
+                view, pos = view[written:], pos + written
+                self._flusher.wrote(written)
+        except OSError as e:
+            raise output_error(self._output, e) from e
+
+    def sync(self) -> None:
+        """Makes what was written durable, and closes the file."""
+        assert self._fd is not None, "closed"
+        try:
+            self._flusher.close()
+            self._flusher.check()
+            os.fsync(self._fd)
+        except OSError as e:
+            raise output_error(self._output, e) from e
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._flusher.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class _Flusher:
+    """Flushes the output behind the writes, on a thread of its own.
+
+    Below the kernel's background write-back threshold (10% of RAM here) every dirty page of
+    the output would wait for the final fsync, which would then write the whole file while the
+    CPUs sit idle: 1.7 s of a 1.3 GB conversion here. An ``fdatasync`` every ``_FLUSH_BYTES``
+    keeps the disk writing while the conversion computes, and leaves the final fsync the last
+    few blocks (0.2 s). It also bounds the dirty memory a large conversion leaves behind.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._pending = 0
+        self._lock = threading.Lock()
+        self._wanted = threading.Event()
+        self._closing = False
+        self._error: OSError | None = None
+        self._thread = threading.Thread(target=self._run, name="flush-behind", daemon=True)
+        self._thread.start()
+
+    def wrote(self, nbytes: int) -> None:
+        with self._lock:
+            self._pending += nbytes
+            if self._pending >= _FLUSH_BYTES:
+                self._pending = 0
+                self._wanted.set()
+
+    def check(self) -> None:
+        """Raises the error a flush met (a full disk shows here first)."""
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        self._closing = True
+        self._wanted.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            if self._closing:
+                return
+            try:
+                os.fdatasync(self._fd)
+            except OSError as e:
+                self._error = e
+                return
 
 
 def _make_dirs(folder: Path, made: list[Path]) -> None:

@@ -14,27 +14,18 @@ import logging
 import math
 import os
 import pickle
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
-from torch.distributed.checkpoint.metadata import (
-    BytesStorageMetadata,
-    Metadata,
-    MetadataIndex,
-    TensorStorageMetadata,
-)
 
 from converter.archive import storage_records
 from converter.errors import ConversionError
+from converter.steps import METADATA_FILE
 
 log = logging.getLogger(__name__)
-
-METADATA_FILE = ".metadata"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -78,68 +69,67 @@ class RowPart:
     load: Callable[[torch.Tensor], torch.Tensor]
 
 
-def list_steps(checkpoint_dir: Path) -> dict[int, Path]:
-    """The ``step-<N>`` folders of a torchtitan checkpoint folder, complete or not."""
-    steps = {}
-    for child in checkpoint_dir.iterdir():
-        m = _STEP_DIR.match(child.name)
-        if m and child.is_dir():
-            steps[int(m.group(1))] = child
-    return dict(sorted(steps.items()))
+class _Record:
+    """An object of one of DCP's index classes (``kind``), read back as plain fields."""
+
+    kind = ""
+
+    def __setstate__(self, state: object) -> None:
+        if self.kind == "TensorProperties" and isinstance(state, tuple):
+            state = {"dtype": state[0]}  # its own __getstate__: (dtype, layout, ...)
+        elif isinstance(state, tuple):  # a class with __slots__: (__dict__, slot values)
+            state = {**(state[0] or {}), **state[1]}
+        if not isinstance(state, dict):
+            raise _NotAnIndex(f"a {self.kind} holds {type(state).__name__} state")
+        self.__dict__.update(state)
 
 
-def find_step_dir(checkpoint_dir: Path, step: int | str) -> tuple[int, Path]:
-    """Resolves ``step`` (a number or ``latest``) to a step folder with a finished save."""
-    if not checkpoint_dir.exists():
-        raise ConversionError(
-            f"Checkpoint folder {checkpoint_dir} does not exist. Set experiment.checkpoint_dir "
-            "to the folder that holds the step-<N> folders (torchtitan's "
-            "<dump_folder>/<checkpoint.folder>)."
-        )
-    if not checkpoint_dir.is_dir():
-        raise ConversionError(
-            f"experiment.checkpoint_dir {checkpoint_dir} is a file, not a folder; point it at "
-            "the folder that holds the step-<N> folders."
-        )
-    steps = list_steps(checkpoint_dir)
-    if not steps:
-        found = sorted(p.name for p in checkpoint_dir.iterdir())[:10]
-        raise ConversionError(
-            f"{checkpoint_dir} is not a torchtitan checkpoint folder: it has no step-<N> "
-            f"folders (it holds {found or 'nothing'}). Point experiment.checkpoint_dir at "
-            "<dump_folder>/<checkpoint.folder> of the run."
-        )
-    complete = {n: p for n, p in steps.items() if (p / METADATA_FILE).is_file()}
-    if step == "latest":
-        if not complete:
-            raise ConversionError(
-                f"No finished save in {checkpoint_dir}: none of {[p.name for p in steps.values()]}"
-                f" has a {METADATA_FILE} file (each save was interrupted). Re-run the save."
-            )
-        chosen = max(complete)
-        unfinished = [n for n in steps if n > chosen]
-        if unfinished:
-            log.warning(
-                "step-%s in %s has no %s (an unfinished save); using the newest complete "
-                "save, step-%s.",
-                max(unfinished),
-                checkpoint_dir,
-                METADATA_FILE,
-                chosen,
-            )
-        return chosen, complete[chosen]
-    assert isinstance(step, int)
-    if step not in steps:
-        raise ConversionError(
-            f"{checkpoint_dir} has no step-{step} folder; the steps saved there are "
-            f"{list(steps)}. Set experiment.step to one of them, or to latest."
-        )
-    if step not in complete:
-        raise ConversionError(
-            f"{steps[step]} has no {METADATA_FILE} file: that save did not finish. Choose a "
-            f"complete step ({list(complete) or 'none'}) or experiment.step=latest."
-        )
-    return step, steps[step]
+_DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+_RECORDS = {
+    name: type(name, (_Record,), {"kind": name})
+    for name in (
+        "Metadata",
+        "StorageMeta",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "MetadataIndex",
+        "_StorageInfo",
+    )
+}
+# What else an index names, and what stands for it: torch.Size(...) -> a tuple,
+# _MEM_FORMAT_ENCODING(0) -> 0, _get_layout("torch.strided") -> the layout's name.
+_PLAIN = {
+    ("torch", "Size"): tuple,
+    ("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING"): int,
+    ("torch.serialization", "_get_layout"): str,
+    ("collections", "OrderedDict"): dict,
+    ("pathlib", "PosixPath"): PurePosixPath,
+    ("pathlib", "PurePosixPath"): PurePosixPath,
+}
+
+
+class _NotAnIndex(Exception):
+    """The pickle names something that a DCP index does not hold."""
+
+
+class _IndexUnpickler(pickle.Unpickler):
+    """Reads a DCP ``.metadata`` pickle as data, with an allowlist of the classes it may name.
+
+    ``pickle.load`` would run whatever code the file names, and needs DCP imported for its
+    classes: that import pulls in DTensor and costs ~1.5 s of every run's start-up. The index
+    is plain data (names, shapes, dtypes, file offsets), so stand-ins carry it as well.
+    """
+
+    def find_class(self, module: str, name: str) -> object:
+        if module in _DCP_MODULES and name in _RECORDS:
+            return _RECORDS[name]
+        if (module, name) in _PLAIN:
+            return _PLAIN[module, name]
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise _NotAnIndex(f"it names {module}.{name}, which a DCP index does not hold")
 
 
 class DcpCheckpoint:
@@ -149,18 +139,23 @@ class DcpCheckpoint:
         self.step_dir = step_dir
         self.metadata_path = step_dir / METADATA_FILE
         metadata = self._read_metadata()
+        # MetadataIndex(fqn, offset) -> where the chunk lies; bytes entries have no offset.
+        storage = {
+            (i.fqn, tuple(getattr(i, "offset", None) or ())): info
+            for i, info in metadata.storage_data.items()
+        }
         self.tensors: dict[str, TensorEntry] = {}
         self.byte_entries: list[str] = []
         shard_extent: dict[Path, int] = {}
         for key, md in metadata.state_dict_metadata.items():
-            if isinstance(md, BytesStorageMetadata):
+            if md.kind == "BytesStorageMetadata":
                 self.byte_entries.append(key)
                 continue
-            if not isinstance(md, TensorStorageMetadata):
-                raise self._unknown_format(f"entry {key!r} is a {type(md).__name__}")
+            if md.kind != "TensorStorageMetadata":
+                raise self._unknown_format(f"entry {key!r} is a {md.kind}")
             chunks = []
             for c in md.chunks:
-                info = metadata.storage_data.get(MetadataIndex(key, c.offsets))
+                info = storage.get((key, tuple(c.offsets)))
                 if info is None:
                     raise self._unknown_format(f"no storage record for a chunk of {key!r}")
                 if getattr(info, "transform_descriptors", None):
@@ -177,18 +172,22 @@ class DcpCheckpoint:
             self.tensors[key] = TensorEntry(key, md.properties.dtype, tuple(md.size), tuple(chunks))
         self.shard_sizes = self._check_shards(shard_extent)
 
-    def _read_metadata(self) -> Metadata:
+    def _read_metadata(self) -> _Record:
         try:
             with open(self.metadata_path, "rb") as f:
-                metadata = pickle.load(f)
+                metadata = _IndexUnpickler(f).load()
+        except _NotAnIndex as e:
+            raise self._unknown_format(str(e)) from e
         except Exception as e:  # pickle raises a zoo of types on damaged input
             raise ConversionError(
                 f"Cannot read {self.metadata_path} ({type(e).__name__}: {e}). The file is "
                 "truncated or damaged, so the save did not finish cleanly; convert another "
                 "step (experiment.step) or re-save this one."
             ) from e
-        if not isinstance(metadata, Metadata) or not isinstance(
-            getattr(metadata, "state_dict_metadata", None), dict
+        if (
+            getattr(metadata, "kind", None) != "Metadata"
+            or not isinstance(getattr(metadata, "state_dict_metadata", None), dict)
+            or not isinstance(getattr(metadata, "storage_data", None), dict)
         ):
             raise self._unknown_format(f"it holds a {type(metadata).__name__}")
         return metadata
@@ -220,18 +219,22 @@ class DcpCheckpoint:
         return sizes
 
     def read_chunk(
-        self, entry: TensorEntry, chunk: Chunk, buffer: torch.Tensor | None = None
+        self,
+        entry: TensorEntry,
+        chunk: Chunk,
+        buffer: torch.Tensor | None = None,
+        rows: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        """Loads one chunk, checked against the index, in its stored dtype.
+        """Loads one chunk, or its rows ``[start, stop)``, checked against the index, in its
+        stored dtype.
 
         The blob is read in two steps so that its bytes are copied once, from the file straight
-        into ``buffer`` (a uint8 tensor of at least ``chunk.length`` bytes, reused by the caller;
-        a fresh one if None): ``torch.load`` under ``skip_data`` builds the tensor's metadata
-        (dtype, shape, strides) from the blob's pickle without its bytes, then the blob's one
-        storage record is read into the buffer and the tensor is laid over it.
+        into ``buffer`` (a uint8 tensor large enough, reused by the caller; a fresh one if
+        None): ``torch.load`` under ``skip_data`` builds the tensor's metadata (dtype, shape,
+        strides) from the blob's pickle without its bytes, then the bytes of the blob's one
+        storage record (of the rows asked for) are read into the buffer and the tensor is laid
+        over them.
         """
-        if buffer is None:
-            buffer = torch.empty(chunk.length, dtype=torch.uint8)
         try:
             with open(chunk.path, "rb", buffering=0) as f:
                 window = _FileWindow(f, chunk.offset, chunk.length)
@@ -241,44 +244,55 @@ class DcpCheckpoint:
                 if len(records) != 1:
                     raise ValueError(f"{len(records)} storage records in a one-tensor blob")
                 [(start, length)] = records
-                if length != meta.untyped_storage().nbytes() or length > buffer.numel():
-                    raise ValueError(f"a storage record of {length} bytes does not fit")
+                if length != meta.untyped_storage().nbytes():
+                    raise ValueError(f"a storage record of {length} bytes for its tensor")
+                if tuple(meta.shape) != chunk.sizes or meta.dtype != entry.dtype:
+                    raise _Mismatch
+                if rows is not None:
+                    if not meta.is_contiguous() or meta.storage_offset():
+                        raise ValueError("rows of a tensor stored with strides or an offset")
+                    row_bytes = length // max(chunk.sizes[0], 1)
+                    start, length = start + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
+                    meta = meta[rows[0] : rows[1]]
+                if buffer is None:
+                    buffer = torch.empty(length, dtype=torch.uint8)
+                if length > buffer.numel():
+                    raise ValueError(f"{length} bytes do not fit the buffer")
                 window.seek(start)
                 if window.readinto(buffer[:length].numpy()) != length:
                     raise EOFError("the storage record ends early")
+        except _Mismatch:
+            raise ConversionError(
+                f"Chunk {chunk.offsets} of {entry.key!r} in {chunk.path} does not match "
+                f"{self.metadata_path} (expected {entry.dtype} of shape {chunk.sizes}). The "
+                "shard file and the index come from different saves; copy the step folder again."
+            ) from None
         except Exception as e:
             raise ConversionError(
                 f"Cannot read chunk {chunk.offsets} of {entry.key!r} from {chunk.path} at byte "
                 f"{chunk.offset} ({type(e).__name__}: {e}). The shard file is damaged; copy "
                 "the step folder again or convert another step."
             ) from e
-        if tuple(meta.shape) != chunk.sizes or meta.dtype != entry.dtype:
-            raise ConversionError(
-                f"Chunk {chunk.offsets} of {entry.key!r} in {chunk.path} does not match "
-                f"{self.metadata_path} (expected {entry.dtype} of shape {chunk.sizes}). The "
-                "shard file and the index come from different saves; copy the step folder again."
-            )
         assert buffer.storage_offset() == 0
-        return (
-            buffer[:length]
-            .view(meta.dtype)
-            .as_strided(meta.shape, meta.stride(), meta.storage_offset())
-        )
+        offset = 0 if rows is not None else meta.storage_offset()
+        return buffer[:length].view(meta.dtype).as_strided(meta.shape, meta.stride(), offset)
 
-    def parts(self, entry: TensorEntry) -> list[RowPart]:
-        """The tensor as runs of whole rows in order, each loadable on its own."""
-        if entry.row_chunked:
-            return [
-                RowPart(
-                    c.offsets[0],
-                    c.offsets[0] + c.sizes[0],
-                    c.length,
-                    partial(self.read_chunk, entry, c),
-                )
-                for c in sorted(entry.chunks, key=lambda c: c.offsets)
-                if c.sizes[0]
-            ]
-        return [RowPart(0, entry.shape[0], entry.nbytes, partial(self.read_tensor, entry))]
+    def parts(self, entry: TensorEntry, max_bytes: int = 32 << 20) -> list[RowPart]:
+        """The tensor as runs of whole rows in order, each loadable on its own and, but for
+        single rows larger than that, of at most ``max_bytes``: so that one 128k-vocabulary
+        embedding shard does not need its 1 GB in memory at once."""
+        if not entry.row_chunked:
+            return [RowPart(0, entry.shape[0], entry.nbytes, partial(self.read_tensor, entry))]
+        row_bytes = math.prod(entry.shape[1:]) * entry.dtype.itemsize
+        step = max(1, max_bytes // max(row_bytes, 1))
+        parts = []
+        for c in sorted(entry.chunks, key=lambda c: c.offsets):
+            for lo in range(0, c.sizes[0], step):
+                hi = min(lo + step, c.sizes[0])
+                load = partial(self.read_chunk, entry, c, rows=(lo, hi))
+                start = c.offsets[0]
+                parts.append(RowPart(start + lo, start + hi, (hi - lo) * row_bytes, load))
+        return parts
 
     def read_tensor(self, entry: TensorEntry, buffer: torch.Tensor | None = None) -> torch.Tensor:
         """Assembles a whole tensor from its chunks (for chunks that are not whole rows)."""
@@ -291,6 +305,10 @@ class DcpCheckpoint:
                 view = view.narrow(dim, start, size)
             view.copy_(self.read_chunk(entry, chunk))
         return out
+
+
+class _Mismatch(Exception):
+    """A blob that holds another tensor than the index says."""
 
 
 class _FileWindow(io.RawIOBase):

@@ -592,9 +592,9 @@ def test_disk_filling_mid_tensor_is_reported_not_truncated(tmp_path):
             pytest.raises(ConversionError, match="the disk is full"),
             OutputFile(fs / "model.pt") as out,
         ):
-            out.create(layout)
+            filler = out.create(layout)
             for name in layout:
-                out.write(name, 0, torch.ones(256, 256))
+                filler.write(name, 0, torch.ones(256, 256))
         assert list(fs.iterdir()) == []
 
 

@@ -13,10 +13,11 @@ from converter import job
 from converter.config import ModelConfig
 from converter.engine import convert_tensors
 from converter.errors import ConversionError
+from converter.hashing import sha256_file
 from converter.mapping import plan_conversion
 from converter.sink import OutputFile
 from converter.source import DcpCheckpoint
-from converter.verify import verify_output
+from converter.verify import read_back
 from tests.conftest import FULL_STEP, compose, model_overrides
 
 
@@ -60,28 +61,29 @@ def test_verify_rejects_a_changed_byte(layout_checkpoints, tmp_path):
     checkpoint = DcpCheckpoint(root / f"step-{FULL_STEP}")
     model = ModelConfig(n_heads=shape.n_heads, n_kv_heads=shape.n_kv_heads)
     plan = plan_conversion(
-        checkpoint.tensors, checkpoint.byte_entries, model, "meta", torch.bfloat16, "source"
+        checkpoint.tensors, checkpoint.byte_entries, model, "meta", "bfloat16", "source"
     )
     with OutputFile(tmp_path / "model.pt") as out:
-        out.create({t.name: (t.shape, t.dtype) for t in plan.tensors})
+        filler = out.create({t.name: (t.shape, t.dtype) for t in plan.tensors})
         regions = convert_tensors(
             checkpoint,
             plan,
-            out,
+            filler,
             workers=2,
             budget_bytes=1 << 20,
             allow_nonfinite=False,
             progress=lambda n: None,
         )
-        out.sync()
-        verify_output(out.partial, plan, regions, checkpoint)  # intact: passes
+        filler.sync()
+        # Intact: passes, and the one pass gives the file's sha256.
+        assert read_back(out.partial, plan, checkpoint, regions) == sha256_file(out.partial)
         victim = plan.tensors[3].name
         fd = os.open(out.partial, os.O_RDWR)
         try:
-            offset = out.offsets[victim] + 5
+            offset = filler.offsets[victim] + 5
             byte = os.pread(fd, 1, offset)
             os.pwrite(fd, bytes([byte[0] ^ 0x01]), offset)
         finally:
             os.close(fd)
         with pytest.raises(ConversionError, match=f"Verification of .* failed: .*{victim}"):
-            verify_output(out.partial, plan, regions, checkpoint)
+            read_back(out.partial, plan, checkpoint, regions)

@@ -12,6 +12,7 @@ has its SLURM jobs cancelled before the test fails.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -27,7 +28,10 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from converter import demo
+from converter.source import DcpCheckpoint
+from converter.tasks import TaskGroup
 from tests.conftest import REPO
+from tests.test_faults import overwrite_tensor_bytes
 
 CLUSTER = REPO / "launch" / "slurm_cluster.sh"
 EXPERIMENTS = ("debug", "500M", "debug_pretrained")
@@ -414,3 +418,66 @@ def test_killed_then_preempted_conversion_finishes_when_resubmitted(demo_root, t
     assert code == 0, output[-5000:]
     assert summary_rows(output) == {"500M": "skipped"}, output[-3000:]
     assert out.stat().st_mtime_ns == before
+
+
+def test_one_conversion_shared_by_two_tasks(demo_root, tmp_path):
+    """`hydra.launcher.tasks_per_node=2`: both tasks of one SLURM job fill disjoint tensors of
+    the one output file; task 0 verifies and publishes it. The output is exact, every byte was
+    written by one of them (verify checks each region's digest and that the regions tile each
+    tensor once), each task wrote a share, and the manifest hashes every source file."""
+    root, saved = demo_root
+    out = tmp_path / "shared" / "final_model.pt"
+    code, output = sweep(
+        root,
+        "experiment=500M",
+        f"experiment.output={out}",
+        "hydra.launcher.tasks_per_node=2",
+        f"{SWEEP_DIR}{tmp_path}/sweep",
+    )
+    assert code == 0, output[-5000:]
+    assert summary_rows(output) == {"500M": "converted"}, output[-3000:]
+    assert_output_equals(out, latest(saved, "500M"), export_dtype("500M"))
+    manifest = manifest_of(out)
+    assert manifest["slurm"]["tasks"] == 2 and manifest["slurm"]["task"] == 0
+    job = manifest["slurm"]["job_id"]
+    logs = tmp_path / "sweep" / ".submitit" / job
+    lead_log = (logs / f"{job}_0_log.err").read_text()
+    other_log = (logs / f"{job}_1_log.err").read_text()
+    assert "filled by 2 tasks" in lead_log, lead_log[-3000:]
+    filled = re.search(r"500M: task 1 of 2 filled ([\d.]+) MB of ", other_log)
+    assert filled, other_log[-3000:]
+    assert 0.2 < float(filled.group(1)) * 1e6 / manifest["output"]["bytes"] < 0.8
+    (step_dir,) = (root / "outputs" / "checkpoint_500M").glob("step-*")
+    for name, entry in manifest["source"]["files"].items():
+        with open(step_dir / name, "rb") as f:
+            assert entry["sha256"] == hashlib.file_digest(f, "sha256").hexdigest(), name
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted(ARTIFACTS)
+    assert not list((tmp_path / "sweep").rglob("tasks")), "the tasks' messages were left behind"
+
+
+def test_a_failing_task_fails_the_shared_conversion(demo_root, tmp_path):
+    """A tensor of task 1's share holds NaN: task 1 fails its share, task 0 fails the job with
+    task 1's error, and nothing is left: no output, no partial file, no messages."""
+    root, _ = demo_root
+    (pristine,) = (root / "outputs" / "checkpoint_debug").glob("step-*")
+    step_dir = tmp_path / "checkpoint" / pristine.name
+    shutil.copytree(pristine, step_dir)
+    checkpoint = DcpCheckpoint(step_dir)
+    sizes = {k: e.nbytes for k, e in checkpoint.tensors.items() if k.endswith(".weight")}
+    victim = TaskGroup(rank=1, count=2).share_of(sizes)[0]
+    overwrite_tensor_bytes(step_dir, victim, b"\xff" * 64)
+    out = tmp_path / "out" / "final_model.pt"
+
+    code, output = sweep(
+        root,
+        "experiment=debug",
+        f"experiment.checkpoint_dir={step_dir.parent}",
+        f"experiment.output={out}",
+        "hydra.launcher.tasks_per_node=2",
+        f"{SWEEP_DIR}{tmp_path}/sweep",
+    )
+    assert code != 0, output[-5000:]
+    assert summary_rows(output) == {"debug": "failed"}, output[-3000:]
+    assert re.search(rf"Task 1 of 2 .* failed its share .*{re.escape(repr(victim))}", output)
+    assert not out.parent.exists() or not list(out.parent.iterdir())
+    assert not list((tmp_path / "sweep").rglob("tasks")), "the tasks' messages were left behind"

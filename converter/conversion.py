@@ -1,0 +1,340 @@
+"""One checkpoint's conversion, from the validated step folder to the published output.
+
+validate the DCP index and shard files -> plan every key -> skip if an identical conversion is
+already on disk -> stream tensors into a partial file (flushed behind the writes) -> sync ->
+read it back once (sha256, and the checks of ``verify=true``) -> write the manifest and recipe
+snippet -> publish under the final name. Every step fails before anything is written if the
+input is bad.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Collection
+from dataclasses import astuple, dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import to_absolute_path
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from converter.config import ConvertConfig
+from converter.engine import Region, convert_tensors
+from converter.errors import ConversionError
+from converter.hashing import SourceHasher, sha256_file
+from converter.manifest import (
+    build_manifest,
+    fingerprint,
+    manifest_path,
+    read_manifest,
+    torchtune_snippet,
+    torchtune_yaml_path,
+    write_atomic,
+)
+from converter.mapping import Plan, plan_conversion
+from converter.sink import Filler, OutputFile, output_error
+from converter.source import DcpCheckpoint
+from converter.tasks import TaskGroup, check_answers
+from converter.verify import read_back
+
+log = logging.getLogger("titan2tune")
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """A validated source and its plan: what every task of the conversion starts from."""
+
+    name: str
+    step: int
+    checkpoint: DcpCheckpoint
+    plan: Plan
+    output: Path
+    output_format: str
+    export_dtype: str
+    sources: dict[Path, int]  # every file the conversion reads -> its size
+
+    def source_bytes(self, keys: Collection[str]) -> int:
+        return sum(self.checkpoint.tensors[k].nbytes for k in keys)
+
+
+def convert(
+    conf: ConvertConfig,
+    cfg: DictConfig,
+    step: int,
+    step_dir: Path,
+    hasher: SourceHasher,
+    slurm: dict[str, Any] | None,
+    group: TaskGroup,
+) -> tuple[str, int]:
+    """Converts ``step_dir`` as ``conf`` says, while ``hasher`` hashes its files; returns
+    whether it was converted or skipped, and the output's size. With a shared ``group``, the
+    lead (task 0) does that and the other tasks fill their share of the tensors."""
+    times: dict[str, float] = {}
+    try:
+        t = time.perf_counter()
+        planned = _plan(conf, step, step_dir, hasher, group)
+        times["plan"] = time.perf_counter() - t
+        if not group.lead:
+            return _fill_share(conf, planned, hasher, group)
+        return _lead(conf, cfg, planned, hasher, slurm, group, times)
+    except BaseException as e:
+        if group.lead and group.shared:
+            if not group.announced:
+                group.announce({"status": "failed"})
+            else:
+                group.stop_others()
+            group.answers()  # every task has let go of the partial file
+        elif group.shared:
+            group.answer({"error": str(e)})
+        raise
+    finally:
+        if group.lead:
+            group.close()
+
+
+def _plan(
+    conf: ConvertConfig, step: int, step_dir: Path, hasher: SourceHasher, group: TaskGroup
+) -> _Planned:
+    exp = conf.experiment
+    checkpoint = DcpCheckpoint(step_dir)
+    sources = {checkpoint.metadata_path: checkpoint.metadata_path.stat().st_size}
+    sources.update(checkpoint.shard_sizes)
+    hasher.add(group.share_of(sources))
+    given = Path(to_absolute_path(exp.output))
+    output = given.resolve()
+    _check_not_source(given, output, checkpoint)
+    export = exp.export_dtype.value
+    fmt = conf.output_format.value
+    plan = plan_conversion(
+        checkpoint.tensors, checkpoint.byte_entries, exp.model, fmt, export, str(step_dir)
+    )
+    if group.lead:
+        log.info(
+            "%s: step-%d of %s, layout %s (%s checkpoint): %d tensors to write as %s/%s, "
+            "%d keys left out.",
+            exp.name,
+            step,
+            step_dir.parent,
+            plan.generation,
+            "weights-only" if plan.weights_only else "full training",
+            len(plan.tensors),
+            fmt,
+            export,
+            len(plan.dropped),
+        )
+    return _Planned(exp.name, step, checkpoint, plan, output, fmt, export, sources)
+
+
+def _lead(
+    conf: ConvertConfig,
+    cfg: DictConfig,
+    planned: _Planned,
+    hasher: SourceHasher,
+    slurm: dict[str, Any] | None,
+    group: TaskGroup,
+    times: dict[str, float],
+) -> tuple[str, int]:
+    """The whole conversion, or with a shared group, all of it but the others' share."""
+    output, plan, checkpoint = planned.output, planned.plan, planned.checkpoint
+    model_dict = OmegaConf.to_container(cfg.experiment.model, resolve=True, enum_to_str=True)
+    print_ = fingerprint(checkpoint, planned.output_format, planned.export_dtype, model_dict)
+    group.clear_earlier_runs()
+    if _already_done(output, print_, conf.overwrite):
+        log.info(
+            "%s: %s is up to date with this source and settings; skipped.", planned.name, output
+        )
+        return _skipped(output, group)
+    existed = output.exists()
+
+    t = time.perf_counter()
+    mine = group.share_of({k: checkpoint.tensors[k].nbytes for k in plan.sources})
+    sidecars = (manifest_path(output), torchtune_yaml_path(output))
+    with OutputFile(output, sidecars) as out:
+        # A run started at the same time may have written this very output meanwhile.
+        if not existed and output.exists() and _already_done(output, print_, conf.overwrite):
+            log.info("%s: %s was just written by another run; skipped.", planned.name, output)
+            return _skipped(output, group)
+        filler = out.create({t.name: (t.shape, t.dtype) for t in plan.tensors})
+        group.announce(
+            {
+                "status": "fill",
+                "partial": str(filler.partial),
+                "inode": filler.partial.stat().st_ino,
+                "offsets": filler.offsets,
+            }
+        )
+        regions = _fill(conf, planned, filler, mine, group)
+        times["convert"] = time.perf_counter() - t
+        source_sha256 = {}
+        if group.shared:
+            t = time.perf_counter()
+            answers = group.answers()
+            check_answers(answers, group)
+            for answer in answers.values():
+                for name, written in answer["regions"].items():
+                    regions[name] += [Region(*r) for r in written]
+                source_sha256.update({Path(p): h for p, h in answer["sha256"].items()})
+            times["other_tasks_wait"] = time.perf_counter() - t
+        t = time.perf_counter()
+        output_sha256 = read_back(out.partial, plan, checkpoint, regions if conf.verify else None)
+        times["verify" if conf.verify else "sha256"] = time.perf_counter() - t
+        # Hashing the sources ran alongside; this waits only if it has not finished.
+        t = time.perf_counter()
+        source_sha256.update(_hashes(hasher, group.share_of(planned.sources)))
+        times["source_sha256_wait"] = time.perf_counter() - t
+        # The manifest and snippet go first: an output on disk always has its manifest.
+        manifest = build_manifest(
+            experiment=planned.name,
+            step=planned.step,
+            checkpoint=checkpoint,
+            plan=plan,
+            written=out.partial,
+            output=output,
+            output_sha256=output_sha256,
+            output_format=planned.output_format,
+            export_dtype=planned.export_dtype,
+            durations=times,
+            config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+            fingerprint=print_,
+            slurm=slurm,
+            source_sha256=source_sha256,
+        )
+        try:
+            model = conf.experiment.model
+            snippet = torchtune_snippet(output, planned.output_format, model, planned.name)
+            write_atomic(torchtune_yaml_path(output), snippet)
+            write_atomic(manifest_path(output), json.dumps(manifest, indent=2) + "\n")
+        except OSError as e:
+            raise output_error(output, e) from e
+        out.publish()
+
+    log.info(
+        "%s: wrote %s (%.1f MB, %d tensors, %d parameters) in %.1f s%s.",
+        planned.name,
+        output,
+        manifest["output"]["bytes"] / 1e6,
+        manifest["output"]["tensors"],
+        manifest["output"]["parameters"],
+        sum(times.values()),
+        f", filled by {group.count} tasks" if group.shared else "",
+    )
+    return "converted", manifest["output"]["bytes"]
+
+
+def _skipped(output: Path, group: TaskGroup) -> tuple[str, int]:
+    group.announce({"status": "skipped"})
+    group.answers()
+    return "skipped", output.stat().st_size
+
+
+def _fill(
+    conf: ConvertConfig,
+    planned: _Planned,
+    filler: Filler,
+    sources: Collection[str],
+    group: TaskGroup,
+) -> dict[str, list[Region]]:
+    """Converts the source tensors ``sources`` into ``filler`` and syncs it."""
+    desc = planned.name if not group.shared else f"{planned.name} ({group})"
+    with tqdm(
+        total=planned.source_bytes(sources), unit="B", unit_scale=True, desc=desc, mininterval=1.0
+    ) as bar:
+        regions = convert_tensors(
+            planned.checkpoint,
+            planned.plan,
+            filler,
+            workers=conf.workers,
+            budget_bytes=conf.batch_mb << 20,
+            allow_nonfinite=conf.allow_nonfinite,
+            progress=bar.update,
+            only=set(sources),
+            stopped=group.stopped if group.shared and not group.lead else lambda: False,
+        )
+    filler.sync()
+    return regions
+
+
+def _fill_share(
+    conf: ConvertConfig, planned: _Planned, hasher: SourceHasher, group: TaskGroup
+) -> tuple[str, int]:
+    """A task other than the lead: fills its share of the lead's partial file."""
+    plan, checkpoint = planned.plan, planned.checkpoint
+    told = group.instructions()
+    if told["status"] != "fill":
+        group.answer({"seen": told["status"]})
+        return told["status"], 0
+    partial = Path(told["partial"])
+    if list(told["offsets"]) != [t.name for t in plan.tensors]:
+        raise ConversionError(f"{group} planned other tensors than task 0 announced.")
+    if partial.stat().st_ino != told["inode"]:
+        raise ConversionError(f"{partial} is not the file task 0 created (another run's?).")
+    mine = group.share_of({k: checkpoint.tensors[k].nbytes for k in plan.sources})
+    filler = Filler(partial, told["offsets"], planned.output)
+    try:
+        regions = _fill(conf, planned, filler, mine, group)
+    finally:
+        filler.close()
+    source_sha256 = _hashes(hasher, group.share_of(planned.sources))
+    group.answer(
+        {
+            "regions": {n: [astuple(r) for r in rs] for n, rs in regions.items() if rs},
+            "sha256": {str(p): h for p, h in source_sha256.items()},
+        }
+    )
+    written = sum(r.length for rs in regions.values() for r in rs)
+    log.info("%s: %s filled %.1f MB of %s.", planned.name, group, written / 1e6, partial)
+    return "converted", written
+
+
+def _hashes(hasher: SourceHasher, sources: list[Path]) -> dict[Path, str]:
+    try:
+        return hasher.result(sources)
+    except OSError as e:
+        raise ConversionError(
+            f"Cannot read {e.filename} to record its sha256 ({e.strerror}): the source "
+            "checkpoint changed or vanished during the conversion. Run again."
+        ) from e
+
+
+def _check_not_source(given: Path, output: Path, checkpoint: DcpCheckpoint) -> None:
+    """Refuses an output that is, links to, or lies beside the files of the source step."""
+    step_dir = checkpoint.step_dir.resolve()
+    for source in (checkpoint.metadata_path, *checkpoint.shard_sizes):
+        if output == source.resolve() or (given.exists() and given.samefile(source)):
+            raise ConversionError(
+                f"experiment.output {given} is the source file {source} of the checkpoint being "
+                "converted; writing it would destroy the checkpoint. Choose another output path."
+            )
+    if output.is_relative_to(step_dir):
+        raise ConversionError(
+            f"experiment.output {given} lies inside the source step folder {step_dir}; the "
+            "converter never writes into a source checkpoint. Choose another output path."
+        )
+
+
+def _already_done(output: Path, print_: dict[str, Any], overwrite: bool) -> bool:
+    """True if ``output`` holds this very conversion; raises if it holds another and may not
+    be replaced."""
+    if not output.exists():
+        return False
+    previous = read_manifest(output)
+    if (
+        previous is not None
+        and previous.get("fingerprint") == print_
+        # The manifest is written just before the output is renamed into place, so a run
+        # killed in between leaves a new manifest beside an old file: check the file itself.
+        and previous["output"]["bytes"] == output.stat().st_size
+        and previous["output"]["sha256"] == sha256_file(output)
+    ):
+        return True
+    if overwrite:
+        log.info("Replacing %s (overwrite=true).", output)
+        return False
+    why = "another source or other settings" if previous else "no manifest of ours"
+    raise ConversionError(
+        f"Output {output} already exists, with {why}. Set overwrite=true to replace it, or "
+        "choose another experiment.output."
+    )
