@@ -146,7 +146,7 @@ FLOOR = Method("I/O floor (fsync)", "floor", fsync=True)
 FLOOR_NOSYNC = Method("I/O floor (no fsync)", "floor", fsync=False)
 METHODS = (OURS_FAST, OURS_FAST_2, OURS_DEFAULT, OURS_VERIFY_2, DCP, FLOOR, FLOOR_NOSYNC)
 CGROUP_METHODS = (OURS_FAST, OURS_FAST_2, OURS_DEFAULT, DCP)
-JOB_ORDER = ("plan", "convert", "verify", "source_sha256_wait", "manifest")  # as job.py runs
+JOB_ORDER = ("plan", "convert", "verify", "sha256", "source_sha256_wait")  # as conversion.py runs
 TARGETS = {"weights_only": 0.6, "full": 0.35}  # wall time vs dcp_to_torch
 RSS_TARGET, FLOOR_TARGET = 0.15, 1.5
 CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
@@ -360,15 +360,15 @@ def _rmdir_when_empty(cgroup: Path) -> None:
 PROFILE_RATE = 100  # samples per second
 # (label, substrings that must all appear in a sample's stack); the first match names it.
 MAIN_PHASES = (
-    ("verify: read-back and xxh3 of the output", ("verify_output",)),
+    ("read-back: sha256 of the output (+ xxh3 when verifying)", ("read_back",)),
     ("manifest: waiting for the sources' sha256", ("_hashes",)),
-    ("manifest: sha256 of the output, the rest", ("build_manifest",)),
-    ("fsync of the output", ("OutputFile.sync",)),
+    ("manifest", ("build_manifest",)),
+    ("fsync of the output", ("Filler.sync",)),
     ("publish, sidecars", ("OutputFile.publish",)),
     ("publish, sidecars", ("write_atomic",)),
     ("convert: waiting for the workers", ("convert_tensors",)),
     ("skeleton: torch.save under skip_data, offsets", ("OutputFile.create",)),
-    ("plan: index, validation, plan", ("_convert (converter/job.py)",)),
+    ("plan: index, validation, plan", ("_plan (converter/conversion.py)",)),
     ("startup: imports", ("_find_and_load",)),
     ("startup: Hydra config composition, job setup", ("hydra",)),
 )
@@ -382,11 +382,11 @@ IMPORTS = (
 )
 WORKER_OPS = (
     ("read: blob header (torch.load under skip_data)", ("read_chunk", "serialization.py")),
-    ("read: blob zip index", ("_storage_record",)),
+    ("read: blob zip index", ("storage_records",)),
     ("read: storage bytes (preadv)", ("read_chunk",)),
     ("NaN/Inf check (aminmax)", ("_check_finite",)),
     ("cast to bfloat16 (copy_)", ("_cast_into",)),
-    ("pwrite into the output", ("OutputFile.write",)),
+    ("pwrite into the output", ("Filler.write",)),
     ("xxh3 digest of the written bytes", ("xxh3",)),
     ("waiting for a pool buffer", ("borrow",)),
 )
@@ -394,6 +394,7 @@ WORKER_OPS = (
 WAITS = ("PyThread_acquire_lock", "pthread_cond_", "sem_wait", "sem_timedwait", "__futex")
 CPU_ACTIVITIES = (
     ("sha256 of the source files (own thread)", ("SourceHasher._run",)),
+    ("flush-behind: fdatasync (own thread)", ("_Flusher._run",)),
     MAIN_PHASES[0],
     *WORKER_OPS,
     ("progress bar", ("tqdm",)),
@@ -574,8 +575,9 @@ def _profile_paragraph(
         f"{share(phases, ('plan', 'skeleton'), main_total):.0f}% in planning and writing the "
         f"skeleton, {share(phases, ('convert',), main_total):.0f}% streaming the tensors, "
         f"{share(phases, ('fsync',), main_total):.0f}% in the output's fsync, "
-        f"{share(phases, ('verify',), main_total):.0f}% verifying and "
-        f"{share(phases, ('manifest',), main_total):.0f}% on the manifest. The CPU time goes "
+        f"{share(phases, ('read-back',), main_total):.0f}% reading the output back (sha256, "
+        f"verify) and {share(phases, ('manifest',), main_total):.0f}% on the manifest. The CPU "
+        "time goes "
         f"to: {top}. The bytes themselves (reading the shards, casting, writing) take "
         f"{share(activities, ('read:', 'cast', 'pwrite'), cpu_total):.0f}% of it."
     )
@@ -812,7 +814,8 @@ def results_markdown(cases: list[Case], results: dict) -> str:
     lines += [
         "## titan2tune's own timing split",
         "",
-        "Medians of the manifest's `durations_s` (`convert` includes the output's fsync). "
+        "Medians of the manifest's `durations_s` (`convert` includes the output's fsync; "
+        "`verify` or, with verify=false, `sha256` is the one read-back pass over the output). "
         "`outside the job` is the rest of the wall "
         "time: Python start, importing torch and Hydra, composing the config, exit. The last "
         "column sets the in-process conversion alone (streaming plus fsync) against the floor.",
