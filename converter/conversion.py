@@ -73,26 +73,12 @@ def convert(
     whether it was converted or skipped, and the output's size. With a shared ``group``, the
     lead (task 0) does that and the other tasks fill their share of the tensors."""
     times: dict[str, float] = {}
-    try:
-        t = time.perf_counter()
-        planned = _plan(conf, step, step_dir, hasher, group)
-        times["plan"] = time.perf_counter() - t
-        if not group.lead:
-            return _fill_share(conf, planned, hasher, group)
-        return _lead(conf, cfg, planned, hasher, slurm, group, times)
-    except BaseException as e:
-        if group.lead and group.shared:
-            if not group.announced:
-                group.announce({"status": "failed"})
-            else:
-                group.stop_others()
-            group.answers()  # every task has let go of the partial file
-        elif group.shared:
-            group.answer({"error": str(e)})
-        raise
-    finally:
-        if group.lead:
-            group.close()
+    t = time.perf_counter()
+    planned = _plan(conf, step, step_dir, hasher, group)
+    times["plan"] = time.perf_counter() - t
+    if not group.lead:
+        return _fill_share(conf, planned, hasher, group)
+    return _lead(conf, cfg, planned, hasher, slurm, group, times)
 
 
 def _plan(

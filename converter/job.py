@@ -59,16 +59,17 @@ def run(cfg: DictConfig) -> JobResult:
     result = JobResult(name, "failed", **_environment(slurm))
     hasher = None
     try:
-        conf = _checked(cfg)
-        result.output = str(Path(to_absolute_path(conf.experiment.output)).resolve())
-        step, step_dir = find_step_dir(
-            Path(to_absolute_path(conf.experiment.checkpoint_dir)), conf.experiment.step
-        )
-        files = step_files(step_dir)
-        hasher = SourceHasher(group.share_of({p: p.stat().st_size for p in files}))
-        from converter.conversion import convert  # imports torch: see the module's docstring
+        with group.running():
+            conf = _checked(cfg)
+            result.output = str(Path(to_absolute_path(conf.experiment.output)).resolve())
+            step, step_dir = find_step_dir(
+                Path(to_absolute_path(conf.experiment.checkpoint_dir)), conf.experiment.step
+            )
+            files = step_files(step_dir)
+            hasher = SourceHasher(group.share_of({p: p.stat().st_size for p in files}))
+            from converter.conversion import convert  # imports torch: see the module docstring
 
-        result.status, result.bytes = convert(conf, cfg, step, step_dir, hasher, slurm, group)
+            result.status, result.bytes = convert(conf, cfg, step, step_dir, hasher, slurm, group)
     except ConversionError as e:
         _reraise_interruption(e)
         result.error = str(e)

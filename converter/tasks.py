@@ -24,7 +24,8 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,27 @@ class TaskGroup:
                 mine.append(item)
         return mine
 
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        """Around a task's whole job, so that no task waits for one that failed: on failure,
+        the lead announces it (or, once the others fill, asks them to stop) and waits for all
+        answers; another task answers with its error. At the end the lead removes the folder."""
+        try:
+            yield
+        except BaseException as e:
+            if self.shared and self.lead:
+                if not self.announced:
+                    self.announce({"status": "failed"})
+                else:
+                    self.stop_others()
+                self.answers()  # every task has let go of the partial file
+            elif self.shared:
+                self.answer({"error": str(e)})
+            raise
+        finally:
+            if self.shared and self.lead:
+                self.close()
+
     # ------------------------------------------------------------------ the lead (task 0)
 
     def announce(self, message: dict[str, Any]) -> None:
@@ -102,8 +124,7 @@ class TaskGroup:
 
     def close(self) -> None:
         """Removes the folder the tasks talked in (the lead, once all have answered)."""
-        if self.shared and self.folder is not None:
-            shutil.rmtree(self.folder, ignore_errors=True)
+        shutil.rmtree(self._folder, ignore_errors=True)
 
     def clear_earlier_runs(self) -> None:
         """Removes what an earlier attempt of this job left (the lead, before announcing)."""
