@@ -130,6 +130,7 @@ class Method:
     kind: str  # ours | dcp | floor
     verify: bool = False
     workers: int = 1
+    tasks: int = 1  # > 1: processes, as submitit tasks of one job sharing the conversion
     fsync: bool = True
 
     @property
@@ -141,10 +142,24 @@ OURS_FAST = Method("titan2tune verify=false workers=1", "ours", verify=False, wo
 OURS_FAST_2 = Method("titan2tune verify=false workers=2", "ours", verify=False, workers=2)
 OURS_DEFAULT = Method("titan2tune verify=true workers=1", "ours", verify=True, workers=1)
 OURS_VERIFY_2 = Method("titan2tune verify=true workers=2", "ours", verify=True, workers=2)
+# Two processes instead of two threads: the conversion shared by two tasks (converter/tasks.py),
+# launched as a SLURM job's would be, by hydra-submitit-launcher's local executor.
+OURS_TASKS_2 = Method(
+    "titan2tune verify=false 2 tasks x workers=1", "ours", verify=False, workers=1, tasks=2
+)
 DCP = Method("dcp_to_torch", "dcp")
 FLOOR = Method("I/O floor (fsync)", "floor", fsync=True)
 FLOOR_NOSYNC = Method("I/O floor (no fsync)", "floor", fsync=False)
-METHODS = (OURS_FAST, OURS_FAST_2, OURS_DEFAULT, OURS_VERIFY_2, DCP, FLOOR, FLOOR_NOSYNC)
+METHODS = (
+    OURS_FAST,
+    OURS_FAST_2,
+    OURS_DEFAULT,
+    OURS_VERIFY_2,
+    OURS_TASKS_2,
+    DCP,
+    FLOOR,
+    FLOOR_NOSYNC,
+)
 CGROUP_METHODS = (OURS_FAST, OURS_FAST_2, OURS_DEFAULT, DCP)
 JOB_ORDER = ("plan", "convert", "verify", "sha256", "source_sha256_wait")  # as conversion.py runs
 TARGETS = {"weights_only": 0.6, "full": 0.35}  # wall time vs dcp_to_torch
@@ -170,12 +185,25 @@ class Case:
         return self.all_bytes if method.kind == "dcp" else self.model_bytes
 
 
-def converter_argv(case: Case, out: Path, verify: bool, workers: int) -> list[str]:
-    """``convert.py`` on ``case`` to ``out``, the model's sizes given as they were saved."""
+def converter_argv(case: Case, out: Path, verify: bool, workers: int, tasks: int = 1) -> list[str]:
+    """``convert.py`` on ``case`` to ``out``, the model's sizes given as they were saved; with
+    ``tasks`` > 1, as a one-job sweep of that many local submitit tasks."""
     s = case.inp.shape
+    hydra_dir = out.parent / "hydra" / out.stem
+    launch = (
+        [
+            "-m",
+            "hydra/launcher=submitit_local",
+            f"hydra.launcher.tasks_per_node={tasks}",
+            f"hydra.sweep.dir={hydra_dir}",
+        ]
+        if tasks > 1
+        else [f"hydra.run.dir={hydra_dir}"]
+    )
     return [
         sys.executable,
         str(REPO / "convert.py"),
+        *launch,
         "experiment=debug",
         f"experiment.name={case.inp.name}",
         f"experiment.checkpoint_dir={case.step_dir.parent}",
@@ -190,14 +218,13 @@ def converter_argv(case: Case, out: Path, verify: bool, workers: int) -> list[st
         f"verify={str(verify).lower()}",
         f"workers={workers}",
         "overwrite=true",
-        f"hydra.run.dir={out.parent / 'hydra' / out.stem}",
     ]
 
 
 def command(method: Method, case: Case, out: Path) -> list[str]:
     """The command line with which ``method`` converts ``case`` to ``out``."""
     if method.kind == "ours":
-        return converter_argv(case, out, verify=method.verify, workers=method.workers)
+        return converter_argv(case, out, method.verify, method.workers, method.tasks)
     if method.kind == "dcp":
         return [
             sys.executable,
