@@ -481,6 +481,7 @@ def _thread_role(samples: list[tuple[list[str], int]]) -> str:
         ("main", "MainThread"),
         ("convert worker", "convert_source"),
         ("sha256 of the sources", "SourceHasher._run"),
+        ("flush-behind", "_Flusher._run"),
         ("tqdm monitor", "tqdm"),
     ):
         if marker in stacks:
@@ -547,8 +548,7 @@ def profile_markdown(prof: dict, case: Case) -> str:
         "        python convert.py experiment=debug ... verify=false workers=2",
         "",
         f"Wall time under py-spy: {wall['wall']:.1f} s with idle threads, {cpu['wall']:.1f} s "
-        f"without; CPU time of py-spy and the process: {wall['cpu']:.1f} s and "
-        f"{cpu['cpu']:.1f} s.",
+        "without.",
         "",
         "## Main thread: the wall time, phase by phase",
         "",
@@ -811,7 +811,9 @@ def results_markdown(cases: list[Case], results: dict) -> str:
         "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()) + ".",
         f"Load average (1 min) at the start of the timed runs: median "
         f"{statistics.median(loads):.1f}, min {min(loads):.1f}, max {max(loads):.1f} "
-        f"on {info['nproc']} cores: the machine was shared with other work.",
+        f"on {info['nproc']} cores. The 1-minute average trails, and counts the benchmark's "
+        "own runs (most keep two threads busy), so it reads near the core count even when "
+        "nothing else runs.",
         "",
         f"Command: `{results['command']}`, on titan2tune {results['version']}.",
         "",
