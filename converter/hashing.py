@@ -3,6 +3,7 @@ itself keeps no checksums. Needs no torch, so that hashing the source can start 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import mmap
 import os
@@ -25,6 +26,10 @@ def sha256_file(path: Path, stop: threading.Event | None = None) -> str:
         for start in range(0, size, _WINDOW):
             if stop is not None and stop.is_set():
                 break
+            # Reading a mapped page past the end of a file that shrank kills the process
+            # (SIGBUS): check first, so that a source changed meanwhile is a clean error.
+            if os.fstat(f.fileno()).st_size != size:
+                raise OSError(errno.ESTALE, "the file changed while it was read", str(path))
             length = min(_WINDOW, size - start)
             with mmap.mmap(f.fileno(), length, offset=start, access=mmap.ACCESS_READ) as window:
                 digest.update(window)
@@ -70,6 +75,8 @@ class SourceHasher:
                 with self._cond:
                     self._error = e
                     self._cond.notify_all()
+                return
+            if self._stop.is_set():  # the digest of a file read in part
                 return
             with self._cond:
                 self._digests[path] = digest

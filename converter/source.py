@@ -248,13 +248,14 @@ class DcpCheckpoint:
                     raise ValueError(f"a storage record of {length} bytes for its tensor")
                 if tuple(meta.shape) != chunk.sizes or meta.dtype != entry.dtype:
                     raise _Mismatch
-                if rows is not None:
-                    if not meta.is_contiguous() or meta.storage_offset():
-                        raise ValueError("rows of a tensor stored with strides or an offset")
+                offset = meta.storage_offset()
+                if rows is not None and meta.is_contiguous() and not offset:
                     row_bytes = length // max(chunk.sizes[0], 1)
                     start, length = start + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
-                    meta = meta[rows[0] : rows[1]]
-                if buffer is None:
+                    meta, rows = meta[rows[0] : rows[1]], None  # the bytes read are the rows
+                if buffer is None or rows is not None:
+                    # Rows of a chunk stored as a view (strided, or at an offset in a larger
+                    # storage: rare) come from the whole storage, read into a buffer of its own.
                     buffer = torch.empty(length, dtype=torch.uint8)
                 if length > buffer.numel():
                     raise ValueError(f"{length} bytes do not fit the buffer")
@@ -274,8 +275,8 @@ class DcpCheckpoint:
                 "the step folder again or convert another step."
             ) from e
         assert buffer.storage_offset() == 0
-        offset = 0 if rows is not None else meta.storage_offset()
-        return buffer[:length].view(meta.dtype).as_strided(meta.shape, meta.stride(), offset)
+        tensor = buffer[:length].view(meta.dtype).as_strided(meta.shape, meta.stride(), offset)
+        return tensor if rows is None else tensor[rows[0] : rows[1]]
 
     def parts(self, entry: TensorEntry, max_bytes: int = 32 << 20) -> list[RowPart]:
         """The tensor as runs of whole rows in order, each loadable on its own and, but for
