@@ -6,3 +6,13 @@ class ConversionError(Exception):
 
     The message names the file or key at fault and says what to do about it.
     """
+
+
+def environment_error(what: str, e: BaseException) -> ConversionError:
+    """An error that the Python environment caused, named as such, so that nobody re-copies a
+    checkpoint for a module missing from this environment."""
+    return ConversionError(
+        f"{what} failed because of this Python environment, not the data "
+        f"({type(e).__name__}: {e}). Install titan2tune's declared dependencies into the "
+        "environment that runs the converter (pip install -e .), then run again."
+    )

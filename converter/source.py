@@ -10,7 +10,6 @@ memory is then one chunk per worker, whatever the checkpoint's size.
 from __future__ import annotations
 
 import io
-import logging
 import math
 import os
 import pickle
@@ -22,10 +21,8 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from converter.archive import storage_records
-from converter.errors import ConversionError
+from converter.errors import ConversionError, environment_error
 from converter.steps import METADATA_FILE
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -235,19 +232,34 @@ class DcpCheckpoint:
         storage record (of the rows asked for) are read into the buffer and the tensor is laid
         over them.
         """
+        # Two phases, so that an error blames what is at fault: parsing the blob (its pickle and
+        # zip records) fails only on bad bytes; copying them into the buffer fails on I/O, a short
+        # file, or the environment (torch without numpy raises RuntimeError there).
         try:
             with open(chunk.path, "rb", buffering=0) as f:
                 window = _FileWindow(f, chunk.offset, chunk.length)
-                with torch.serialization.skip_data():
-                    meta = torch.load(window, map_location="cpu", weights_only=True)
-                records = storage_records(window)
-                if len(records) != 1:
-                    raise ValueError(f"{len(records)} storage records in a one-tensor blob")
-                [(start, length)] = records
-                if length != meta.untyped_storage().nbytes():
-                    raise ValueError(f"a storage record of {length} bytes for its tensor")
+                try:
+                    with torch.serialization.skip_data():
+                        meta = torch.load(window, map_location="cpu", weights_only=True)
+                    records = storage_records(window)
+                    if len(records) != 1:
+                        raise ValueError(f"{len(records)} storage records in a one-tensor blob")
+                    [(start, length)] = records
+                    if length != meta.untyped_storage().nbytes():
+                        raise ValueError(f"a storage record of {length} bytes for its tensor")
+                except OSError:
+                    raise
+                except (ImportError, MemoryError) as e:
+                    raise environment_error(f"Reading {entry.key!r} from {chunk.path}", e) from e
+                except Exception as e:
+                    raise self._damaged(entry, chunk, e) from e
                 if tuple(meta.shape) != chunk.sizes or meta.dtype != entry.dtype:
-                    raise _Mismatch
+                    raise ConversionError(
+                        f"Chunk {chunk.offsets} of {entry.key!r} in {chunk.path} does not match "
+                        f"{self.metadata_path} (expected {entry.dtype} of shape {chunk.sizes}). "
+                        "The shard file and the index come from different saves; copy the step "
+                        "folder again."
+                    )
                 offset = meta.storage_offset()
                 if rows is not None and meta.is_contiguous() and not offset:
                     row_bytes = length // max(chunk.sizes[0], 1)
@@ -258,25 +270,28 @@ class DcpCheckpoint:
                     # storage: rare) come from the whole storage, read into a buffer of its own.
                     buffer = torch.empty(length, dtype=torch.uint8)
                 if length > buffer.numel():
-                    raise ValueError(f"{length} bytes do not fit the buffer")
+                    raise ValueError(f"bug: {length} bytes do not fit the buffer")
                 window.seek(start)
-                if window.readinto(buffer[:length].numpy()) != length:
-                    raise EOFError("the storage record ends early")
-        except _Mismatch:
-            raise ConversionError(
-                f"Chunk {chunk.offsets} of {entry.key!r} in {chunk.path} does not match "
-                f"{self.metadata_path} (expected {entry.dtype} of shape {chunk.sizes}). The "
-                "shard file and the index come from different saves; copy the step folder again."
-            ) from None
-        except Exception as e:
-            raise ConversionError(
-                f"Cannot read chunk {chunk.offsets} of {entry.key!r} from {chunk.path} at byte "
-                f"{chunk.offset} ({type(e).__name__}: {e}). The shard file is damaged; copy "
-                "the step folder again or convert another step."
-            ) from e
+                try:
+                    got = window.readinto(buffer[:length].numpy())
+                except OSError:
+                    raise
+                except Exception as e:
+                    raise environment_error(f"Reading {entry.key!r} from {chunk.path}", e) from e
+                if got != length:
+                    raise self._damaged(entry, chunk, EOFError("the storage record ends early"))
+        except OSError as e:
+            raise _io_error(chunk.path, e) from e
         assert buffer.storage_offset() == 0
         tensor = buffer[:length].view(meta.dtype).as_strided(meta.shape, meta.stride(), offset)
         return tensor if rows is None else tensor[rows[0] : rows[1]]
+
+    def _damaged(self, entry: TensorEntry, chunk: Chunk, e: Exception) -> ConversionError:
+        return ConversionError(
+            f"Cannot read chunk {chunk.offsets} of {entry.key!r} from {chunk.path} at byte "
+            f"{chunk.offset} ({type(e).__name__}: {e}). The shard file is damaged; copy "
+            "the step folder again or convert another step."
+        )
 
     def parts(self, entry: TensorEntry, max_bytes: int = 32 << 20) -> list[RowPart]:
         """The tensor as runs of whole rows in order, each loadable on its own and, but for
@@ -308,8 +323,11 @@ class DcpCheckpoint:
         return out
 
 
-class _Mismatch(Exception):
-    """A blob that holds another tensor than the index says."""
+def _io_error(path: Path, e: OSError) -> ConversionError:
+    return ConversionError(
+        f"Cannot read {path}: {e.strerror or e} (errno {e.errno}). The storage failed while "
+        "reading, which says nothing of the data: check the file system, then run again."
+    )
 
 
 class _FileWindow(io.RawIOBase):
