@@ -107,7 +107,7 @@ class ConvertConfig:
     overwrite: bool = False  # replace an existing output whose source or settings differ
     verify: bool = True  # read the output back and check every tensor's bytes
     allow_nonfinite: bool = False  # accept NaN/Inf weights instead of failing on them
-    batch_mb: int = 256  # tensor bytes held in memory at once (per worker)
+    batch_mb: int = 256  # tensor bytes held in memory at once, across all workers
     workers: int = 1  # threads filling disjoint tensors of the output concurrently
     debug: bool = False  # show full tracebacks for conversion errors
 

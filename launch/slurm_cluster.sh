@@ -31,8 +31,10 @@ readonly PARTITION="${SLURM_PARTITION:-debug}"
 readonly UP_TIMEOUT="${SLURM_UP_TIMEOUT:-60}"
 readonly CONF_DIR=/etc/slurm
 readonly SLURM_CONF="$CONF_DIR/slurm.conf"
-readonly STATE_DIR=/var/spool/slurmctld
-readonly SPOOL_DIR=/var/spool/slurmd
+# State folders of this cluster alone: a leftover state of another cluster in the default
+# /var/spool/slurmctld would stop slurmctld with "CLUSTER NAME MISMATCH".
+readonly STATE_DIR=/var/spool/$CLUSTER_NAME/slurmctld
+readonly SPOOL_DIR=/var/spool/$CLUSTER_NAME/slurmd
 readonly LOG_DIR=/var/log/slurm
 readonly RUN_DIR=/run/slurm
 readonly CTLD_PID="$RUN_DIR/slurmctld.pid"
@@ -308,16 +310,19 @@ pids_named() {
     echo "${out[*]}"
 }
 
-start_slurm() {
-    local p
+# A SLURM this script did not start: refuse before anything is changed (slurm.conf included).
+refuse_foreign_slurm() {
+    local p pf stray
     for p in slurmctld slurmd; do
-        local pf="$CTLD_PID"
+        pf="$CTLD_PID"
         [[ $p == slurmd ]] && pf="$SLURMD_PID"
-        local stray
         if stray=$(stray_daemon "$p" "$pf"); then
-            die "$p is already running (pid $stray) but not from $pf; stop it first (e.g. 'systemctl stop $p')"
+            die "$p is already running (pid $stray) but was not started by this script (no $pf); nothing was changed. Stop it first (e.g. 'systemctl stop $p'), or use that cluster as it is"
         fi
     done
+}
+
+start_slurm() {
     install -d -m 0755 "$RUN_DIR" "$LOG_DIR"
     install -d -m 0755 "$STATE_DIR" "$SPOOL_DIR"
     if ! live_pid "$CTLD_PID" >/dev/null; then
@@ -388,6 +393,7 @@ cmd_up() {
     for b in slurmctld slurmd sinfo scontrol munge; do
         command -v "$b" >/dev/null || die "$b not found after installing ${PACKAGES[*]}"
     done
+    refuse_foreign_slurm
     start_munge
     local changed=0
     write_conf && changed=1
