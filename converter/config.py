@@ -9,6 +9,9 @@ anything.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import typing
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Union
@@ -93,6 +96,13 @@ class ExperimentConfig:
             )
         if isinstance(self.step, int) and self.step < 0:
             raise ValueError(f"experiment.step must be >= 0 or 'latest', got {self.step}")
+        for key in ("checkpoint_dir", "output"):
+            if "://" in getattr(self, key):
+                raise ValueError(
+                    f"experiment.{key}={getattr(self, key)!r} is a URL, but this converter reads "
+                    "and writes local paths only: copy the step folder to a local or mounted "
+                    "file system first, and write the output to one"
+                )
         if not self.output.endswith(".pt"):
             raise ValueError(f"experiment.output must be a .pt path, got {self.output!r}")
         self.model.check()
@@ -124,8 +134,36 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="convert_schema", node=ConvertConfig)
 
 
+def unknown_keys(cfg: Any, schema: type = ConvertConfig, prefix: str = "") -> list[str]:
+    """Keys of ``cfg`` that the schema does not define, each with a did-you-mean and the valid
+    keys. Hydra's ``+key=value`` adds a key the schema lacks; without this check a typo such as
+    ``+experiment.stpe=10`` would be accepted and ignored."""
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    problems = []
+    for key in cfg:
+        name = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            problems.append(
+                f"unknown key {name}{hint}; the keys of {prefix.rstrip('.') or 'the config'} "
+                f"are {', '.join(fields)}"
+            )
+            continue
+        nested = typing.get_type_hints(schema)[key]
+        if dataclasses.is_dataclass(nested) and OmegaConf.is_dict(cfg[key]):
+            problems += unknown_keys(cfg[key], nested, f"{name}.")
+    return problems
+
+
 def to_object(cfg: Any) -> ConvertConfig:
     """Turns a composed DictConfig into dataclasses and runs their value checks."""
+    if problems := unknown_keys(cfg):
+        raise ValueError(
+            "; ".join(problems)
+            + ". A '+' in front of an override does not make a key known: only the keys of "
+            "the typed schema (converter/config.py) are read"
+        )
     obj = OmegaConf.to_object(cfg)
     assert isinstance(obj, ConvertConfig)
     obj.check()

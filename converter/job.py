@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig
 
@@ -104,10 +105,26 @@ def _show_tracebacks(cfg: DictConfig) -> bool:
 
 
 def _checked(cfg: DictConfig) -> ConvertConfig:
+    _check_launcher()
     try:
         return to_object(cfg)
     except ValueError as e:
         raise ConversionError(f"Invalid configuration: {e}.") from e
+
+
+def _check_launcher() -> None:
+    """Hydra uses a launcher only in a multirun: without ``-m``, ``hydra/launcher=slurm`` would
+    convert here, on the login node, and submit nothing."""
+    if not HydraConfig.initialized():
+        return
+    hc = HydraConfig.get()
+    target = str(hc.launcher.get("_target_", ""))
+    if hc.mode == RunMode.RUN and "BasicLauncher" not in target:
+        raise ConversionError(
+            f"A launcher is chosen ({target.rsplit('.', 1)[-1]}), but Hydra runs a launcher only "
+            "in a multirun: add -m (python convert.py -m ...) to submit the job; without it the "
+            "conversion would run here and submit nothing."
+        )
 
 
 def _environment(slurm: dict[str, Any] | None) -> dict[str, str]:

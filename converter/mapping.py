@@ -170,6 +170,7 @@ def plan_conversion(
             )
     _check_complete(pieces, model, generation, source_name)
     _check_heads(shapes, model, source_name)
+    _check_dims(shapes, model, source_name)
 
     output_names = _FORMAT_PATTERNS[output_format]
     out = []
@@ -265,6 +266,29 @@ def _check_heads(
             f"contradict {source_name}: with them, layer 0 splits into {q_rows} query rows and "
             f"{k_rows} key rows, but its attention output projection takes {o_cols} inputs. Set "
             "the head counts of the model that was trained."
+        )
+
+
+def _check_dims(
+    shapes: Mapping[str, tuple[int, ...]], model: ModelConfig, source_name: str
+) -> None:
+    """Architecture fields that the shapes determine must agree with them when stated: they go
+    into the emitted torchtune builder, whose strict load would fail only later, in torchtune."""
+    vocab_size, dim = shapes["tok_embeddings.weight"]
+    hidden_dim = shapes["layers.0.feed_forward.w1.weight"][0]
+    wrong = [
+        f"{name}={stated} (the weights say {actual})"
+        for name, stated, actual in (
+            ("dim", model.dim, dim),
+            ("vocab_size", model.vocab_size, vocab_size),
+            ("hidden_dim", model.hidden_dim, hidden_dim),
+        )
+        if stated is not None and stated != actual
+    ]
+    if wrong:
+        raise ConversionError(
+            f"experiment.model contradicts {source_name}: {', '.join(wrong)}. Fix these fields "
+            "in the experiment config, or leave them out (null): the shapes determine them."
         )
 
 

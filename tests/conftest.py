@@ -84,3 +84,19 @@ def model_overrides(shape) -> list[str]:
         f"experiment.model.vocab_size={shape.vocab_size}",
         f"experiment.model.hidden_dim={shape.hidden_dim}",
     ]
+
+
+# A one-layer model, for the tests of a user's mistakes: converting it takes a second.
+TINY = demo.ModelShape(dim=32, n_layers=1, n_heads=4, n_kv_heads=4, vocab_size=64, hidden_dim=96)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A checkpoint folder with one float32 weights-only G4 save of TINY, at step 5."""
+    root = tmp_path_factory.mktemp("tiny") / "checkpoint"
+    weights = demo.reference_weights(TINY, seed=3)
+    demo.write_steps(
+        [(root / "step-5", weights, TINY, {"generation": "G4", "kind": "weights_only",
+                                           "export_dtype": torch.float32})]
+    )  # fmt: skip
+    return root

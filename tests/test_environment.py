@@ -4,15 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
-import pytest
-import torch
-
-from converter import demo
-from tests.conftest import REPO, model_overrides
-
-SHAPE = demo.ModelShape(dim=32, n_layers=1, n_heads=4, n_kv_heads=4, vocab_size=64, hidden_dim=96)
+from tests.conftest import REPO, TINY, model_overrides
 
 # Runs convert.py as `python convert.py ARGS` does, in an interpreter where numpy cannot be
 # imported, as in a virtualenv that lacks it.
@@ -32,18 +25,7 @@ runpy.run_path("convert.py", run_name="__main__")
 """
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("env") / "checkpoint"
-    weights = demo.reference_weights(SHAPE, seed=3)
-    demo.write_steps(
-        [(root / "step-5", weights, SHAPE, {"generation": "G4", "kind": "weights_only",
-                                            "export_dtype": torch.float32})]
-    )  # fmt: skip
-    return root
-
-
-def test_missing_numpy_is_named_not_blamed_on_the_shard(checkpoint, tmp_path):
+def test_missing_numpy_is_named_not_blamed_on_the_shard(tiny_checkpoint, tmp_path):
     output = tmp_path / "out" / "model.pt"
     run = subprocess.run(
         [
@@ -51,10 +33,10 @@ def test_missing_numpy_is_named_not_blamed_on_the_shard(checkpoint, tmp_path):
             "-c",
             WITHOUT_NUMPY,
             "experiment=debug",
-            f"experiment.checkpoint_dir={checkpoint}",
+            f"experiment.checkpoint_dir={tiny_checkpoint}",
             f"experiment.output={output}",
             f"hydra.run.dir={tmp_path / 'hydra'}",
-            *model_overrides(SHAPE),
+            *model_overrides(TINY),
         ],
         cwd=REPO,
         capture_output=True,

@@ -1,0 +1,66 @@
+"""A user's mistakes, typed as a user types them: each ends in a clear error and a non-zero
+exit, never in exit 0 with a wrong or missing result."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, TINY, model_overrides
+
+
+def convert(checkpoint: Path, tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    args = [
+        "experiment=debug",
+        f"experiment.checkpoint_dir={checkpoint}",
+        f"experiment.output={tmp_path / 'out' / 'model.pt'}",
+        f"hydra.run.dir={tmp_path / 'hydra'}",
+        *model_overrides(TINY),
+        *overrides,
+    ]
+    return subprocess.run(
+        [sys.executable, "convert.py", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("+experiment.stpe=10", "unknown key experiment.stpe (did you mean experiment.step?)"),
+        ("+output_fromat=torchtune", "unknown key output_fromat (did you mean output_format?)"),
+        ("+experiment.model.n_haeds=4", "did you mean experiment.model.n_heads?"),
+        ("experiment.model.dim=512", "dim=512 (the weights say 32)"),
+        ("experiment.model.vocab_size=4096", "vocab_size=4096 (the weights say 64)"),
+        ("experiment.model.hidden_dim=1024", "hidden_dim=1024 (the weights say 96)"),
+        ("hydra/launcher=slurm", "Hydra runs a launcher only in a multirun: add -m"),
+    ],
+)
+def test_mistake_is_an_error(tiny_checkpoint, tmp_path, override, expected):
+    run = convert(tiny_checkpoint, tmp_path, override)
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert expected in run.stderr, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("key", ["experiment.output", "experiment.checkpoint_dir"])
+def test_a_url_where_a_local_path_is_needed_is_an_error(tiny_checkpoint, tmp_path, key):
+    url = "s3://bucket/run7/model.pt" if key == "experiment.output" else "s3://bucket/run7"
+    run = convert(tiny_checkpoint, tmp_path, f"{key}={url}")
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert f"{key}='{url}' is a URL" in run.stderr, run.stderr[-2000:]
+    assert not (REPO / "s3:").exists() and not (tmp_path / "s3:").exists()
+
+
+def test_the_same_run_without_a_mistake_converts(tiny_checkpoint, tmp_path):
+    """The cases above fail for their mistake, not for the fixture."""
+    run = convert(tiny_checkpoint, tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (tmp_path / "out" / "model.pt").is_file()
