@@ -1,4 +1,5 @@
-"""The end-of-sweep summary: one table for every experiment, and a failing exit if any failed.
+"""The sweep's callbacks: a check of the planned jobs before any runs, and the end-of-sweep
+summary, one table for every experiment and a failing exit if any failed.
 
 Each job leaves its result as a small JSON file in its own Hydra output folder (on the compute
 node, when the sweep runs on SLURM); this callback runs in the launching process after all jobs
@@ -13,8 +14,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from hydra.utils import to_absolute_path
+from omegaconf import DictConfig, OmegaConf
 
 from converter.job import STATUS_FILE, JobResult
 
@@ -41,8 +46,37 @@ def _size(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n else "-"
 
 
+def planned_outputs(config: DictConfig) -> dict[str, list[str]]:
+    """Every output path the sweep's jobs resolve to -> the jobs (their overrides) that write
+    it, composed as the sweeper composes them, before any job runs."""
+    # Unresolved: an override's value may hold an interpolation, e.g. ${experiment.name}.
+    task = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
+    overrides = OverridesParser.create().parse_overrides(task)
+    loader = GlobalHydra.instance().config_loader()
+    outputs: dict[str, list[str]] = {}
+    for batch in BasicSweeper.split_arguments(overrides, None):
+        for job in batch:
+            cfg = loader.load_sweep_config(config, list(job))
+            output = str(Path(to_absolute_path(cfg.experiment.output)).resolve())
+            outputs.setdefault(output, []).append(" ".join(job) or "(no overrides)")
+    return outputs
+
+
 class SweepSummary(Callback):
-    """Prints the summary table at the end of a multirun; exits 1 if any experiment failed."""
+    """Refuses a sweep whose jobs would write the same output; prints the summary table at the
+    end of a multirun and exits 1 if any experiment failed."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        clashes = {out: jobs for out, jobs in planned_outputs(config).items() if len(jobs) > 1}
+        if clashes:
+            described = "; ".join(f"{out} by [{'], ['.join(j)}]" for out, j in clashes.items())
+            log.error(
+                "Jobs of this sweep would write the same output, each replacing the last: %s. "
+                "Nothing was run. Give each job its own experiment.output, e.g. with "
+                "${experiment.name} in the path.",
+                described,
+            )
+            sys.exit(1)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)

@@ -64,3 +64,30 @@ def test_the_same_run_without_a_mistake_converts(tiny_checkpoint, tmp_path):
     run = convert(tiny_checkpoint, tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]
     assert (tmp_path / "out" / "model.pt").is_file()
+
+
+def test_a_sweep_whose_jobs_share_an_output_is_refused_before_it_runs(tiny_checkpoint, tmp_path):
+    output = tmp_path / "out" / "same.pt"
+    run = subprocess.run(
+        [
+            sys.executable,
+            "convert.py",
+            "-m",
+            "experiment=debug,debug_pretrained",
+            f"experiment.checkpoint_dir={tiny_checkpoint}",
+            f"experiment.output={output}",
+            "overwrite=true",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+            *model_overrides(TINY),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    said = run.stdout + run.stderr  # Hydra logs to stdout in the launching process
+    assert run.returncode == 1, said[-2000:]
+    assert "Jobs of this sweep would write the same output" in said, said[-2000:]
+    assert f"{output} by [experiment=debug " in said
+    assert "[experiment=debug_pretrained " in said
+    assert not (tmp_path / "out").exists()
