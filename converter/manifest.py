@@ -42,13 +42,21 @@ def torchtune_yaml_path(output: Path) -> Path:
 def fingerprint(
     checkpoint: DcpCheckpoint, output_format: str, export_dtype: str, model: dict[str, Any]
 ) -> dict[str, Any]:
-    """Identifies a conversion: the same fingerprint means the same output bytes."""
+    """Identifies a conversion: the same fingerprint means the same output bytes.
+
+    Every file the output is read from is identified by its size and modification time
+    (``st_mtime_ns``), taken before its tensors are read: a file rewritten in place, even to the
+    same size, has a new mtime, so the next run converts again. That costs one ``stat`` per
+    file, whatever the checkpoint's size; the small ``.metadata`` is also hashed."""
     md = checkpoint.metadata_path
+    files = {}
+    for path in (md, *checkpoint.shard_sizes):
+        st = path.stat()
+        files[path.name] = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
     return {
         "step_dir": str(checkpoint.step_dir.resolve()),
         "metadata_sha256": sha256_file(md),
-        "metadata_mtime_ns": md.stat().st_mtime_ns,
-        "shard_sizes": {p.name: s for p, s in checkpoint.shard_sizes.items()},
+        "files": files,
         "output_format": output_format,
         "export_dtype": export_dtype,
         "model": model,

@@ -36,11 +36,15 @@ def read_back(
     regions: dict[str, list[Region]] | None,
 ) -> str:
     """The sha256 of the finished file, for its manifest, and with ``regions`` (what the
-    conversion wrote, ``verify=true``) the checks above, all in one pass over the file."""
+    conversion wrote, ``verify=true``) the checks above, all in one pass over the file. The
+    check that tied embeddings are tied (see ``_check_tied``) runs in either case."""
     if regions is None:
+        # Not a check of the write, but of the settings: it holds with or without verify.
+        if plan.tied:
+            _check_tied(plan, checkpoint, _load(path))
         return sha256_file(path)
+    loaded = _load(path)
     try:
-        loaded = torch.load(path, mmap=True, weights_only=True)
         offsets = record_offsets(path, loaded)
     except Exception as e:
         raise _mismatch(path, f"it does not load with torch.load(weights_only=True): {e}") from e
@@ -65,6 +69,14 @@ def read_back(
     digest = _scan(path, sorted(spans, key=lambda s: s.at))
     _check_tied(plan, checkpoint, loaded)
     return digest
+
+
+def _load(path: Path) -> dict[str, torch.Tensor]:
+    """The file as torchtune loads it: mapped, so that only the bytes looked at are read."""
+    try:
+        return torch.load(path, mmap=True, weights_only=True)
+    except Exception as e:
+        raise _mismatch(path, f"it does not load with torch.load(weights_only=True): {e}") from e
 
 
 @dataclass(frozen=True)
@@ -107,6 +119,10 @@ def _scan(path: Path, spans: list[_Span]) -> str:
 
 
 def _check_tied(plan: Plan, checkpoint: DcpCheckpoint, loaded: dict[str, torch.Tensor]) -> None:
+    """With ``tied_embeddings=true``, a head saved beside the embeddings must hold their values
+    (after the cast): torchtune ties the two on load, so a file that left out (or kept) a
+    different head would silently load as another model. Runs whatever ``verify`` says, one
+    row run of the head at a time against the mapped file's embeddings: bounded memory."""
     for source_key, name in plan.tied:
         entry, written_tensor = checkpoint.tensors[source_key], loaded[name]
         if entry.shape != tuple(written_tensor.shape) or not all(

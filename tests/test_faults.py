@@ -490,6 +490,22 @@ CASES: dict[str, Case] = {
         traceback=True,
         env={"HYDRA_FULL_ERROR": "1"},
     ),
+    # An untied head with tied_embeddings=true fails with verify=false too: kept (meta) or
+    # left out (torchtune), torchtune's LLAMA3_2 would tie it to the embeddings silently.
+    "untied_head_with_tied_embeddings_unverified": Case(
+        _only(**{"experiment.model.tied_embeddings": "true", "verify": "false"}),
+        ("tied_embeddings=true", "differs from the embeddings", "tied_embeddings=false"),
+    ),
+    "untied_head_with_tied_embeddings_unverified_torchtune": Case(
+        _only(
+            **{
+                "experiment.model.tied_embeddings": "true",
+                "verify": "false",
+                "output_format": "torchtune",
+            }
+        ),
+        ("tied_embeddings=true", "differs from the embeddings", "tied_embeddings=false"),
+    ),
     "low_fd_limit_completes": Case(
         _only(workers="2"), ("wrote",), ok=True, prlimit=("--nofile=64",), check=_check_small
     ),
@@ -576,6 +592,64 @@ def test_fault(name, runs, small):
         assert run.after == run.before, "the failed run left files or changed the source"
     if case.check is not None:
         case.check(run.root, small[1])
+
+
+# --------------------------------------------------------------------------------------------
+# A source changed in place after a conversion: the re-run must not call the output up to date
+# --------------------------------------------------------------------------------------------
+
+
+def test_shard_changed_in_place_is_converted_again(small, tmp_path):
+    """Bytes of a shard rewritten in place, the file's size and ``.metadata`` unchanged: the
+    re-run sees the new mtime and converts again instead of skipping. An unchanged re-run is
+    skipped; without ``overwrite=true`` the changed source is refused, not skipped."""
+    pristine, weights = small
+    step_dir = copy_small(tmp_path, pristine)
+    cmd = command({**small_overrides(tmp_path), "verify": "false"}, tmp_path / "hydra")
+    output = tmp_path / "out" / "model.pt"
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [*cmd, *extra], cwd=REPO, env=child_env(), capture_output=True, text=True,
+            timeout=RUN_TIMEOUT,
+        )  # fmt: skip
+
+    first = run()
+    assert first.returncode == 0 and "wrote" in first.stderr, first.stderr
+    assert_matches(output, weights, torch.bfloat16)
+    unchanged = run()
+    assert unchanged.returncode == 0, unchanged.stderr
+    assert "is up to date with this source and settings; skipped" in unchanged.stderr
+
+    shard, first_row = _victim_chunk(step_dir)
+    before, stat = shard.read_bytes(), shard.stat()
+    size = len(before)
+    overwrite_tensor_bytes(step_dir, VICTIM, torch.full((16,), 0.5).numpy().tobytes())
+    assert shard.read_bytes() != before and shard.stat().st_size == size
+    # A rewrite within the clock's granularity could keep the mtime: make it later for sure.
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns + 2_000_000_000))
+
+    refused = run()
+    assert refused.returncode != 0, refused.stderr
+    assert "skipped" not in refused.stderr and "already exists" in refused.stderr
+    converted = run("overwrite=true")
+    assert converted.returncode == 0, converted.stderr
+    assert "skipped" not in converted.stderr and "wrote" in converted.stderr
+    written = torch.load(output, mmap=True, weights_only=True)[VICTIM]
+    at = first_row * written.shape[1]
+    assert torch.equal(written.flatten()[at : at + 16], torch.full((16,), 0.5).bfloat16())
+    assert not torch.equal(written, weights[VICTIM].bfloat16())
+    again = run()
+    assert again.returncode == 0 and "skipped" in again.stderr, again.stderr
+
+
+def _victim_chunk(step_dir: Path) -> tuple[Path, int]:
+    """The shard file holding the chunk of VICTIM that ``overwrite_tensor_bytes`` changes, and
+    the chunk's first row."""
+    index = read_index(step_dir)
+    chunk = index.state_dict_metadata[VICTIM].chunks[0]
+    info = index.storage_data[MetadataIndex(VICTIM, chunk.offsets)]
+    return step_dir / info.relative_path, chunk.offsets[0]
 
 
 # --------------------------------------------------------------------------------------------
