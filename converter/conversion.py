@@ -2,9 +2,9 @@
 
 validate the DCP index and shard files -> plan every key -> skip if an identical conversion is
 already on disk -> stream tensors into a partial file (flushed behind the writes) -> sync ->
-read it back once (sha256, and the checks of ``verify=true``) -> write the manifest and recipe
-snippet -> publish under the final name. Every step fails before anything is written if the
-input is bad.
+read it back once (sha256, and the checks of ``verify=true``) -> publish under the final name,
+then the manifest and recipe snippet beside it. Every step fails before anything is written if
+the input is bad, or if a folder stands where a file is to go.
 """
 
 from __future__ import annotations
@@ -32,10 +32,9 @@ from converter.manifest import (
     read_manifest,
     torchtune_snippet,
     torchtune_yaml_path,
-    write_atomic,
 )
 from converter.mapping import Plan, plan_conversion
-from converter.sink import Filler, OutputFile, output_error
+from converter.sink import Filler, OutputFile
 from converter.source import DcpCheckpoint
 from converter.tasks import TaskGroup, check_answers
 from converter.verify import read_back
@@ -88,10 +87,11 @@ def _plan(
     checkpoint = DcpCheckpoint(step_dir)
     sources = {checkpoint.metadata_path: checkpoint.metadata_path.stat().st_size}
     sources.update(checkpoint.shard_sizes)
-    hasher.add(group.share_of(sources))
     given = Path(to_absolute_path(exp.output))
     output = given.resolve()
     _check_not_source(given, output, checkpoint)
+    _check_not_folders(output)
+    hasher.add(group.share_of(sources))
     export = exp.export_dtype.value
     fmt = conf.output_format.value
     plan = plan_conversion(
@@ -171,7 +171,7 @@ def _lead(
         t = time.perf_counter()
         source_sha256.update(_hashes(hasher, group.share_of(planned.sources)))
         times["source_sha256_wait"] = time.perf_counter() - t
-        # The manifest and snippet go first: an output on disk always has its manifest.
+        # Published after the output: no manifest or snippet is ever on disk without it.
         manifest = build_manifest(
             experiment=planned.name,
             step=planned.step,
@@ -188,14 +188,15 @@ def _lead(
             slurm=slurm,
             source_sha256=source_sha256,
         )
-        try:
-            model = conf.experiment.model
-            snippet = torchtune_snippet(output, planned.output_format, model, planned.name)
-            write_atomic(torchtune_yaml_path(output), snippet)
-            write_atomic(manifest_path(output), json.dumps(manifest, indent=2) + "\n")
-        except OSError as e:
-            raise output_error(output, e) from e
-        out.publish()
+        model = conf.experiment.model
+        snippet = torchtune_snippet(output, planned.output_format, model, planned.name)
+        # The manifest last: it is what marks the output as this conversion's.
+        out.publish(
+            {
+                torchtune_yaml_path(output): snippet,
+                manifest_path(output): json.dumps(manifest, indent=2) + "\n",
+            }
+        )
 
     log.info(
         "%s: wrote %s (%.1f MB, %d tensors, %d parameters) in %.1f s%s.",
@@ -301,6 +302,24 @@ def _check_not_source(given: Path, output: Path, checkpoint: DcpCheckpoint) -> N
         )
 
 
+def _check_not_folders(output: Path) -> None:
+    """Refuses, before any work, a folder where the output or a file beside it is to go:
+    no run replaces a folder, with overwrite=true or without."""
+    if output.is_dir():
+        raise ConversionError(
+            f"experiment.output {output} is a folder; the output is one file, and the converter "
+            f"never replaces a folder. Choose a file path (such as {output / 'model.pt'}) or "
+            "remove the folder, then run again."
+        )
+    for path in (manifest_path(output), torchtune_yaml_path(output)):
+        if path.is_dir():
+            raise ConversionError(
+                f"{path} is a folder, where the converter writes a file that describes "
+                f"experiment.output {output}. Remove or rename the folder, or choose another "
+                "experiment.output, then run again."
+            )
+
+
 def _already_done(output: Path, print_: dict[str, Any], overwrite: bool) -> bool:
     """True if ``output`` holds this very conversion; raises if it holds another and may not
     be replaced."""
@@ -310,8 +329,8 @@ def _already_done(output: Path, print_: dict[str, Any], overwrite: bool) -> bool
     if (
         previous is not None
         and previous.get("fingerprint") == print_
-        # The manifest is written just before the output is renamed into place, so a run
-        # killed in between leaves a new manifest beside an old file: check the file itself.
+        # A run killed between renaming its output and its manifest into place leaves the old
+        # manifest beside the new file (with overwrite=true): check the file itself.
         and previous["output"]["bytes"] == output.stat().st_size
         and previous["output"]["sha256"] == sha256_file(output)
     ):

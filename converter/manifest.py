@@ -137,14 +137,30 @@ def build_manifest(
     }
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Writes a small file so that readers see the old or the new contents, never a part."""
-    tmp = path.with_name(f".{path.name}.partial")
+def staging_path(path: Path) -> Path:
+    """The temporary name :func:`stage` writes ``path`` under."""
+    return path.with_name(f".{path.name}.partial")
+
+
+def stage(path: Path, text: str) -> Path:
+    """Writes and syncs ``text`` under ``path``'s temporary name, which it returns: renaming
+    that to ``path`` then publishes the file in one atomic step."""
+    tmp = staging_path(path)
     try:
         with open(tmp, "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Writes a small file so that readers see the old or the new contents, never a part."""
+    tmp = stage(path, text)
+    try:
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -8,9 +8,12 @@ file is a plain ``torch.save`` archive that ``torch.load(mmap=True, weights_only
 
 Nothing is written under the final name until the file is complete and synced: the work goes to
 a hidden ``.<name>.partial`` beside it, guarded by an advisory lock on ``.<name>.lock`` so that
-two conversions to one output never interleave. A partial left by a killed run is removed by the
-next run that takes the lock. A failed run leaves nothing behind: not the partial, not the lock
-file, not the output folder if it created it.
+two conversions to one output never interleave. The files that describe the output (manifest,
+recipe snippet) are written and synced under temporary names too, and renamed into place only
+after the output, so that none is ever seen without its output. A partial, or a described file
+without its output, left by a killed run is removed by the next run that takes the lock. A
+failed run leaves nothing behind: not the partial, not the lock file, no described file, not
+the output folder if it created it.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 
 from converter.archive import storage_records
 from converter.errors import ConversionError
+from converter.manifest import stage, staging_path
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +42,9 @@ class OutputFile:
     """One output file under construction; use as a context manager around the whole write."""
 
     def __init__(self, path: Path, sidecars: tuple[Path, ...] = ()) -> None:
-        """``sidecars``: small files written beside the output (manifest, recipe snippet) with
-        ``write_atomic``; while the output does not exist they and their temporaries are left
-        over from an interrupted run, and are removed."""
+        """``sidecars``: small files that describe the output (manifest, recipe snippet),
+        published by :meth:`publish` after it; while the output does not exist they and their
+        temporaries are left over from an interrupted run, and are removed."""
         self.path = path
         self.partial = path.with_name(f".{path.name}.partial")
         self.lock_path = path.with_name(f".{path.name}.lock")
@@ -94,14 +98,37 @@ class OutputFile:
         self.filler = Filler(self.partial, offsets, self.path)
         return self.filler
 
-    def publish(self) -> None:
-        """Gives the filled and synced file its final name in one atomic step."""
+    def publish(self, texts: dict[Path, str] | None = None) -> None:
+        """Gives the filled and synced file its final name in one atomic step, then each of
+        the sidecars its contents from ``texts`` (sidecar -> text), in that order.
+
+        The sidecars are written and synced under temporary names first (a full disk fails
+        here, before anything is published) and renamed only after the output, so none is
+        ever seen without the output it describes. If any step fails, what this call renamed
+        into place is removed again: nothing is left under the output's or a sidecar's name.
+        """
         assert self.filler is not None and self.filler.closed, "fill and sync() first"
+        texts = texts or {}
+        assert set(texts) <= set(self.sidecars), "publish only the sidecars named up front"
+        staged: list[tuple[Path, Path]] = []
+        published: list[Path] = []
         try:
+            for sidecar, text in texts.items():
+                staged.append((stage(sidecar, text), sidecar))
             os.replace(self.partial, self.path)
+            published.append(self.path)
+            for tmp, sidecar in staged:
+                os.replace(tmp, sidecar)
+                published.append(sidecar)
             _fsync_dir(self.path.parent)
-        except OSError as e:
-            raise output_error(self.path, e) from e
+        except BaseException as e:
+            for path in reversed(published):
+                path.unlink(missing_ok=True)
+            for tmp, _ in staged:
+                tmp.unlink(missing_ok=True)
+            if isinstance(e, OSError):
+                raise output_error(self.path, e) from e
+            raise
 
     def __exit__(
         self,
@@ -123,13 +150,16 @@ class OutputFile:
                 self._remove_made_dirs()
 
     def _remove_leftovers(self) -> None:
-        """The partial, and sidecars that belong to no output (a run killed before publish)."""
+        """The partial, the sidecars' temporaries, and sidecars that describe no output (left
+        by a run killed during publish, or by an older version that wrote them first)."""
         self.partial.unlink(missing_ok=True)
-        orphaned = not self.path.exists()
+        orphaned = not self.path.is_file()
         for sidecar in self.sidecars:
-            sidecar.with_name(f".{sidecar.name}.partial").unlink(missing_ok=True)
-            if orphaned:
-                sidecar.unlink(missing_ok=True)
+            _remove_file(staging_path(sidecar))
+            if orphaned and _remove_file(sidecar):
+                log.info(
+                    "Removed %s: the output it describes, %s, does not exist.", sidecar, self.path
+                )
 
     def _remove_made_dirs(self) -> None:
         """Output folders this run created, if still empty: a failed run leaves no trace."""
@@ -250,6 +280,17 @@ class _Flusher:
                 return
 
 
+def _remove_file(path: Path) -> bool:
+    """Removes ``path`` if it is a file or a link; never a folder. True if it removed it."""
+    if not (path.is_symlink() or path.is_file()):
+        return False
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def _make_dirs(folder: Path, made: list[Path]) -> None:
     """``mkdir -p``; appends the folders it creates to ``made``, outermost first."""
     missing = []
@@ -340,7 +381,7 @@ _WHY = {
     errno.EPERM: ("permission is denied", "make the folder writable for this user"),
     errno.EROFS: ("the file system is read-only", "write to a writable file system"),
     errno.ENOTDIR: ("a part of the path is a file, not a folder", "fix the path"),
-    errno.EISDIR: ("the output path is a folder", "name a .pt file"),
+    errno.EISDIR: ("a folder is in the way", "choose a file path, or remove the folder"),
 }
 
 

@@ -234,7 +234,7 @@ class Case:
 
     ``prepare(root, pristine_step_dir, cleanup)`` lays out the case under ``root`` and returns
     the command-line overrides. Unless ``ok``, the run must exit non-zero with every fragment
-    of ``expect`` on stderr and change nothing under ``root``.
+    of ``expect`` on stderr, none of ``absent``, and change nothing under ``root``.
     """
 
     prepare: Prepare
@@ -244,6 +244,7 @@ class Case:
     env: dict[str, str] = field(default_factory=dict)
     prlimit: tuple[str, ...] = ()  # e.g. "--fsize=65536" for the run
     check: Callable[[Path, dict[str, torch.Tensor]], None] | None = None
+    absent: tuple[str, ...] = ()  # advice the run must not give
 
 
 def _copy(root: Path, pristine: Path, cleanup: ExitStack) -> dict[str, str]:
@@ -401,6 +402,22 @@ def _output_in_step_folder(root: Path, pristine: Path, cleanup: ExitStack) -> di
     return {**small_overrides(root), "experiment.output": str(step_dir / "model.pt")}
 
 
+def _output_is_a_folder(root: Path, pristine: Path, cleanup: ExitStack) -> dict[str, str]:
+    """``model.pt`` is by mistake an existing folder, with a file in it."""
+    copy_small(root, pristine)
+    (root / "out" / "model.pt").mkdir(parents=True)
+    (root / "out" / "model.pt" / "notes.txt").write_text("keep me\n")
+    return small_overrides(root)
+
+
+def _sidecar_is_a_folder(root: Path, pristine: Path, cleanup: ExitStack) -> dict[str, str]:
+    """A folder takes the manifest's name: writing the manifest would fail."""
+    copy_small(root, pristine)
+    (root / "out" / "model.pt.manifest.json").mkdir(parents=True)
+    (root / "out" / "model.pt.manifest.json" / "notes.txt").write_text("keep me\n")
+    return small_overrides(root)
+
+
 def _output_locked(root: Path, pristine: Path, cleanup: ExitStack) -> dict[str, str]:
     """Another conversion to the same output holds its lock."""
     copy_small(root, pristine)
@@ -413,6 +430,13 @@ def _only(**overrides: str) -> Prepare:
         return {**_copy(root, pristine, cleanup), **overrides}
 
     return prepare
+
+
+def _only_after(prepare: Prepare, **overrides: str) -> Prepare:
+    def prepare_with(root: Path, pristine: Path, cleanup: ExitStack) -> dict[str, str]:
+        return {**prepare(root, pristine, cleanup), **overrides}
+
+    return prepare_with
 
 
 def _check_small(root: Path, weights: dict[str, torch.Tensor]) -> None:
@@ -475,6 +499,21 @@ CASES: dict[str, Case] = {
     ),
     "output_inside_step_folder": Case(
         _output_in_step_folder, (f"step-{STEP}/model.pt", "inside the source step folder")
+    ),
+    "output_is_a_folder": Case(
+        _output_is_a_folder,
+        ("out/model.pt is a folder", "remove the folder", "out/model.pt/model.pt"),
+        absent=("overwrite=true to replace",),
+    ),
+    "output_is_a_folder_with_overwrite": Case(
+        _only_after(_output_is_a_folder, overwrite="true"),
+        ("out/model.pt is a folder", "remove the folder"),
+        absent=("overwrite=true to replace", "Replacing"),
+    ),
+    "manifest_name_is_a_folder": Case(
+        _sidecar_is_a_folder,
+        ("out/model.pt.manifest.json is a folder", "Remove or rename the folder"),
+        absent=("overwrite=true to replace",),
     ),
     "output_locked_by_another_run": Case(
         _output_locked, ("Another conversion is writing", "out/.model.pt.lock")
@@ -579,6 +618,8 @@ def test_fault(name, runs, small):
         pytest.skip(run)
     for fragment in case.expect:
         assert fragment in run.stderr, f"{fragment!r} not in:\n{run.stderr}"
+    for fragment in case.absent:
+        assert fragment not in run.stderr, f"{fragment!r} in:\n{run.stderr}"
     assert ("Traceback" in run.stderr) == case.traceback, run.stderr
     if case.ok:
         assert run.returncode == 0, run.stderr
@@ -670,6 +711,87 @@ def test_disk_filling_mid_tensor_is_reported_not_truncated(tmp_path):
             for name in layout:
                 filler.write(name, 0, torch.ones(256, 256))
         assert list(fs.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------
+# Publishing, in-process: the manifest and snippet never outlive a failed publish of the output
+# --------------------------------------------------------------------------------------------
+
+SIDECAR_TEXTS = {"model.pt.torchtune.yaml": "checkpointer: {}\n", "model.pt.manifest.json": "{}\n"}
+
+
+def _filled(out: OutputFile) -> None:
+    filler = out.create({"t": ((64, 64), torch.float32)})
+    filler.write("t", 0, torch.ones(64, 64))
+    filler.sync()
+
+
+def _publish_texts(folder: Path) -> dict[Path, str]:
+    return {folder / name: text for name, text in SIDECAR_TEXTS.items()}
+
+
+def test_output_rename_failing_publishes_no_sidecar(tmp_path):
+    """A folder appears at the output's name after the checks (another process made it):
+    the rename fails, and neither the output nor a sidecar, nor a temporary, is left."""
+    texts = _publish_texts(tmp_path)
+    with (
+        pytest.raises(ConversionError, match="a folder is in the way"),
+        OutputFile(tmp_path / "model.pt", tuple(texts)) as out,
+    ):
+        _filled(out)
+        (tmp_path / "model.pt").mkdir()
+        (tmp_path / "model.pt" / "notes.txt").write_text("keep me\n")
+        out.publish(texts)
+    assert snapshot(tmp_path) == {"model.pt": "dir", "model.pt/notes.txt": _sha_text("keep me\n")}
+
+
+def test_sidecar_rename_failing_takes_the_output_back(tmp_path):
+    """The output is renamed into place, then the manifest's rename fails (a folder appeared
+    at its name): the output and the snippet renamed before it are removed again."""
+    texts = _publish_texts(tmp_path)
+    with (
+        pytest.raises(ConversionError, match="model.pt.manifest.json"),
+        OutputFile(tmp_path / "model.pt", tuple(texts)) as out,
+    ):
+        _filled(out)
+        (tmp_path / "model.pt.manifest.json").mkdir()
+        out.publish(texts)
+    assert snapshot(tmp_path) == {"model.pt.manifest.json": "dir"}
+
+
+def test_sidecar_write_failing_publishes_nothing(tmp_path):
+    """The disk fills while the sidecars are written, after the output is complete: nothing,
+    not the output, is renamed into place."""
+    with tmpfs(tmp_path / "fs", "64k") as fs:
+        texts = {fs / name: "x" * (48 << 10) for name in SIDECAR_TEXTS}
+        with (
+            pytest.raises(ConversionError, match="the disk is full"),
+            OutputFile(fs / "model.pt", tuple(texts)) as out,
+        ):
+            _filled(out)  # 16 KiB of tensor, and the archive's structure
+            out.publish(texts)
+        assert list(fs.iterdir()) == []
+
+
+def test_orphaned_sidecars_are_removed_and_logged(tmp_path, caplog):
+    """Sidecars and their temporaries without the output they describe (a run killed during
+    publish) are removed by the next run, which says so; a published run leaves them all."""
+    texts = _publish_texts(tmp_path)
+    for path, text in texts.items():
+        path.write_text(text)
+        path.with_name(f".{path.name}.partial").write_text(text[:3])
+    with caplog.at_level("INFO"), OutputFile(tmp_path / "model.pt", tuple(texts)) as out:
+        assert list(tmp_path.glob("model.pt.*")) == []
+        _filled(out)
+        out.publish({path: text.upper() for path, text in texts.items()})
+    for path in texts:
+        assert f"Removed {path}" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(OUT)
+    assert all(path.read_text() == text.upper() for path, text in texts.items())
+
+
+def _sha_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
