@@ -138,7 +138,8 @@ def unknown_keys(cfg: Any, schema: type = ConvertConfig, prefix: str = "") -> li
     """Keys of ``cfg`` that the schema does not define, each with a did-you-mean and the valid
     keys. Hydra's ``+key=value`` adds a key the schema lacks; without this check a typo such as
     ``+experiment.stpe=10`` would be accepted and ignored."""
-    fields = {f.name: f for f in dataclasses.fields(schema)}
+    fields = [f.name for f in dataclasses.fields(schema)]
+    types = typing.get_type_hints(schema)
     problems = []
     for key in cfg:
         name = f"{prefix}{key}"
@@ -150,7 +151,7 @@ def unknown_keys(cfg: Any, schema: type = ConvertConfig, prefix: str = "") -> li
                 f"are {', '.join(fields)}"
             )
             continue
-        nested = typing.get_type_hints(schema)[key]
+        nested = types[key]
         if dataclasses.is_dataclass(nested) and OmegaConf.is_dict(cfg[key]):
             problems += unknown_keys(cfg[key], nested, f"{name}.")
     return problems

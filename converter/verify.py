@@ -47,7 +47,7 @@ def read_back(
     try:
         offsets = record_offsets(path, loaded)
     except Exception as e:
-        raise _mismatch(path, f"it does not load with torch.load(weights_only=True): {e}") from e
+        raise _mismatch(path, f"its storage records cannot be read: {e}") from e
     if not isinstance(loaded, dict) or list(loaded) != [t.name for t in plan.tensors]:
         raise _mismatch(path, "its keys differ from the planned ones")
     spans = []

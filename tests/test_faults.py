@@ -730,33 +730,25 @@ def _publish_texts(folder: Path) -> dict[Path, str]:
     return {folder / name: text for name, text in SIDECAR_TEXTS.items()}
 
 
-def test_output_rename_failing_publishes_no_sidecar(tmp_path):
-    """A folder appears at the output's name after the checks (another process made it):
-    the rename fails, and neither the output nor a sidecar, nor a temporary, is left."""
+@pytest.mark.parametrize(
+    "blocked, match",
+    [("model.pt", "a folder is in the way"), ("model.pt.manifest.json", "model.pt.manifest.json")],
+    ids=["output", "manifest"],
+)
+def test_a_failing_rename_during_publish_leaves_nothing(tmp_path, blocked, match):
+    """A folder appears, after the checks, at the name of the output (its rename fails before
+    any sidecar's) or of the manifest (renamed last, after the output and the snippet): what
+    was renamed into place is removed again, and only the folder, untouched, is left."""
     texts = _publish_texts(tmp_path)
     with (
-        pytest.raises(ConversionError, match="a folder is in the way"),
+        pytest.raises(ConversionError, match=match),
         OutputFile(tmp_path / "model.pt", tuple(texts)) as out,
     ):
         _filled(out)
-        (tmp_path / "model.pt").mkdir()
-        (tmp_path / "model.pt" / "notes.txt").write_text("keep me\n")
+        (tmp_path / blocked).mkdir()
+        (tmp_path / blocked / "notes.txt").write_text("keep me\n")
         out.publish(texts)
-    assert snapshot(tmp_path) == {"model.pt": "dir", "model.pt/notes.txt": _sha_text("keep me\n")}
-
-
-def test_sidecar_rename_failing_takes_the_output_back(tmp_path):
-    """The output is renamed into place, then the manifest's rename fails (a folder appeared
-    at its name): the output and the snippet renamed before it are removed again."""
-    texts = _publish_texts(tmp_path)
-    with (
-        pytest.raises(ConversionError, match="model.pt.manifest.json"),
-        OutputFile(tmp_path / "model.pt", tuple(texts)) as out,
-    ):
-        _filled(out)
-        (tmp_path / "model.pt.manifest.json").mkdir()
-        out.publish(texts)
-    assert snapshot(tmp_path) == {"model.pt.manifest.json": "dir"}
+    assert snapshot(tmp_path) == {blocked: "dir", f"{blocked}/notes.txt": _sha_text("keep me\n")}
 
 
 def test_sidecar_write_failing_publishes_nothing(tmp_path):
