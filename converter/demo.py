@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import pickle
 import re
@@ -82,8 +83,11 @@ class ModelShape:
         return self.n_heads // self.n_kv_heads
 
 
-# name -> (shape, generation, [(step, kind, dtype), ...]); the lead's config yaml mirrors these.
-DEMO_EXPERIMENTS: dict[str, tuple[ModelShape, str, list[tuple[int, str, torch.dtype]]]] = {
+# (step, kind, export dtype) of one save.
+StepKind = tuple[int, str, torch.dtype]
+
+# name -> (shape, generation, [StepKind, ...]); the lead's config yaml mirrors these.
+DEMO_EXPERIMENTS: dict[str, tuple[ModelShape, str, list[StepKind]]] = {
     # torchtitan llama3 "debugmodel" as shipped in torchtitan 0.3.0.
     "debug": (
         ModelShape(dim=256, n_layers=6, n_heads=16, n_kv_heads=16, vocab_size=2048, hidden_dim=768),
@@ -686,6 +690,57 @@ def _disk_usage(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def _param_bytes(shape: ModelShape) -> int:
+    """float32 bytes of one copy of the model's weights (tied embeddings stored once)."""
+    sizes = _meta_shapes(shape)
+    if shape.tied_embeddings:
+        del sizes["output.weight"]
+    return 4 * sum(math.prod(size) for size in sizes.values())
+
+
+def _round_bytes(
+    steps: Sequence[tuple[str, StepKind]],
+) -> tuple[int, int]:
+    """Bytes one round adds under the output root for good, and the most it holds in the
+    temporary folder meanwhile (a float32 weights file per step, and a full step's parameter
+    shards, which the driver reads back)."""
+    kept = temporary = 0
+    for name, (_, kind, dtype) in steps:
+        params = _param_bytes(DEMO_EXPERIMENTS[name][0])
+        temporary += params * (2 if kind == "full" else 1)
+        # A full save is float32 parameters and AdamW's two moments.
+        kept += 3 * params if kind == "full" else params * dtype.itemsize // 4
+    return kept, temporary
+
+
+def _check_free_space(out_root: Path, rounds: list[list[tuple[str, StepKind]]]) -> None:
+    """Refuse to start a demo that cannot fit on the disk: DCP reports a full disk from deep
+    inside torch.save, long after the first gigabytes are written."""
+    out_root.mkdir(parents=True, exist_ok=True)
+    tmp_root = Path(tempfile.gettempdir())
+    same_disk = os.stat(out_root).st_dev == os.stat(tmp_root).st_dev
+    kept = peak = peak_tmp = 0
+    for steps in rounds:
+        round_kept, round_tmp = _round_bytes(steps)
+        kept += round_kept
+        peak = max(peak, kept + (round_tmp if same_disk else 0))
+        peak_tmp = max(peak_tmp, round_tmp)
+    # The sweep then writes about one weights-only copy per experiment.
+    names = {name for steps in rounds for name, _ in steps}
+    peak = max(peak, kept + sum(_param_bytes(DEMO_EXPERIMENTS[n][0]) // 2 for n in names))
+    needs = [(out_root, peak)] + ([] if same_disk else [(tmp_root, peak_tmp)])
+    for folder, needed in needs:
+        free = shutil.disk_usage(folder).free
+        if free < needed * 1.05:
+            raise SystemExit(
+                f"The demo needs about {needed / 2**30:.1f} GiB free on the disk of {folder} "
+                f"(its checkpoints, temporary files and the sweep's outputs); "
+                f"{free / 2**30:.1f} GiB are free. This is the machine's disk, not a fault in "
+                "the data: free some space, point --out (or TMPDIR) at a larger disk, or leave "
+                "out the 500M experiment's full save (about 5.6 GiB) with --skip-full 500M."
+            )
+
+
 def write_demo(
     out_root: Path,
     experiments: Sequence[str] = ("debug", "500M", "debug_pretrained"),
@@ -717,15 +772,21 @@ def write_demo(
     }
     # Round r writes every experiment's r-th step with one start of the ranks; a later step
     # saves the weights that the earlier full step trained, as in a real run.
-    rounds = max(len(DEMO_EXPERIMENTS[name][2]) for name in experiments)
+    rounds = [
+        [
+            (name, DEMO_EXPERIMENTS[name][2][r])
+            for name in experiments
+            if r < len(DEMO_EXPERIMENTS[name][2])
+            and not (DEMO_EXPERIMENTS[name][2][r][1] == "full" and name in skip_full)
+        ]
+        for r in range(max(len(DEMO_EXPERIMENTS[name][2]) for name in experiments))
+    ]
+    _check_free_space(out_root, rounds)
     with tempfile.TemporaryDirectory(prefix="titan2tune-weights-") as tmp:
-        for r in range(rounds):
+        for r, steps in enumerate(rounds):
             batch = []
-            for name in experiments:
-                shape, generation, steps = DEMO_EXPERIMENTS[name]
-                if r >= len(steps) or (steps[r][1] == "full" and name in skip_full):
-                    continue
-                step, kind, dtype = steps[r]
+            for name, (step, kind, dtype) in steps:
+                shape, generation, _ = DEMO_EXPERIMENTS[name]
                 weights_file = Path(tmp) / f"{name}_{r}.pt"
                 _save_weights(weights[name], shape, weights_file)
                 step_dir = out_root / f"checkpoint_{name}" / f"step-{step}"
@@ -750,6 +811,8 @@ def write_demo(
                     f" (peak RSS MiB per rank: {ranks})",
                     flush=True,
                 )
+            for _, _, spec in batch:
+                spec.weights_file.unlink()  # on a small disk, the next round needs the room
     print(
         f"done in {time.perf_counter() - total_start:.0f} s: "
         f"{_disk_usage(out_root) / 2**30:.2f} GiB under {out_root}; "

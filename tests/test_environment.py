@@ -48,3 +48,21 @@ def test_missing_numpy_is_named_not_blamed_on_the_shard(tiny_checkpoint, tmp_pat
     assert "Python environment, not the data" in run.stderr, run.stderr[-3000:]
     assert "damaged" not in run.stderr, run.stderr[-3000:]
     assert not output.exists()
+
+
+def test_demo_refuses_a_disk_too_small_before_writing(tmp_path):
+    from tests.test_faults import tmpfs
+
+    with tmpfs(tmp_path / "small", "64m") as small:
+        run = subprocess.run(
+            [sys.executable, "-m", "converter.demo", "--out", str(small / "outputs")],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert run.returncode != 0
+        assert str(small / "outputs") in run.stderr, run.stderr[-3000:]
+        assert "GiB are free" in run.stderr and "--skip-full 500M" in run.stderr, run.stderr
+        assert "Traceback" not in run.stderr, run.stderr[-3000:]
+        assert list((small / "outputs").rglob("*")) == []
