@@ -24,9 +24,10 @@ from tqdm import tqdm
 from converter.config import ConvertConfig
 from converter.engine import Region, convert_tensors
 from converter.errors import ConversionError
-from converter.hashing import SourceHasher, sha256_file
+from converter.hashing import SourceHasher
 from converter.manifest import (
     build_manifest,
+    describes,
     fingerprint,
     manifest_path,
     read_manifest,
@@ -128,20 +129,29 @@ def _lead(
     model_dict = OmegaConf.to_container(cfg.experiment.model, resolve=True, enum_to_str=True)
     print_ = fingerprint(checkpoint, planned.output_format, planned.export_dtype, model_dict)
     group.clear_earlier_runs()
-    if _already_done(output, print_, conf.overwrite):
-        log.info(
-            "%s: %s is up to date with this source and settings; skipped.", planned.name, output
-        )
-        return _skipped(output, group)
     existed = output.exists()
 
     t = time.perf_counter()
     mine = group.share_of({k: checkpoint.tensors[k].nbytes for k in plan.sources})
     sidecars = (manifest_path(output), torchtune_yaml_path(output))
-    with OutputFile(output, sidecars) as out:
-        # A run started at the same time may have written this very output meanwhile.
-        if not existed and output.exists() and _already_done(output, print_, conf.overwrite):
-            log.info("%s: %s was just written by another run; skipped.", planned.name, output)
+
+    def staged_manifest_describes(staged: dict[Path, Path]) -> bool:
+        staged_manifest = staged.get(manifest_path(output))
+        return staged_manifest is not None and describes(
+            read_manifest(output, staged_manifest), output
+        )
+
+    # Decided under the output's lock, once an interrupted publish is finished.
+    with OutputFile(output, sidecars, staged_manifest_describes) as out:
+        if _already_done(output, print_, conf.overwrite):
+            if existed:
+                log.info(
+                    "%s: %s is up to date with this source and settings; skipped.",
+                    planned.name,
+                    output,
+                )
+            else:  # a run started at the same time wrote this very output meanwhile
+                log.info("%s: %s was just written by another run; skipped.", planned.name, output)
             return _skipped(output, group)
         filler = out.create({t.name: (t.shape, t.dtype) for t in plan.tensors})
         group.announce(
@@ -326,14 +336,8 @@ def _already_done(output: Path, print_: dict[str, Any], overwrite: bool) -> bool
     if not output.exists():
         return False
     previous = read_manifest(output)
-    if (
-        previous is not None
-        and previous.get("fingerprint") == print_
-        # A run killed between renaming its output and its manifest into place leaves the old
-        # manifest beside the new file (with overwrite=true): check the file itself.
-        and previous["output"]["bytes"] == output.stat().st_size
-        and previous["output"]["sha256"] == sha256_file(output)
-    ):
+    # The file itself is checked too: an old manifest beside a replaced file does not count.
+    if previous and previous.get("fingerprint") == print_ and describes(previous, output):
         return True
     if overwrite:
         log.info("Replacing %s (overwrite=true).", output)

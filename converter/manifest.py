@@ -64,11 +64,25 @@ def fingerprint(
     }
 
 
-def read_manifest(output: Path) -> dict[str, Any] | None:
+def read_manifest(output: Path, path: Path | None = None) -> dict[str, Any] | None:
+    """The manifest of ``output`` (read from ``path`` if given), or None if unreadable."""
     try:
-        return json.loads(manifest_path(output).read_text())
+        return json.loads((path or manifest_path(output)).read_text())
     except (OSError, ValueError):
         return None
+
+
+def describes(manifest: dict[str, Any] | None, output: Path) -> bool:
+    """Whether ``manifest`` was written for the file now at ``output``: same size and sha256."""
+    try:
+        recorded = manifest["output"] if manifest else None
+        return bool(
+            recorded
+            and recorded["bytes"] == output.stat().st_size
+            and recorded["sha256"] == sha256_file(output)
+        )
+    except (KeyError, TypeError):
+        return False
 
 
 def package_versions() -> dict[str, str]:

@@ -11,7 +11,8 @@ a hidden ``.<name>.partial`` beside it, guarded by an advisory lock on ``.<name>
 two conversions to one output never interleave. The files that describe the output (manifest,
 recipe snippet) are written and synced under temporary names too, and renamed into place only
 after the output, so that none is ever seen without its output. A partial, or a described file
-without its output, left by a killed run is removed by the next run that takes the lock. A
+without its output, left by a killed run is removed by the next run that takes the lock; a run
+killed between the output's rename and its sidecars' has its publish finished by the next. A
 failed run leaves nothing behind: not the partial, not the lock file, no described file, not
 the output folder if it created it.
 """
@@ -23,6 +24,7 @@ import fcntl
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -41,14 +43,24 @@ _FLUSH_BYTES = 128 << 20
 class OutputFile:
     """One output file under construction; use as a context manager around the whole write."""
 
-    def __init__(self, path: Path, sidecars: tuple[Path, ...] = ()) -> None:
+    def __init__(
+        self,
+        path: Path,
+        sidecars: tuple[Path, ...] = (),
+        describes: Callable[[dict[Path, Path]], bool] | None = None,
+    ) -> None:
         """``sidecars``: small files that describe the output (manifest, recipe snippet),
         published by :meth:`publish` after it; while the output does not exist they and their
-        temporaries are left over from an interrupted run, and are removed."""
+        temporaries are left over from an interrupted run, and are removed.
+
+        ``describes(staged)``, given the staged temporaries (sidecar -> temporary) that a run
+        killed during publish left beside an existing output, says whether they describe that
+        very file; if so, the publish is finished, otherwise they are removed."""
         self.path = path
         self.partial = path.with_name(f".{path.name}.partial")
         self.lock_path = path.with_name(f".{path.name}.lock")
         self.sidecars = sidecars
+        self.describes = describes
         self.filler: Filler | None = None
         self._lock_fd: int | None = None
         self._made_dirs: list[Path] = []
@@ -71,6 +83,7 @@ class OutputFile:
         if self.partial.exists():
             log.info("Removing %s left by an interrupted run.", self.partial)
         try:
+            self._finish_interrupted_publish()
             self._remove_leftovers()
         except BaseException as e:
             self.__exit__(type(e), e, e.__traceback__)
@@ -148,6 +161,23 @@ class OutputFile:
                 self._lock_fd = None
             if exc_type is not None:
                 self._remove_made_dirs()
+
+    def _finish_interrupted_publish(self) -> None:
+        """A run killed between renaming the output and the last sidecar into place left the
+        sidecars it had not renamed yet staged, complete and synced (:meth:`publish` stages them
+        all first). If they describe the output, rename them now, as that run would have."""
+        staged = {s: staging_path(s) for s in self.sidecars if staging_path(s).is_file()}
+        if not (staged and self.path.is_file() and self.describes and self.describes(staged)):
+            return
+        for sidecar, tmp in staged.items():
+            os.replace(tmp, sidecar)
+        _fsync_dir(self.path.parent)
+        log.warning(
+            "Finished publishing %s: an earlier run was stopped after renaming it into place "
+            "and before %s; they were staged, and describe this very file.",
+            self.path,
+            ", ".join(str(s) for s in staged),
+        )
 
     def _remove_leftovers(self) -> None:
         """The partial, the sidecars' temporaries, and sidecars that describe no output (left

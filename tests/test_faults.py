@@ -782,6 +782,72 @@ def test_orphaned_sidecars_are_removed_and_logged(tmp_path, caplog):
     assert all(path.read_text() == text.upper() for path, text in texts.items())
 
 
+# Runs convert.py as `python convert.py ARGS` does, and SIGKILLs the run right after the rename
+# that publishes argv[1]: a window no outside signal can hit reliably.
+KILLED_AFTER_RENAME = """
+import os, runpy, signal, sys
+target, rename = sys.argv[1], os.replace
+
+def replace(src, dst, *args, **kwargs):
+    rename(src, dst, *args, **kwargs)
+    if os.fspath(dst) == target:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+os.replace = replace
+sys.argv = ["convert.py", *sys.argv[2:]]
+runpy.run_path("convert.py", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["new", "overwrite"])
+@pytest.mark.parametrize("renamed", ["model.pt", "model.pt.torchtune.yaml"])
+def test_sigkill_between_output_and_manifest_is_repaired_by_the_next_run(
+    small, tmp_path, renamed, overwrite
+):
+    """Killed after the output (or the recipe snippet) is renamed into place and before the
+    manifest: the output is complete, its manifest staged. The next run finishes the publish,
+    says so, and finds the output up to date. With overwrite=true the old output's manifest is
+    still beside the new file until then, and is not trusted."""
+    pristine, weights = small
+    copy_small(tmp_path, pristine)
+    overrides = small_overrides(tmp_path)
+    out = tmp_path / "out"
+    if overwrite:  # an older conversion, in float32, is there to be replaced
+        old = subprocess.run(
+            command({**overrides, "experiment.export_dtype": "float32"}, tmp_path / "hydra0"),
+            cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT,
+        )  # fmt: skip
+        assert old.returncode == 0, old.stderr
+        overrides["overwrite"] = "true"
+    sources = snapshot(tmp_path / "checkpoint")
+    argv = command(overrides, tmp_path / "hydra1")[2:]
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_AFTER_RENAME, str(out / renamed), *argv],
+        cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT,
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert (out / ".model.pt.manifest.json.partial").is_file()
+    assert (out / "model.pt.manifest.json").exists() == overwrite  # the old one
+    assert_matches(out / "model.pt", weights, torch.bfloat16)
+
+    rerun = subprocess.run(
+        command(overrides, tmp_path / "hydra2"),
+        cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT,
+    )  # fmt: skip
+    said = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0, said
+    assert f"Finished publishing {out / 'model.pt'}" in said, said
+    assert "is up to date with this source and settings; skipped" in said, said
+    assert sorted(p.name for p in out.iterdir()) == sorted(OUT)
+    manifest = json.loads((out / "model.pt.manifest.json").read_text())
+    assert manifest["output"]["dtype"] == "bfloat16"
+    assert (
+        manifest["output"]["sha256"] == hashlib.sha256((out / "model.pt").read_bytes()).hexdigest()
+    )
+    assert_matches(out / "model.pt", weights, torch.bfloat16)
+    assert snapshot(tmp_path / "checkpoint") == sources
+
+
 def _sha_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 

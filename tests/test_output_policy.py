@@ -56,6 +56,26 @@ def test_existing_output_is_replaced_only_with_overwrite(layout_checkpoints, tmp
     assert torch.equal(loaded["norm.weight"], saved[FULL_STEP]["norm.weight"].float())
 
 
+def test_a_file_not_ours_at_the_output_is_replaced_as_the_error_advises(
+    layout_checkpoints, tmp_path
+):
+    """The one error that advises overwrite=true: following it converts, and nothing else is
+    touched."""
+    root, shape, saved = layout_checkpoints["G4", "mha"]
+    out = tmp_path / "model.pt"
+    out.write_bytes(b"someone else's weights")
+    refused = _run(root, shape, out)
+    assert refused.status == "failed" and "no manifest of ours" in refused.error
+    assert "Set overwrite=true to replace it" in refused.error
+    assert out.read_bytes() == b"someone else's weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+    assert _run(root, shape, out, "overwrite=true").status == "converted"
+    loaded = torch.load(out, mmap=True, weights_only=True)
+    assert torch.equal(loaded["norm.weight"], saved[FULL_STEP]["norm.weight"].bfloat16())
+    assert _run(root, shape, out).status == "skipped"
+
+
 def test_verify_rejects_a_changed_byte(layout_checkpoints, tmp_path):
     root, shape, _ = layout_checkpoints["G4", "mha"]
     checkpoint = DcpCheckpoint(root / f"step-{FULL_STEP}")
