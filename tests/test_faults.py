@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
 from converter import demo
 from converter.errors import ConversionError
 from converter.sink import OutputFile
-from tests.conftest import REPO, model_overrides
+from tests.conftest import REPO, model_overrides, unavailable
 
 # G3 (fused QKV, so head counts can contradict the shapes), grouped-query attention.
 SMALL = demo.ModelShape(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=96, hidden_dim=160)
@@ -210,7 +210,7 @@ def tmpfs(path: Path, size: str, read_only: bool = False) -> Iterator[Path]:
         capture_output=True, text=True,
     )  # fmt: skip
     if run.returncode:
-        pytest.skip(f"cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN): {run.stderr}")
+        unavailable(f"cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN): {run.stderr}")
     try:
         yield path
     finally:
@@ -574,7 +574,7 @@ def runs(small, tmp_path_factory) -> Iterator[dict[str, Run | str]]:
             root = tmp_path_factory.mktemp(name)
             try:
                 overrides = case.prepare(root, pristine, cleanup)
-            except pytest.skip.Exception as e:
+            except (pytest.skip.Exception, pytest.fail.Exception) as e:
                 results[name] = str(e)
                 continue
             cmd = command(overrides, hydra_root / name)
@@ -615,7 +615,7 @@ def test_fault(name, runs, small):
     succeed, leaves every file under the case's folder as it was."""
     case, run = CASES[name], runs[name]
     if isinstance(run, str):
-        pytest.skip(run)
+        unavailable(run)
     for fragment in case.expect:
         assert fragment in run.stderr, f"{fragment!r} not in:\n{run.stderr}"
     for fragment in case.absent:
@@ -947,7 +947,7 @@ def _memory_cgroup_parent() -> Path:
     whatever accounting we run under."""
     base = Path("/sys/fs/cgroup/memory")
     if not (base / "memory.limit_in_bytes").exists():
-        pytest.skip("no cgroup v1 memory controller at /sys/fs/cgroup/memory")
+        unavailable("no cgroup v1 memory controller at /sys/fs/cgroup/memory")
     for line in Path("/proc/self/cgroup").read_text().splitlines():
         _, controllers, path = line.split(":", 2)
         if "memory" in controllers.split(","):

@@ -1,21 +1,29 @@
-"""Peak memory does not grow with the checkpoint: a conversion of a checkpoint many times the
-batch budget stays within the budget plus a fixed margin over a tiny conversion's peak."""
+"""Peak memory does not grow with the checkpoint: a conversion of a checkpoint whose largest
+tensor is many times the batch budget stays within the budget plus a fixed margin over a tiny
+conversion's peak, and the buffer pool never holds more than the budget."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 import torch
 
-from converter import demo
-from tests.conftest import REPO
+from converter import demo, engine, job
+from tests.conftest import REPO, compose, model_overrides
 
-BUDGET_MB = 32
-# Interpreter, torch, Hydra and the output's structure: what a tiny conversion also pays,
-# measured, not assumed; this margin absorbs allocator slack between the two runs.
-MARGIN_MB = 96
-
+BUDGET_MB = 16
+# Interpreter, torch, Hydra and the output's structure are what a tiny conversion also pays;
+# this margin absorbs allocator slack between the two runs. A converter that holds one whole
+# embedding (256 MiB) instead of row parts cannot stay under it.
+MARGIN_MB = 48
+SMALL = demo.ModelShape(dim=64, n_layers=1, n_heads=4, n_kv_heads=4, vocab_size=64, hidden_dim=128)
+# The embeddings and the head are 65536 x 1024 float32: 256 MiB each, 16x the budget.
+LARGE = demo.ModelShape(
+    dim=1024, n_layers=1, n_heads=8, n_kv_heads=8, vocab_size=65536, hidden_dim=2816
+)
 
 # Linux carries a process's peak RSS over fork and exec (the forked copy of the parent's memory
 # counts as the child's until exec), so a child of this large pytest process would report
@@ -27,6 +35,35 @@ _MEASURE = (
     "print(usage.ru_maxrss)\n"
     "sys.exit(os.waitstatus_to_exitcode(status))\n"
 )
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("memory")
+    demo.write_steps(
+        [
+            (
+                root / name / "step-1",
+                demo.reference_weights(shape, seed=7),
+                shape,
+                {"generation": "G4", "kind": "weights_only"},
+            )
+            for name, shape in (("small", SMALL), ("large", LARGE))
+        ]
+    )
+    return root
+
+
+def overrides(root: Path, name: str, shape: demo.ModelShape, out: Path) -> list[str]:
+    return [
+        "experiment=debug",
+        f"experiment.checkpoint_dir={root / name}",
+        f"experiment.output={out}",
+        *model_overrides(shape),
+        "experiment.export_dtype=float32",
+        f"batch_mb={BUDGET_MB}",
+        "workers=2",
+    ]
 
 
 def peak_rss_mb(args: list[str]) -> float:
@@ -42,46 +79,47 @@ def peak_rss_mb(args: list[str]) -> float:
     return int(run.stdout.split()[-1]) / 1024  # kilobytes on Linux
 
 
-def test_peak_rss_is_bounded_by_the_batch_budget(tmp_path):
-    small = demo.ModelShape(
-        dim=64, n_layers=1, n_heads=4, n_kv_heads=4, vocab_size=64, hidden_dim=128
-    )
-    large = demo.ModelShape(
-        dim=1024, n_layers=8, n_heads=8, n_kv_heads=8, vocab_size=8192, hidden_dim=2816
-    )
-    demo.write_steps(
-        [
-            (
-                tmp_path / name / "step-1",
-                demo.reference_weights(shape, seed=7),
-                shape,
-                {"generation": "G4", "kind": "weights_only"},
-            )
-            for name, shape in (("small", small), ("large", large))
-        ]
-    )
-    checkpoint_mb = sum(f.stat().st_size for f in (tmp_path / "large" / "step-1").iterdir()) / 2**20
-    assert checkpoint_mb > 10 * BUDGET_MB
-
-    def run(name: str, shape: demo.ModelShape) -> float:
-        return peak_rss_mb(
-            [
-                "experiment=debug",
-                f"experiment.checkpoint_dir={tmp_path / name}",
-                f"experiment.output={tmp_path / name / 'model.pt'}",
-                f"experiment.model.n_heads={shape.n_heads}",
-                f"experiment.model.n_layers={shape.n_layers}",
-                f"experiment.model.dim={shape.dim}",
-                f"experiment.model.vocab_size={shape.vocab_size}",
-                f"experiment.model.hidden_dim={shape.hidden_dim}",
-                "experiment.export_dtype=float32",
-                f"batch_mb={BUDGET_MB}",
-                "workers=2",
-            ]
-        )
-
-    base, peak = run("small", small), run("large", large)
-    print(f"checkpoint {checkpoint_mb:.0f} MB: peak RSS {peak:.0f} MB, tiny run {base:.0f} MB")
+def test_peak_rss_is_bounded_by_the_batch_budget(checkpoints, tmp_path):
+    largest = 4 * LARGE.vocab_size * LARGE.dim
+    assert largest >= 8 * BUDGET_MB * 2**20
+    base = peak_rss_mb(overrides(checkpoints, "small", SMALL, tmp_path / "small.pt"))
+    peak = peak_rss_mb(overrides(checkpoints, "large", LARGE, tmp_path / "large.pt"))
+    print(f"largest tensor {largest >> 20} MiB: peak RSS {peak:.0f} MB, tiny run {base:.0f} MB")
     assert peak - base < BUDGET_MB + MARGIN_MB
-    out = torch.load(tmp_path / "large" / "model.pt", mmap=True, weights_only=True)
-    assert len(out) == 2 + large.n_layers * 9 + 1
+    out = torch.load(tmp_path / "large.pt", mmap=True, weights_only=True)
+    assert len(out) == 2 + LARGE.n_layers * 9 + 1
+
+
+class _CountingPool(engine.BufferPool):
+    """The engine's own pool, recording what it holds at most and how often it lends."""
+
+    instances: list[_CountingPool] = []
+
+    def __init__(self, budget: int) -> None:
+        super().__init__(budget)
+        self.peak = self.loans = 0
+        _CountingPool.instances.append(self)
+
+    def borrow(self, nbytes: int) -> torch.Tensor:
+        buffer = super().borrow(nbytes)
+        with self._cond:
+            self.peak = max(self.peak, self._allocated)
+            self.loans += 1
+        return buffer
+
+
+def test_the_pool_holds_no_more_than_the_budget_in_a_real_conversion(
+    checkpoints, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(engine, "BufferPool", _CountingPool)
+    _CountingPool.instances.clear()
+    out = tmp_path / "large.pt"
+    result = job.run(compose(overrides(checkpoints, "large", LARGE, out)))
+    assert result.status == "converted", result.error
+    (pool,) = _CountingPool.instances
+    assert pool.budget == BUDGET_MB << 20
+    assert 0 < pool.peak <= pool.budget
+    # Rows are split: the two 256 MiB tensors alone take one loan per part of at most a third
+    # of each worker's share.
+    part = pool.budget // (3 * 2)
+    assert pool.loans >= 2 * (4 * LARGE.vocab_size * LARGE.dim) // part

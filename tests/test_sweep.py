@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 from torchtune.models.convert_weights import meta_to_tune
 
 from converter import demo
@@ -39,6 +40,19 @@ def sweep(cwd, *overrides: str) -> subprocess.CompletedProcess:
     )
 
 
+def summary_statuses(stdout: str) -> dict[str, str]:
+    """experiment -> status, from the end-of-sweep table: its rows follow the header and its
+    rule, up to the first blank line."""
+    lines = stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["experiment", "status"])
+    rows = []
+    for line in lines[header + 2 :]:
+        if not line.strip():
+            break
+        rows.append(line.split())
+    return {row[0]: row[1] for row in rows}
+
+
 def latest_weights(saved: dict, name: str) -> dict[str, torch.Tensor]:
     return saved[name][max(saved[name])]
 
@@ -51,20 +65,22 @@ def test_sweep_of_the_three_experiments(demo_root):
         out = root / "outputs" / f"checkpoint_{name}" / "final_model.pt"
         tensors = torch.load(out, mmap=True, weights_only=True)
         manifest = json.loads(out.with_name(out.name + ".manifest.json").read_text())
-        export = getattr(torch, manifest["output"]["dtype"])
+        # The dtype the experiment's own YAML asks for, not what the converter says it wrote.
+        asked = yaml.safe_load((REPO / "conf" / "experiment" / f"{name}.yaml").read_text())
+        export = getattr(torch, asked["export_dtype"])
+        assert all(t.dtype == export for t in tensors.values()), name
         expected = {k: v.to(export) for k, v in latest_weights(saved, name).items()}
         assert sorted(tensors) == sorted(expected), name
         assert all(torch.equal(tensors[k], v) for k, v in expected.items()), name
         assert manifest["source"]["step"] == max(saved[name])
         assert (out.parent / "final_model.pt.torchtune.yaml").exists()
     # The end-of-sweep summary lists every experiment.
-    table = run.stdout
-    for name in EXPERIMENTS:
-        assert f"\n{name} " in table and "converted" in table
+    status = summary_statuses(run.stdout)
+    assert status == {name: "converted" for name in EXPERIMENTS}, run.stdout
     # A second identical sweep finds every output up to date.
     again = sweep(root, "experiment=" + ",".join(EXPERIMENTS))
     assert again.returncode == 0, again.stderr
-    assert again.stdout.count("skipped") == len(EXPERIMENTS)
+    assert summary_statuses(again.stdout) == {name: "skipped" for name in EXPERIMENTS}
 
 
 def test_sweep_with_overrides(demo_root):
@@ -102,5 +118,5 @@ def test_sweep_fails_when_one_experiment_fails(demo_root, tmp_path):
         "experiment.model.n_kv_heads=null",
     )
     assert run.returncode != 0
-    assert "debug_pretrained" in run.stdout and "failed" in run.stdout
+    assert summary_statuses(run.stdout) == {"debug": "converted", "debug_pretrained": "failed"}
     assert (tmp_path / "debug.pt").exists() and not (tmp_path / "debug_pretrained.pt").exists()
