@@ -112,6 +112,8 @@ def _plan(
             export,
             len(plan.dropped),
         )
+        for assumption in plan.assumptions:
+            log.info("%s: %s", exp.name, assumption)
     return _Planned(exp.name, step, checkpoint, plan, output, fmt, export, sources)
 
 

@@ -52,6 +52,8 @@ class Plan:
     dropped: list[Dropped]
     # (source key, output name) pairs that must hold equal values: tied embeddings.
     tied: list[tuple[str, str]] = field(default_factory=list)
+    # What the plan takes from the config that the checkpoint cannot confirm, for the log.
+    assumptions: list[str] = field(default_factory=list)
 
     @property
     def sources(self) -> set[str]:
@@ -181,7 +183,15 @@ def plan_conversion(
         dtype = cast_to if cast_to and src_dtype.is_floating_point else src_dtype
         out.append(OutputTensor(name, shapes[pivot], dtype, tuple(pieces[pivot])))
     tied = [(src, _translate(dst, output_names) or dst) for src, dst in tied]
-    return Plan(generation, not has_training_state, out, dropped, tied)
+    assumptions = []
+    if fused:
+        assumptions.append(
+            f"the fused QKV weights are split with n_heads={model.n_heads} and "
+            f"n_kv_heads={model.kv_heads} as configured: their shapes cannot tell these from "
+            "head counts in the same proportion (8/2 from 4/1, which splits differently). "
+            "If the model was trained with other head counts, set them and convert again."
+        )
+    return Plan(generation, not has_training_state, out, dropped, tied, assumptions)
 
 
 def _split_fused_qkv(
