@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -26,6 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from converter import demo
 from converter.source import DcpCheckpoint
@@ -255,37 +257,52 @@ def demo_root(slurm_cluster, tmp_path_factory):
 
 
 def test_profiles_resolve_from_any_directory(tmp_path, monkeypatch):
-    """hydra/launcher=slurm and =slurm_gpu compose outside the repo, with the requests the docs
-    state, and their fields (sbatch options included) can be overridden. No cluster needed."""
+    """hydra/launcher=slurm and =slurm_gpu compose outside the repo, with the requests and the
+    setup lines the docs state, and their fields (sbatch options included) can be overridden.
+    No cluster needed."""
     monkeypatch.chdir(tmp_path)
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cpu = compose(
-            "convert",
-            ["experiment=debug", "hydra/launcher=slurm"],
-            return_hydra_config=True,
-        ).hydra.launcher
-        gpu = compose(
-            "convert",
-            [
-                "experiment=debug",
-                "hydra/launcher=slurm_gpu",
-                "hydra.launcher.partition=gpu",
-                "hydra.launcher.account=proj",
-                "hydra.launcher.qos=high",
-                "hydra.launcher.timeout_min=30",
-                "hydra.launcher.array_parallelism=2",
-                "+hydra.launcher.additional_parameters.mail-type=END",
-            ],
-            return_hydra_config=True,
-        ).hydra.launcher
-    assert cpu._target_.endswith("SlurmLauncher") and gpu._target_.endswith("SlurmLauncher")
-    assert cpu.gpus_per_node is None and cpu.gres is None  # no GPU unless asked for
-    assert (cpu.cpus_per_task, cpu.mem_gb, cpu.timeout_min) == (1, 4, 60)
-    assert cpu.additional_parameters == {"requeue": True}
-    assert gpu.gpus_per_node == 1
-    assert (gpu.partition, gpu.account, gpu.qos, gpu.timeout_min) == ("gpu", "proj", "high", 30)
-    assert gpu.array_parallelism == 2
-    assert gpu.additional_parameters == {"requeue": True, "mail-type": "END"}
+
+    def launcher(*overrides: str):
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            cfg = compose("convert", ["experiment=debug", *overrides], return_hydra_config=True)
+        return OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+
+    def setup(cpus: int) -> list[str]:
+        return [
+            f"export OMP_NUM_THREADS={cpus}",
+            f"export MKL_NUM_THREADS={cpus}",
+            "export SLURM_KILL_BAD_EXIT=1",
+        ]
+
+    cpu, gpu = launcher("hydra/launcher=slurm"), launcher("hydra/launcher=slurm_gpu")
+    for profile in (cpu, gpu):
+        assert profile["_target_"].endswith("SlurmLauncher")
+        assert (profile["nodes"], profile["tasks_per_node"]) == (1, 1)
+        assert (profile["partition"], profile["account"], profile["qos"]) == (None, None, None)
+        assert (profile["signal_delay_s"], profile["max_num_timeout"]) == (120, 0)
+        assert profile["additional_parameters"] == {"requeue": True}
+        assert profile["submitit_folder"].endswith("/.submitit/%j")
+    assert cpu["gpus_per_node"] is None and cpu["gres"] is None  # no GPU unless asked for
+    assert (cpu["cpus_per_task"], cpu["mem_gb"], cpu["timeout_min"]) == (1, 4, 60)
+    assert cpu["array_parallelism"] == 16 and cpu["setup"] == setup(1)
+    assert (gpu["gpus_per_node"], gpu["gres"]) == (1, None)
+    assert (gpu["cpus_per_task"], gpu["mem_gb"], gpu["timeout_min"]) == (8, 64, 120)
+    assert gpu["array_parallelism"] == 8 and gpu["setup"] == setup(8)
+
+    changed = launcher(
+        "hydra/launcher=slurm_gpu",
+        "hydra.launcher.partition=gpu",
+        "hydra.launcher.account=proj",
+        "hydra.launcher.qos=high",
+        "hydra.launcher.timeout_min=30",
+        "hydra.launcher.cpus_per_task=4",
+        "hydra.launcher.array_parallelism=2",
+        "+hydra.launcher.additional_parameters.mail-type=END",
+    )
+    assert (changed["partition"], changed["account"], changed["qos"]) == ("gpu", "proj", "high")
+    assert (changed["timeout_min"], changed["array_parallelism"]) == (30, 2)
+    assert changed["additional_parameters"] == {"requeue": True, "mail-type": "END"}
+    assert changed["setup"] == setup(4)  # the thread counts follow cpus_per_task
 
 
 def test_three_experiments_on_slurm(demo_root):
@@ -447,6 +464,67 @@ def test_one_conversion_shared_by_two_tasks(demo_root, tmp_path):
             assert entry["sha256"] == hashlib.file_digest(f, "sha256").hexdigest(), name
     assert sorted(p.name for p in out.parent.iterdir()) == sorted(ARTIFACTS)
     assert not list((tmp_path / "sweep").rglob("tasks")), "the tasks' messages were left behind"
+
+
+def _task_pid(job: str, rank: int) -> int | None:
+    """The process of task ``rank`` of SLURM job ``job`` that runs the Hydra job."""
+    for proc in Path("/proc").iterdir():
+        try:
+            env = dict(
+                item.split("=", 1)
+                for item in (proc / "environ").read_text(errors="replace").split("\0")
+                if "=" in item
+            )
+            cmdline = (proc / "cmdline").read_text(errors="replace")
+        except (OSError, ValueError):
+            continue
+        if (
+            env.get("SLURM_JOB_ID") == job
+            and env.get("SLURM_PROCID") == str(rank)
+            and "submitit.core._submit" in cmdline
+        ):
+            return int(proc.name)
+    return None
+
+
+def test_a_task_that_dies_ends_its_job(demo_root, tmp_path):
+    """SIGKILL to task 1 as soon as it starts, long before it could answer task 0: the
+    profile's SLURM_KILL_BAD_EXIT=1 makes srun end task 0 too, which would otherwise wait for
+    task 1's answer until the time limit. The job ends and no output is published.
+
+    The launching process is stopped by the test: a job that dies without a result is not
+    reported by hydra-submitit-launcher on a cluster without accounting (it polls sacct)."""
+    root, _ = demo_root
+    out = tmp_path / "out" / "final_model.pt"
+    run = BackgroundSweep(
+        root,
+        tmp_path / "sweep",
+        "experiment=500M",
+        f"experiment.output={out}",
+        "hydra.launcher.tasks_per_node=2",
+    )
+    try:
+        job = run.job()
+        pids: list[int] = []
+        wait_for(
+            "task 1's process",
+            lambda: pids.append(_task_pid(job, 1) or 0) or pids[-1],
+            SWEEP_TIMEOUT_S,
+            run.sweep_dir,
+        )
+        os.kill(pids[-1], signal.SIGKILL)
+        wait_for(
+            f"job {job} to end",
+            lambda: job_state(job) not in ("PENDING", "RUNNING", "COMPLETING"),
+            SWEEP_TIMEOUT_S,
+            run.sweep_dir,
+        )
+    finally:
+        run.stop()
+    srun = run.job_log(job).read_text(errors="replace")
+    assert "task 1: Killed" in srun and "task 0: Terminated" in srun, srun[-3000:]
+    assert _task_pid(job, 0) is None
+    assert not out.exists()
 
 
 def test_a_failing_task_fails_the_shared_conversion(demo_root, tmp_path):
