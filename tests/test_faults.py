@@ -425,6 +425,41 @@ def _output_locked(root: Path, pristine: Path, cleanup: ExitStack) -> dict[str, 
     return small_overrides(root)
 
 
+def remove_keys(step_dir: Path, prefix: str) -> None:
+    """Drops every index entry whose key starts with ``prefix`` from ``.metadata`` (the shard
+    bytes stay): a save that lacks those tensors."""
+    index = read_index(step_dir)
+    for key in [k for k in index.state_dict_metadata if k.startswith(prefix)]:
+        del index.state_dict_metadata[key]
+    index.storage_data = {
+        k: v for k, v in index.storage_data.items() if not k.fqn.startswith(prefix)
+    }
+    (step_dir / ".metadata").write_bytes(pickle.dumps(index))
+
+
+def _lacks_a_layer(root: Path, pristine: Path, cleanup: ExitStack) -> dict[str, str]:
+    """The index has lost layer 1's feed-forward weights."""
+    remove_keys(copy_small(root, pristine), "layers.1.feed_forward.")
+    return small_overrides(root)
+
+
+def _unfinished_step_asked_for(root: Path, pristine: Path, cleanup: ExitStack) -> dict[str, str]:
+    return {**_latest_unfinished(root, pristine, cleanup), "experiment.step": "20"}
+
+
+def _checkpoint_dir_is_a_file(root: Path, pristine: Path, cleanup: ExitStack) -> dict[str, str]:
+    """checkpoint_dir names a shard file, not the folder of step folders."""
+    step_dir = copy_small(root, pristine)
+    return {**small_overrides(root), "experiment.checkpoint_dir": str(step_dir / "__0_0.distcp")}
+
+
+def _beyond_float16(root: Path, pristine: Path, cleanup: ExitStack) -> dict[str, str]:
+    """A finite float32 value (1e6) that float16 cannot hold, exported as float16."""
+    value = torch.full((4,), 1e6, dtype=torch.float32).numpy().tobytes()
+    overwrite_tensor_bytes(copy_small(root, pristine), VICTIM, value)
+    return {**small_overrides(root), "experiment.export_dtype": "float16"}
+
+
 def _only(**overrides: str) -> Prepare:
     def prepare(root: Path, pristine: Path, cleanup: ExitStack) -> dict[str, str]:
         return {**_copy(root, pristine, cleanup), **overrides}
@@ -478,6 +513,23 @@ CASES: dict[str, Case] = {
     ),
     "shard_bytes_overwritten_allowed": Case(
         _shard_overwritten_allowed, ("wrote",), ok=True, check=_check_nan_written
+    ),
+    "shard_bytes_overwritten_two_workers": Case(
+        _only_after(_shard_overwritten, workers="2"),
+        (repr(VICTIM), "16 NaN/Inf values", "allow_nonfinite=true"),
+    ),
+    "value_beyond_float16": Case(
+        _beyond_float16, (repr(VICTIM), "values up to 1e+06, beyond what torch.float16 holds")
+    ),
+    "lacks_model_weights": Case(
+        _lacks_a_layer, ("lacks model weights", "layers.1.feed_forward.w1.weight")
+    ),
+    "unfinished_step_asked_for": Case(
+        _unfinished_step_asked_for, ("step-20", "has no .metadata file", "did not finish")
+    ),
+    "checkpoint_dir_is_a_file": Case(
+        _checkpoint_dir_is_a_file,
+        ("__0_0.distcp is a file, not a folder", "folder that holds the step-<N> folders"),
     ),
     "unknown_keys_listed": Case(
         _unknown_keys,

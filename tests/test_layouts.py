@@ -132,3 +132,37 @@ def test_fused_qkv_split_equals_torchtitans_own(tmp_path, layout_checkpoints, va
         for name, tensor in split.items():
             key = f"layers.{layer}.attention.{name}"
             assert torch.equal(ours[key], tensor), key
+
+
+@pytest.mark.parametrize("verify", ["true", "false"])
+def test_pieces_across_chunk_boundaries_from_three_ranks(tmp_path, verify):
+    """One kv head (n_kv_heads=1) and three writer ranks: the fused QKV's query rows span two
+    ranks' chunks, its key and value rows lie inside the third, and 64-wide norms split
+    unevenly (22/21/21). The whole conversion is exact with verify on and off."""
+    from converter import demo
+
+    shape = demo.ModelShape(
+        dim=64, n_layers=2, n_heads=4, n_kv_heads=1, vocab_size=96, hidden_dim=160
+    )
+    root = tmp_path / "checkpoint"
+    saved = demo.write_step(
+        root / "step-5",
+        demo.reference_weights(shape, seed=11),
+        shape,
+        generation="G3",
+        kind="full",
+        world_size=3,
+    )
+    result = convert(
+        tmp_path,
+        root,
+        shape,
+        f"verify={verify}",
+        "output_format=meta",
+        "experiment.export_dtype=float32",
+    )
+    assert result.status == "converted", result.error
+    loaded = torch.load(tmp_path / "out" / "model.pt", mmap=True, weights_only=True)
+    assert sorted(loaded) == sorted(saved)
+    for key, tensor in saved.items():
+        assert torch.equal(loaded[key], tensor), key

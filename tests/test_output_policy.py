@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from pathlib import Path
@@ -107,3 +108,57 @@ def test_verify_rejects_a_changed_byte(layout_checkpoints, tmp_path):
             os.close(fd)
         with pytest.raises(ConversionError, match=f"Verification of .* failed: .*{victim}"):
             read_back(out.partial, plan, checkpoint, regions)
+
+
+def _drop_a_region(plan, regions):
+    name = plan.tensors[2].name
+    return plan, {**regions, name: sorted(regions[name], key=lambda r: r.start)[:-1]}
+
+
+def _rename_a_tensor(plan, regions):
+    first = plan.tensors[0]
+    renamed = dataclasses.replace(first, name=first.name + ".renamed")
+    regions = {**regions, renamed.name: regions[first.name]}
+    return dataclasses.replace(plan, tensors=[renamed, *plan.tensors[1:]]), regions
+
+
+def _reshape_a_tensor(plan, regions):
+    first = plan.tensors[0]
+    reshaped = dataclasses.replace(first, shape=(first.shape[0] // 2, first.shape[1] * 2))
+    return dataclasses.replace(plan, tensors=[reshaped, *plan.tensors[1:]]), regions
+
+
+@pytest.mark.parametrize(
+    "tamper, match",
+    [
+        (_drop_a_region, "was not written exactly once in full"),
+        (_rename_a_tensor, "its keys differ from the planned ones"),
+        (_reshape_a_tensor, r"is torch.bfloat16\(\d+, \d+\), expected torch.bfloat16"),
+    ],
+    ids=["missing_region", "wrong_key", "wrong_shape"],
+)
+def test_verify_rejects_a_file_that_is_not_the_plan(layout_checkpoints, tmp_path, tamper, match):
+    """Each check of the read-back on an intact file whose plan or record of writes disagrees
+    with it: a region never written, a tensor under another name, another shape."""
+    root, shape, _ = layout_checkpoints["G4", "mha"]
+    checkpoint = DcpCheckpoint(root / f"step-{FULL_STEP}")
+    model = ModelConfig(n_heads=shape.n_heads, n_kv_heads=shape.n_kv_heads)
+    plan = plan_conversion(
+        checkpoint.tensors, checkpoint.byte_entries, model, "meta", "bfloat16", "source"
+    )
+    with OutputFile(tmp_path / "model.pt") as out:
+        filler = out.create({t.name: (t.shape, t.dtype) for t in plan.tensors})
+        regions = convert_tensors(
+            checkpoint,
+            plan,
+            filler,
+            workers=1,
+            budget_bytes=1 << 12,  # small parts: every tensor is written as several regions
+            allow_nonfinite=False,
+            progress=lambda n: None,
+        )
+        filler.sync()
+        assert read_back(out.partial, plan, checkpoint, regions)
+        bad_plan, bad_regions = tamper(plan, regions)
+        with pytest.raises(ConversionError, match=f"Verification of .* failed: .*{match}"):
+            read_back(out.partial, bad_plan, checkpoint, bad_regions)
