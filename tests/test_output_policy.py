@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -77,7 +78,10 @@ def test_a_file_not_ours_at_the_output_is_replaced_as_the_error_advises(
     assert _run(root, shape, out).status == "skipped"
 
 
-def test_verify_rejects_a_changed_byte(layout_checkpoints, tmp_path):
+@contextmanager
+def converted(layout_checkpoints, tmp_path: Path, workers: int, budget_bytes: int):
+    """The G4 full save converted in-process into a synced partial file, before publishing:
+    yields (partial file, plan, checkpoint, filler, regions written)."""
     root, shape, _ = layout_checkpoints["G4", "mha"]
     checkpoint = DcpCheckpoint(root / f"step-{FULL_STEP}")
     model = ModelConfig(n_heads=shape.n_heads, n_kv_heads=shape.n_kv_heads)
@@ -90,16 +94,27 @@ def test_verify_rejects_a_changed_byte(layout_checkpoints, tmp_path):
             checkpoint,
             plan,
             filler,
-            workers=2,
-            budget_bytes=1 << 20,
+            workers=workers,
+            budget_bytes=budget_bytes,
             allow_nonfinite=False,
             progress=lambda n: None,
         )
         filler.sync()
+        yield out.partial, plan, checkpoint, filler, regions
+
+
+def test_verify_rejects_a_changed_byte(layout_checkpoints, tmp_path):
+    with converted(layout_checkpoints, tmp_path, 2, 1 << 20) as (
+        partial,
+        plan,
+        checkpoint,
+        filler,
+        regions,
+    ):
         # Intact: passes, and the one pass gives the file's sha256.
-        assert read_back(out.partial, plan, checkpoint, regions) == sha256_file(out.partial)
+        assert read_back(partial, plan, checkpoint, regions) == sha256_file(partial)
         victim = plan.tensors[3].name
-        fd = os.open(out.partial, os.O_RDWR)
+        fd = os.open(partial, os.O_RDWR)
         try:
             offset = filler.offsets[victim] + 5
             byte = os.pread(fd, 1, offset)
@@ -107,7 +122,7 @@ def test_verify_rejects_a_changed_byte(layout_checkpoints, tmp_path):
         finally:
             os.close(fd)
         with pytest.raises(ConversionError, match=f"Verification of .* failed: .*{victim}"):
-            read_back(out.partial, plan, checkpoint, regions)
+            read_back(partial, plan, checkpoint, regions)
 
 
 def _drop_a_region(plan, regions):
@@ -140,25 +155,15 @@ def _reshape_a_tensor(plan, regions):
 def test_verify_rejects_a_file_that_is_not_the_plan(layout_checkpoints, tmp_path, tamper, match):
     """Each check of the read-back on an intact file whose plan or record of writes disagrees
     with it: a region never written, a tensor under another name, another shape."""
-    root, shape, _ = layout_checkpoints["G4", "mha"]
-    checkpoint = DcpCheckpoint(root / f"step-{FULL_STEP}")
-    model = ModelConfig(n_heads=shape.n_heads, n_kv_heads=shape.n_kv_heads)
-    plan = plan_conversion(
-        checkpoint.tensors, checkpoint.byte_entries, model, "meta", "bfloat16", "source"
-    )
-    with OutputFile(tmp_path / "model.pt") as out:
-        filler = out.create({t.name: (t.shape, t.dtype) for t in plan.tensors})
-        regions = convert_tensors(
-            checkpoint,
-            plan,
-            filler,
-            workers=1,
-            budget_bytes=1 << 12,  # small parts: every tensor is written as several regions
-            allow_nonfinite=False,
-            progress=lambda n: None,
-        )
-        filler.sync()
-        assert read_back(out.partial, plan, checkpoint, regions)
+    # Small parts: every tensor is written as several regions.
+    with converted(layout_checkpoints, tmp_path, 1, 1 << 12) as (
+        partial,
+        plan,
+        checkpoint,
+        _,
+        regions,
+    ):
+        assert read_back(partial, plan, checkpoint, regions)
         bad_plan, bad_regions = tamper(plan, regions)
         with pytest.raises(ConversionError, match=f"Verification of .* failed: .*{match}"):
-            read_back(out.partial, bad_plan, checkpoint, bad_regions)
+            read_back(partial, bad_plan, checkpoint, bad_regions)
