@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from converter import demo
+from converter.hashing import sha256_file
 from converter.manifest import manifest_path, read_manifest, torchtune_yaml_path
 from converter.source import DcpCheckpoint
 
@@ -178,6 +179,7 @@ class Case:
     model_bytes: int  # bytes of the shard ranges holding the output's tensors
     all_bytes: int  # every file of the step folder
     out_bytes: int  # the converter's output
+    out_sha256: str = ""  # of the reference (untimed, verified) conversion's output
     runs: dict[str, list[dict]] = field(default_factory=dict)
 
     def src_bytes(self, method: Method) -> int:
@@ -255,6 +257,17 @@ def remove_outputs(out: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def check_output(method: Method, case: Case, out: Path) -> None:
+    """A timed conversion must have written the very bytes of the reference conversion: a
+    fast wrong output is not a result."""
+    digest = sha256_file(out)
+    if digest != case.out_sha256:
+        raise RuntimeError(
+            f"{method.label} wrote {out} with sha256 {digest}, but the reference conversion "
+            f"of {case.inp.name} has {case.out_sha256}: the benchmark stops here."
+        )
+
+
 def load1() -> float:
     """The 1-minute load average."""
     return float(Path("/proc/loadavg").read_text().split()[0])
@@ -275,6 +288,7 @@ def measure(method: Method, case: Case, logs: Path) -> dict:
         record["out_bytes"] = out.stat().st_size
         if method.kind == "ours":
             record["durations"] = read_manifest(out)["durations_s"]
+            check_output(method, case, out)
     else:
         record["log"] = str(log)
     remove_outputs(out)
@@ -311,6 +325,7 @@ def prepare(inp: Input, work: Path, logs: Path) -> Case:
         (str(c.path), c.offset, c.length) for k in keys for c in checkpoint.tensors[k].chunks
     )
     case.out_bytes = manifest["output"]["bytes"]
+    case.out_sha256 = manifest["output"]["sha256"]
     case.model_bytes = sum(length for _, _, length in reads)
     case.all_bytes = sum(p.stat().st_size for p in step_dir.iterdir())
     case.floor_plan.write_text(json.dumps({"reads": reads, "out_bytes": case.out_bytes}))
@@ -357,6 +372,8 @@ def in_cgroup(method: Method, case: Case, limit: int, logs: Path) -> dict:
             "failcnt": int((cgroup / "memory.failcnt").read_text()),
             "oom_kills": int(oom.get("oom_kill", 0)),
         }
+        if record["code"] == 0 and method.kind == "ours":
+            check_output(method, case, out)
     finally:
         remove_outputs(out)
         os.sync()
