@@ -52,6 +52,10 @@ if __name__ == "__main__":
         code = 0
     except SystemExit as e:
         code = _exit_code(e.code)
+    except KeyboardInterrupt:
+        # The job has already removed its partial file and lock on the way out.
+        print("Interrupted (Ctrl-C): nothing was published.", file=sys.stderr)
+        code = 128 + signal.SIGINT
     # Everything the job wrote is synced and closed by now. Tearing down the interpreter
     # (freeing torch's modules one by one) took 1.4 s of a 10 s conversion here: skip it.
     logging.shutdown()

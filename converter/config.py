@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import typing
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any, Union
 
 from hydra.core.config_store import ConfigStore
+from hydra.utils import to_absolute_path
 from omegaconf import MISSING, OmegaConf
 
 
@@ -127,6 +130,12 @@ class ConvertConfig:
         if self.workers <= 0:
             raise ValueError(f"workers must be positive, got {self.workers}")
         self.experiment.check()
+
+
+def local_path(value: str) -> Path:
+    """A path setting as the job uses it: ``~`` expanded, then relative to where the user ran
+    the command (Hydra changes the working folder of a job)."""
+    return Path(to_absolute_path(os.path.expanduser(value)))
 
 
 def register_configs() -> None:

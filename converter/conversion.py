@@ -17,11 +17,10 @@ from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any
 
-from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from converter.config import ConvertConfig
+from converter.config import ConvertConfig, local_path
 from converter.engine import Region, convert_tensors
 from converter.errors import ConversionError
 from converter.hashing import SourceHasher
@@ -88,7 +87,7 @@ def _plan(
     checkpoint = DcpCheckpoint(step_dir)
     sources = {checkpoint.metadata_path: checkpoint.metadata_path.stat().st_size}
     sources.update(checkpoint.shard_sizes)
-    given = Path(to_absolute_path(exp.output))
+    given = local_path(exp.output)
     output = given.resolve()
     _check_not_source(given, output, checkpoint)
     _check_not_folders(output)

@@ -18,10 +18,9 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import to_absolute_path
 from omegaconf import DictConfig
 
-from converter.config import ConvertConfig, to_object
+from converter.config import ConvertConfig, local_path, to_object
 from converter.errors import ConversionError
 from converter.hashing import SourceHasher
 from converter.manifest import write_atomic
@@ -62,9 +61,9 @@ def run(cfg: DictConfig) -> JobResult:
     try:
         with group.running():
             conf = _checked(cfg)
-            result.output = str(Path(to_absolute_path(conf.experiment.output)).resolve())
+            result.output = str(local_path(conf.experiment.output).resolve())
             step, step_dir = find_step_dir(
-                Path(to_absolute_path(conf.experiment.checkpoint_dir)), conf.experiment.step
+                local_path(conf.experiment.checkpoint_dir), conf.experiment.step
             )
             files = step_files(step_dir)
             hasher = SourceHasher(group.share_of({p: p.stat().st_size for p in files}))

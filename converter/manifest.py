@@ -143,6 +143,8 @@ def build_manifest(
         "converted": {t.name: sorted({p.source for p in t.pieces}) for t in plan.tensors},
         "dropped": {d.key: d.reason for d in plan.dropped},
         "dropped_summary": dict(Counter(d.reason for d in plan.dropped)),
+        # Settings the checkpoint cannot confirm (head counts): what to check if logits differ.
+        "assumptions": plan.assumptions,
         "durations_s": {k: round(v, 3) for k, v in durations.items()},
         "slurm": slurm,
         "config": config,

@@ -183,15 +183,22 @@ def plan_conversion(
         dtype = cast_to if cast_to and src_dtype.is_floating_point else src_dtype
         out.append(OutputTensor(name, shapes[pivot], dtype, tuple(pieces[pivot])))
     tied = [(src, _translate(dst, output_names) or dst) for src, dst in tied]
-    assumptions = []
     if fused:
-        assumptions.append(
+        assumption = (
             f"the fused QKV weights are split with n_heads={model.n_heads} and "
             f"n_kv_heads={model.kv_heads} as configured: their shapes cannot tell these from "
             "head counts in the same proportion (8/2 from 4/1, which splits differently). "
             "If the model was trained with other head counts, set them and convert again."
         )
-    return Plan(generation, not has_training_state, out, dropped, tied, assumptions)
+    else:
+        assumption = (
+            f"n_heads={model.n_heads} and n_kv_heads={model.kv_heads} are taken from the "
+            "config: the weights fix n_heads x head_dim and the ratio n_kv_heads / n_heads, not "
+            "the head count itself (16 heads of 16 and 4 heads of 64 have the same shapes, and "
+            "torchtune computes other logits with the wrong one). Check them against the model "
+            "that was trained."
+        )
+    return Plan(generation, not has_training_state, out, dropped, tied, [assumption])
 
 
 def _split_fused_qkv(

@@ -18,9 +18,9 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
-from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
+from converter.config import local_path
 from converter.job import STATUS_FILE, JobResult
 
 log = logging.getLogger("titan2tune")
@@ -57,7 +57,7 @@ def planned_outputs(config: DictConfig) -> dict[str, list[str]]:
     for batch in BasicSweeper.split_arguments(overrides, None):
         for job in batch:
             cfg = loader.load_sweep_config(config, list(job))
-            output = str(Path(to_absolute_path(cfg.experiment.output)).resolve())
+            output = str(local_path(cfg.experiment.output).resolve())
             outputs.setdefault(output, []).append(" ".join(job) or "(no overrides)")
     return outputs
 

@@ -963,6 +963,30 @@ def test_sigkill_during_write_leaves_no_output_and_next_run_succeeds(big, tmp_pa
     assert snapshot(checkpoint) == sources
 
 
+def test_ctrl_c_prints_one_line_leaves_nothing_and_exits_130(big, tmp_path):
+    """SIGINT (Ctrl-C) half-way through the tensors: one line, no traceback, exit 130, and
+    nothing left beside the output, as after any failure."""
+    checkpoint, _, sources = big
+    out = tmp_path / "out"
+    cmd = command(big_overrides(checkpoint, out / "model.pt", batch_mb="32"), tmp_path / "hydra")
+    partial = out / ".model.pt.partial"
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        while proc.poll() is None and not (partial.exists() and _allocated_fraction(partial) > 0.3):
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGINT)
+    finally:
+        _, stderr = proc.communicate(timeout=120)
+    stderr = stderr.decode()
+    assert proc.returncode == 130, stderr
+    assert "Interrupted (Ctrl-C): nothing was published." in stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert not out.exists() or list(out.iterdir()) == []
+    assert snapshot(checkpoint) == sources
+
+
 def test_two_runs_to_one_output_never_interleave(big, tmp_path):
     """Started together, one run converts and the other fails at once, naming the lock; the
     file is the one complete conversion."""

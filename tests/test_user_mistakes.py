@@ -3,6 +3,8 @@ exit, never in exit 0 with a wrong or missing result."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -60,10 +62,15 @@ def test_a_url_where_a_local_path_is_needed_is_an_error(tiny_checkpoint, tmp_pat
 
 
 def test_the_same_run_without_a_mistake_converts(tiny_checkpoint, tmp_path):
-    """The cases above fail for their mistake, not for the fixture."""
+    """The cases above fail for their mistake, not for the fixture. Head counts the weights
+    cannot confirm are named in the log and in the manifest."""
     run = convert(tiny_checkpoint, tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]
     assert (tmp_path / "out" / "model.pt").is_file()
+    said = f"n_heads={TINY.n_heads} and n_kv_heads={TINY.n_kv_heads} are taken from the config"
+    assert said in run.stderr, run.stderr[-2000:]
+    manifest = json.loads((tmp_path / "out" / "model.pt.manifest.json").read_text())
+    assert any(said in line for line in manifest["assumptions"])
 
 
 def test_a_sweep_whose_jobs_share_an_output_is_refused_before_it_runs(tiny_checkpoint, tmp_path):
@@ -91,3 +98,30 @@ def test_a_sweep_whose_jobs_share_an_output_is_refused_before_it_runs(tiny_check
     assert f"{output} by [experiment=debug " in said
     assert "[experiment=debug_pretrained " in said
     assert not (tmp_path / "out").exists()
+
+
+def test_a_home_relative_path_is_expanded(tiny_checkpoint, tmp_path):
+    """As typed in a shell: 'experiment.checkpoint_dir="~/ckpt"' (Hydra's grammar needs the
+    quotes around a value that starts with ~). Both paths are taken from the user's home."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "ckpt").symlink_to(tiny_checkpoint)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "convert.py",
+            "experiment=debug",
+            'experiment.checkpoint_dir="~/ckpt"',
+            'experiment.output="~/converted/model.pt"',
+            f"hydra.run.dir={tmp_path / 'hydra'}",
+            *model_overrides(TINY),
+        ],
+        cwd=REPO,
+        env={**os.environ, "HOME": str(home)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (home / "converted" / "model.pt").is_file()
+    assert not (REPO / "~").exists()
