@@ -47,6 +47,10 @@ if __name__ == "__main__":
     # job reports it and removes its partial output. (CPython ignores it at start-up already;
     # this states that the job relies on it.)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    # Hydra composes the config before it prints --help, and the experiment group has no
+    # default: name one, so that the help lists the experiments instead of failing.
+    if "--help" in sys.argv[1:] and not any(a.startswith("experiment=") for a in sys.argv[1:]):
+        sys.argv.append("experiment=debug")
     try:
         main()
         code = 0

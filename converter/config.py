@@ -23,6 +23,11 @@ from hydra.utils import to_absolute_path
 from omegaconf import MISSING, OmegaConf
 
 
+def _doc(default: Any, help: str) -> Any:
+    """A field's default with a line of meaning, which ``python convert.py --help`` lists."""
+    return field(default=default, metadata={"help": help})
+
+
 class ExportDtype(Enum):
     """The dtype floating-point weights are written in; ``keep`` writes them as stored."""
 
@@ -54,18 +59,18 @@ class ModelConfig:
     ``<output>.torchtune.yaml`` also carries a ``model:`` builder section.
     """
 
-    n_heads: int = MISSING
-    n_kv_heads: int | None = None  # null: same as n_heads (no grouped-query attention)
-    tied_embeddings: bool = False
-    dim: int | None = None
-    n_layers: int | None = None
-    vocab_size: int | None = None
-    hidden_dim: int | None = None
-    norm_eps: float = 1e-5
-    rope_theta: float = 500000.0
+    n_heads: int = _doc(MISSING, "attention heads of the trained model (splits fused QKV)")
+    n_kv_heads: int | None = _doc(None, "key/value heads; null: as n_heads (no grouped-query)")
+    tied_embeddings: bool = _doc(False, "the output head shares the token embeddings' weights")
+    dim: int | None = _doc(None, "model width; checked against the weights")
+    n_layers: int | None = _doc(None, "transformer blocks; checked against the weights")
+    vocab_size: int | None = _doc(None, "vocabulary size; checked against the weights")
+    hidden_dim: int | None = _doc(None, "feed-forward width; checked against the weights")
+    norm_eps: float = _doc(1e-5, "RMSNorm epsilon, for the emitted torchtune YAML")
+    rope_theta: float = _doc(500000.0, "RoPE base, for the emitted torchtune YAML")
     # Llama 3.1-style RoPE frequency scaling, as torchtitan's llama3 models use ("llama").
-    rope_scaling: bool = True
-    max_seq_len: int = 131072
+    rope_scaling: bool = _doc(True, "Llama 3.1-style RoPE scaling, for the torchtune YAML")
+    max_seq_len: int = _doc(131072, "context length, for the emitted torchtune YAML")
 
     def check(self) -> None:
         if self.n_heads <= 0:
@@ -85,11 +90,12 @@ class ModelConfig:
 class ExperimentConfig:
     """One training run whose checkpoint is converted: where it is and how to export it."""
 
-    name: str = MISSING
-    checkpoint_dir: str = MISSING  # the folder holding step-<N> folders
-    step: Union[int, str] = "latest"  # noqa: UP007 (OmegaConf reads typing.Union, not `|`)
-    export_dtype: ExportDtype = ExportDtype.bfloat16
-    output: str = "${.checkpoint_dir}/final_model.pt"
+    name: str = _doc(MISSING, "the experiment's name, in logs, outputs and the summary")
+    checkpoint_dir: str = _doc(MISSING, "the folder holding the step-<N> folders")
+    # OmegaConf reads typing.Union, not `|`.
+    step: Union[int, str] = _doc("latest", "a step number, or latest (newest complete)")  # noqa: UP007
+    export_dtype: ExportDtype = _doc(ExportDtype.bfloat16, "dtype of the weights written")
+    output: str = _doc("${.checkpoint_dir}/final_model.pt", "the .pt file to write")
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def check(self) -> None:
@@ -116,13 +122,15 @@ class ConvertConfig:
     """The whole job: one experiment and how to write it."""
 
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
-    output_format: OutputFormat = OutputFormat.meta
-    overwrite: bool = False  # replace an existing output whose source or settings differ
-    verify: bool = True  # read the output back and check every tensor's bytes
-    allow_nonfinite: bool = False  # accept NaN/Inf weights instead of failing on them
-    batch_mb: int = 256  # tensor bytes held in memory at once, across all workers
-    workers: int = 1  # threads filling disjoint tensors of the output concurrently
-    debug: bool = False  # show full tracebacks for conversion errors
+    output_format: OutputFormat = _doc(
+        OutputFormat.meta, "key names: meta or torchtune (the checkpointer that loads it)"
+    )
+    overwrite: bool = _doc(False, "replace an existing output whose source or settings differ")
+    verify: bool = _doc(True, "read the output back and check every tensor's bytes")
+    allow_nonfinite: bool = _doc(False, "accept NaN/Inf weights instead of failing on them")
+    batch_mb: int = _doc(256, "tensor bytes held in memory at once, across all workers")
+    workers: int = _doc(1, "threads filling disjoint tensors of the output concurrently")
+    debug: bool = _doc(False, "show full tracebacks for conversion errors")
 
     def check(self) -> None:
         if self.batch_mb <= 0:
@@ -138,9 +146,56 @@ def local_path(value: str) -> Path:
     return Path(to_absolute_path(os.path.expanduser(value)))
 
 
+def settings_help(schema: type = ConvertConfig, prefix: str = "") -> list[str]:
+    """``key (type, default): meaning`` for every setting of the schema, nested ones dotted."""
+    lines = []
+    types = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        kind = types[f.name]
+        if dataclasses.is_dataclass(kind):
+            lines += settings_help(kind, f"{prefix}{f.name}.")
+            continue
+        value = f.default.value if isinstance(f.default, Enum) else f.default
+        if isinstance(value, bool) or value is None:
+            value = {True: "true", False: "false", None: "null"}[value]
+        default = "required" if f.default is MISSING else f"default {value}"
+        if isinstance(kind, type) and issubclass(kind, Enum):
+            default += f"; one of {', '.join(m.value for m in kind)}"
+        lines.append(f"  {prefix}{f.name} ({default}): {f.metadata.get('help', '')}")
+    return lines
+
+
+_HELP_TEMPLATE = """titan2tune: convert torchtitan DCP checkpoints (sharded PyTorch Distributed
+Checkpoints) into one consolidated .pt per run that torchtune loads as it is.
+
+  python convert.py experiment=debug [key=value ...]
+  python convert.py -m experiment=debug,500M,debug_pretrained [hydra/launcher=slurm]
+
+Config groups (choose with group=option; experiment is required):
+$APP_CONFIG_GROUPS
+Settings (override with key=value; an unknown key is an error):
+{settings}
+
+Your own experiments: a YAML per run in a folder of yours, added with --config-dir <folder>
+(it holds experiment/<name>.yaml). The composed config: --cfg job. Hydra's own options:
+--hydra-help. Shell completion: python convert.py -sc install=bash. See README.md.
+"""
+
+
 def register_configs() -> None:
-    """Registers the schema the primary config ``conf/convert.yaml`` extends."""
-    ConfigStore.instance().store(name="convert_schema", node=ConvertConfig)
+    """Registers the schema the primary config ``conf/convert.yaml`` extends, and the help
+    that ``--help`` prints, written from the schema's own field descriptions."""
+    store = ConfigStore.instance()
+    store.store(name="convert_schema", node=ConvertConfig)
+    # A default such as ${.checkpoint_dir} is shown as written: escaped for OmegaConf (\${),
+    # which resolves the template, then for string.Template ($$), which fills it in.
+    settings = "\n".join(settings_help()).replace("${", "$\\${")
+    template = _HELP_TEMPLATE.format(settings=settings)
+    store.store(
+        group="hydra/help",
+        name="titan2tune",
+        node={"app_name": "titan2tune", "header": "", "footer": "", "template": template},
+    )
 
 
 def unknown_keys(cfg: Any, schema: type = ConvertConfig, prefix: str = "") -> list[str]:

@@ -125,3 +125,21 @@ def test_a_home_relative_path_is_expanded(tiny_checkpoint, tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     assert (home / "converted" / "model.pt").is_file()
     assert not (REPO / "~").exists()
+
+
+def test_help_lists_the_experiments_and_every_setting():
+    run = subprocess.run(
+        [sys.executable, "convert.py", "--help"], cwd=REPO, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "experiment: 500M, debug, debug_pretrained" in run.stdout, run.stdout
+    for line in (
+        "experiment.checkpoint_dir (required): the folder holding the step-<N> folders",
+        "experiment.step (default latest): a step number, or latest",
+        "experiment.output (default ${.checkpoint_dir}/final_model.pt)",
+        "output_format (default meta; one of meta, torchtune)",
+        "experiment.model.n_kv_heads (default null)",
+        "verify (default true): read the output back",
+    ):
+        assert line in run.stdout, run.stdout
+    assert "Traceback" not in run.stderr + run.stdout
