@@ -19,6 +19,7 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
+from omegaconf.errors import MissingMandatoryValue
 
 from converter.config import ConvertConfig, local_path, to_object
 from converter.errors import ConversionError
@@ -107,8 +108,27 @@ def _checked(cfg: DictConfig) -> ConvertConfig:
     _check_launcher()
     try:
         return to_object(cfg)
+    except MissingMandatoryValue as e:
+        key = e.full_key
+        raise ConversionError(
+            f"{key} is required, but {_experiment_file()} does not set it: add "
+            f"'{key.rsplit('.', 1)[-1]}: ...' there, or give it on the command line ({key}=...)."
+        ) from e
     except ValueError as e:
         raise ConversionError(f"Invalid configuration: {e}.") from e
+
+
+def _experiment_file() -> str:
+    """The YAML file the chosen experiment was read from, as a user would look for it."""
+    if not HydraConfig.initialized():
+        return "the experiment's config"
+    runtime = HydraConfig.get().runtime
+    choice = runtime.choices.get("experiment")
+    for source in runtime.config_sources:
+        path = Path(source.path) / "experiment" / f"{choice}.yaml"
+        if source.schema == "file" and path.is_file():
+            return str(path)
+    return f"experiment/{choice}.yaml"
 
 
 def _check_launcher() -> None:

@@ -143,3 +143,33 @@ def test_help_lists_the_experiments_and_every_setting():
     ):
         assert line in run.stdout, run.stdout
     assert "Traceback" not in run.stderr + run.stdout
+
+
+@pytest.mark.parametrize(
+    "left_out, key",
+    [("checkpoint_dir", "experiment.checkpoint_dir"), ("n_heads", "experiment.model.n_heads")],
+)
+def test_a_key_missing_from_a_users_own_experiment_is_one_line(tmp_path, left_out, key):
+    """The user's own experiment, in a folder given with --config-dir, lacks a required key."""
+    lines = (REPO / "conf" / "experiment" / "debug.yaml").read_text().splitlines()
+    own = tmp_path / "mine" / "experiment" / "run7.yaml"
+    own.parent.mkdir(parents=True)
+    kept = [line for line in lines if not line.strip().startswith(f"{left_out}:")]
+    own.write_text("\n".join(kept).replace("name: debug", "name: run7") + "\n")
+    run = subprocess.run(
+        [
+            sys.executable,
+            "convert.py",
+            "--config-dir",
+            str(tmp_path / "mine"),
+            "experiment=run7",
+            f"hydra.run.dir={tmp_path / 'hydra'}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert f"{key} is required, but {own} does not set it" in run.stderr, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr
