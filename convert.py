@@ -33,6 +33,20 @@ def main(cfg: DictConfig) -> job.JobResult:
     return result
 
 
+def _single_mode_only(argv: list[str]) -> str | None:
+    """Hydra refuses -m together with --cfg or --info with a traceback; say it in one line."""
+    multirun = {"-m", "--multirun"} & set(argv)
+    shown = {"-c", "--cfg", "-i", "--info"} & set(argv)
+    if multirun and shown:
+        flag = sorted(shown)[0]
+        example = f"{flag} job" if flag in ("-c", "--cfg") else flag
+        return (
+            f"{flag} shows one job's config, and -m runs a sweep: drop -m and give one value "
+            f"per key to see that job (python convert.py experiment=debug {example})."
+        )
+    return None
+
+
 def _exit_code(code: object) -> int:
     """The exit status that ``sys.exit(code)`` gives."""
     if code is None or isinstance(code, int):
@@ -47,6 +61,9 @@ if __name__ == "__main__":
     # job reports it and removes its partial output. (CPython ignores it at start-up already;
     # this states that the job relies on it.)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    if conflict := _single_mode_only(sys.argv[1:]):
+        print(conflict, file=sys.stderr)
+        sys.exit(2)
     # Hydra composes the config before it prints --help, and the experiment group has no
     # default: name one, so that the help lists the experiments instead of failing.
     if "--help" in sys.argv[1:] and not any(a.startswith("experiment=") for a in sys.argv[1:]):

@@ -173,3 +173,15 @@ def test_a_key_missing_from_a_users_own_experiment_is_one_line(tmp_path, left_ou
     assert run.returncode == 1, run.stderr[-2000:]
     assert f"{key} is required, but {own} does not set it" in run.stderr, run.stderr[-2000:]
     assert "Traceback" not in run.stderr
+
+
+def test_cfg_with_a_sweep_is_one_line():
+    run = subprocess.run(
+        [sys.executable, "convert.py", "-m", "experiment=debug,500M", "--cfg", "job"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 2, run.stderr
+    assert "--cfg shows one job's config, and -m runs a sweep: drop -m" in run.stderr
+    assert "Traceback" not in run.stderr
