@@ -126,6 +126,7 @@ class ConvertConfig:
         OutputFormat.meta, "key names: meta or torchtune (the checkpointer that loads it)"
     )
     overwrite: bool = _doc(False, "replace an existing output whose source or settings differ")
+    force: bool = _doc(False, "convert even when the output is up to date (a forced rebuild)")
     verify: bool = _doc(True, "read the output back and check every tensor's bytes")
     allow_nonfinite: bool = _doc(False, "accept NaN/Inf weights instead of failing on them")
     batch_mb: int = _doc(256, "tensor bytes held in memory at once, across all workers")

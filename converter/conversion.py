@@ -144,7 +144,7 @@ def _lead(
 
     # Decided under the output's lock, once an interrupted publish is finished.
     with OutputFile(output, sidecars, staged_manifest_describes) as out:
-        if _already_done(output, print_, conf.overwrite):
+        if _already_done(output, print_, conf):
             if existed:
                 log.info(
                     "%s: %s is up to date with this source and settings; skipped.",
@@ -331,20 +331,52 @@ def _check_not_folders(output: Path) -> None:
             )
 
 
-def _already_done(output: Path, print_: dict[str, Any], overwrite: bool) -> bool:
-    """True if ``output`` holds this very conversion; raises if it holds another and may not
-    be replaced."""
+def _already_done(output: Path, print_: dict[str, Any], conf: ConvertConfig) -> bool:
+    """True if ``output`` holds this very conversion (and ``force`` is off); raises if it holds
+    another and may not be replaced, saying what differs."""
     if not output.exists():
         return False
     previous = read_manifest(output)
     # The file itself is checked too: an old manifest beside a replaced file does not count.
     if previous and previous.get("fingerprint") == print_ and describes(previous, output):
-        return True
-    if overwrite:
-        log.info("Replacing %s (overwrite=true).", output)
+        if not conf.force:
+            return True
+        log.info("Converting %s again (force=true), though it is up to date.", output)
         return False
-    why = "another source or other settings" if previous else "no manifest of ours"
+    if conf.overwrite or conf.force:
+        log.info("Replacing %s (%s).", output, "overwrite=true" if conf.overwrite else "force=true")
+        return False
+    if previous is None:
+        why = "with no manifest of ours (not written by this converter, or its manifest is gone)"
+    else:
+        why = "but " + "; ".join(_differences(previous, print_, output))
     raise ConversionError(
-        f"Output {output} already exists, with {why}. Set overwrite=true to replace it, or "
-        "choose another experiment.output."
+        f"Output {output} already exists, {why}. Set overwrite=true to replace it, or choose "
+        "another experiment.output."
     )
+
+
+def _differences(previous: dict[str, Any], print_: dict[str, Any], output: Path) -> list[str]:
+    """What makes the conversion on disk another than this one, in a user's words."""
+    old = previous.get("fingerprint") or {}
+    found = []
+    if old.get("step_dir") != print_["step_dir"]:
+        found.append(
+            f"it was converted from {old.get('step_dir')}, this run reads {print_['step_dir']}"
+        )
+    for key in ("output_format", "export_dtype", "model"):
+        if old.get(key) != print_[key]:
+            found.append(f"its {key} was {old.get(key)}, this run's is {print_[key]}")
+    if old.get("step_dir") == print_["step_dir"]:
+        changed = sorted(
+            name for name, seen in print_["files"].items() if old.get("files", {}).get(name) != seen
+        )
+        changed += sorted(set(old.get("files", {})) - set(print_["files"]))
+        if changed or old.get("metadata_sha256") != print_["metadata_sha256"]:
+            what = ", ".join(changed) or ".metadata"
+            found.append(f"the source files changed since it was converted ({what})")
+    if old.get("converter") != print_["converter"]:
+        found.append(f"it was written by titan2tune {old.get('converter')}")
+    if not describes(previous, output):
+        found.append(f"its bytes no longer match its manifest {manifest_path(output)}")
+    return found or ["it was written with other settings"]

@@ -20,7 +20,7 @@ from converter.mapping import plan_conversion
 from converter.sink import OutputFile
 from converter.source import DcpCheckpoint
 from converter.verify import read_back
-from tests.conftest import FULL_STEP, compose, model_overrides
+from tests.conftest import FULL_STEP, WEIGHTS_ONLY_STEP, compose, model_overrides
 
 
 def _sha(path: Path) -> str:
@@ -49,8 +49,17 @@ def test_existing_output_is_replaced_only_with_overwrite(layout_checkpoints, tmp
     before = _sha(out)
 
     refused = _run(root, shape, out, "experiment.export_dtype=float32")
-    assert refused.status == "failed" and "already exists" in refused.error
+    assert (
+        refused.status == "failed" and "already exists, but its export_dtype was" in refused.error
+    )
+    assert "bfloat16, this run's is float32" in refused.error, refused.error
     assert "overwrite=true" in refused.error and _sha(out) == before
+    other_step = _run(root, shape, out, f"experiment.step={WEIGHTS_ONLY_STEP}")
+    assert f"it was converted from {root.resolve() / f'step-{FULL_STEP}'}" in other_step.error
+
+    assert _run(root, shape, out, "experiment.export_dtype=bfloat16").status == "skipped"
+    forced = _run(root, shape, out, "experiment.export_dtype=bfloat16", "force=true")
+    assert forced.status == "converted" and _sha(out) == before
 
     replaced = _run(root, shape, out, "experiment.export_dtype=float32", "overwrite=true")
     assert replaced.status == "converted"
