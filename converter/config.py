@@ -183,11 +183,22 @@ Your own experiments: a YAML per run in a folder of yours, added with --config-d
 """
 
 
+def resolved_step(*, _root_: Any) -> int:
+    """``${resolved_step:}`` in a setting: the step number that ``experiment.step`` resolves
+    to (``latest`` included), so that an output can be named for the step converted, as in
+    ``experiment.output='${experiment.checkpoint_dir}/model_step${resolved_step:}.pt'``."""
+    from converter.steps import find_step_dir
+
+    experiment = _root_.experiment
+    return find_step_dir(local_path(experiment.checkpoint_dir), experiment.step)[0]
+
+
 def register_configs() -> None:
     """Registers the schema the primary config ``conf/convert.yaml`` extends, and the help
     that ``--help`` prints, written from the schema's own field descriptions."""
     store = ConfigStore.instance()
     store.store(name="convert_schema", node=ConvertConfig)
+    OmegaConf.register_new_resolver("resolved_step", resolved_step, replace=True)
     # A default such as ${.checkpoint_dir} is shown as written: escaped for OmegaConf (\${),
     # which resolves the template, then for string.Template ($$), which fills it in.
     settings = "\n".join(settings_help()).replace("${", "$\\${")

@@ -19,7 +19,7 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from converter.config import ConvertConfig, local_path, to_object
 from converter.errors import ConversionError
@@ -108,6 +108,10 @@ def _checked(cfg: DictConfig) -> ConvertConfig:
     _check_launcher()
     try:
         return to_object(cfg)
+    except InterpolationResolutionError as e:
+        if isinstance(e.__cause__, ConversionError):  # ${resolved_step:} found no step
+            raise e.__cause__ from None
+        raise ConversionError(f"Invalid configuration: {e}.") from e
     except MissingMandatoryValue as e:
         key = e.full_key
         raise ConversionError(

@@ -19,6 +19,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from converter.config import local_path
 from converter.job import STATUS_FILE, JobResult
@@ -57,7 +58,10 @@ def planned_outputs(config: DictConfig) -> dict[str, list[str]]:
     for batch in BasicSweeper.split_arguments(overrides, None):
         for job in batch:
             cfg = loader.load_sweep_config(config, list(job))
-            output = str(local_path(cfg.experiment.output).resolve())
+            try:
+                output = str(local_path(cfg.experiment.output).resolve())
+            except OmegaConfBaseException:  # e.g. ${resolved_step:} finds no step: the job
+                continue  # reports that itself, as one line
             outputs.setdefault(output, []).append(" ".join(job) or "(no overrides)")
     return outputs
 

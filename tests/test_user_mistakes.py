@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -185,3 +186,34 @@ def test_cfg_with_a_sweep_is_one_line():
     assert run.returncode == 2, run.stderr
     assert "--cfg shows one job's config, and -m runs a sweep: drop -m" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_outputs_named_for_the_resolved_step(tiny_checkpoint, tmp_path):
+    """A sweep over steps writes one file per step, and step=latest names the step it took."""
+    root = tmp_path / "checkpoint"
+    root.mkdir()
+    (root / "step-5").symlink_to(tiny_checkpoint / "step-5")
+    shutil.copytree(tiny_checkpoint / "step-5", root / "step-7")
+    named = "experiment.output=${experiment.checkpoint_dir}/model_step${resolved_step:}.pt"
+
+    def run(*args: str, multirun: bool = False) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [
+                sys.executable, str(REPO / "convert.py"), *(["-m"] if multirun else []),
+                "experiment=debug",
+                f"experiment.checkpoint_dir={root}", named, *model_overrides(TINY), *args,
+            ],
+            cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+
+    sweep = run("experiment.step=5,7", multirun=True)
+    assert sweep.returncode == 0, sweep.stdout[-2000:] + sweep.stderr[-2000:]
+    assert sorted(p.name for p in root.glob("*.pt")) == ["model_step5.pt", "model_step7.pt"]
+    for p in root.glob("*.pt"):
+        p.unlink()
+    latest = run("experiment.step=latest")
+    assert latest.returncode == 0, latest.stderr[-2000:]
+    assert sorted(p.name for p in root.glob("*.pt")) == ["model_step7.pt"]
+    missing = run(f"experiment.checkpoint_dir={tmp_path / 'nothing'}")
+    assert missing.returncode == 1 and "does not exist" in missing.stderr, missing.stderr[-2000:]
+    assert "Traceback" not in missing.stderr
