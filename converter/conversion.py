@@ -112,7 +112,7 @@ def _plan(
             len(plan.dropped),
         )
         for assumption in plan.assumptions:
-            log.info("%s: %s", exp.name, assumption)
+            log.warning("%s: %s", exp.name, assumption)
     return _Planned(exp.name, step, checkpoint, plan, output, fmt, export, sources)
 
 

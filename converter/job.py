@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,8 @@ class JobResult:
     error: str = ""
     slurm_job_id: str = ""
     log_path: str = ""
+    step: int | None = None  # the step converted (step=latest resolved)
+    warnings: list[str] = field(default_factory=list)  # what the log warned of, for the summary
 
     @property
     def ok(self) -> bool:
@@ -59,6 +61,8 @@ def run(cfg: DictConfig) -> JobResult:
     group = _task_group(slurm)
     result = JobResult(name, "failed", **_environment(slurm))
     hasher = None
+    warnings = _WarningsKept(result.warnings)
+    logging.getLogger().addHandler(warnings)
     try:
         with group.running():
             conf = _checked(cfg)
@@ -66,6 +70,7 @@ def run(cfg: DictConfig) -> JobResult:
             step, step_dir = find_step_dir(
                 local_path(conf.experiment.checkpoint_dir), conf.experiment.step
             )
+            result.step = step
             files = step_files(step_dir)
             hasher = SourceHasher(group.share_of({p: p.stat().st_size for p in files}))
             from converter.conversion import convert  # imports torch: see the module docstring
@@ -80,12 +85,26 @@ def run(cfg: DictConfig) -> JobResult:
         result.error = f"{type(e).__name__}: {e}"
         log.exception("%s: conversion failed unexpectedly", name)
     finally:
+        logging.getLogger().removeHandler(warnings)
         if hasher is not None:
             hasher.cancel()  # returns at once if the hashing is done; stops it otherwise
     result.seconds = round(time.perf_counter() - start, 2)
     if group.lead:  # the job's result: the sweep summary reads it
         _write_status(result)
     return result
+
+
+class _WarningsKept(logging.Handler):
+    """Keeps the job's warnings (an unfinished newer save passed over, head counts the
+    weights cannot confirm) for its result, so that the sweep summary repeats them."""
+
+    def __init__(self, kept: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.kept = kept
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno == logging.WARNING and record.name.startswith(("converter", "titan")):
+            self.kept.append(record.getMessage())
 
 
 def _reraise_interruption(e: BaseException) -> None:

@@ -28,15 +28,20 @@ log = logging.getLogger("titan2tune")
 
 
 def format_table(results: list[JobResult]) -> str:
-    rows = [("experiment", "status", "output", "size", "seconds")]
+    rows = [("experiment", "status", "step", "output", "size", "seconds")]
     for r in results:
-        rows.append((r.experiment, r.status, r.output or "-", _size(r.bytes), f"{r.seconds:.1f}"))
+        step = "-" if r.step is None else str(r.step)
+        rows.append(
+            (r.experiment, r.status, step, r.output or "-", _size(r.bytes), f"{r.seconds:.1f}")
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     for r in results:
+        for warning in dict.fromkeys(r.warnings):  # once each, in order
+            lines.append(f"\n{r.experiment} warning: {warning.removeprefix(r.experiment + ': ')}")
         if not r.ok:
             where = f"SLURM job {r.slurm_job_id}, " if r.slurm_job_id else ""
             lines.append(f"\n{r.experiment} failed ({where}log {r.log_path or '-'}):\n  {r.error}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -217,3 +218,27 @@ def test_outputs_named_for_the_resolved_step(tiny_checkpoint, tmp_path):
     missing = run(f"experiment.checkpoint_dir={tmp_path / 'nothing'}")
     assert missing.returncode == 1 and "does not exist" in missing.stderr, missing.stderr[-2000:]
     assert "Traceback" not in missing.stderr
+
+
+def test_the_sweep_summary_shows_the_step_and_the_warnings(tiny_checkpoint, tmp_path):
+    """step=latest passes over an unfinished newer save: the summary's row shows the step
+    converted, and the summary repeats the run's warnings (that one, and the head counts the
+    weights cannot confirm)."""
+    root = tmp_path / "checkpoint"
+    root.mkdir()
+    (root / "step-5").symlink_to(tiny_checkpoint / "step-5")
+    unfinished = shutil.ignore_patterns(".metadata")  # the shards, but not the index
+    shutil.copytree(tiny_checkpoint / "step-5", root / "step-9", ignore=unfinished)
+    run = subprocess.run(
+        [
+            sys.executable, str(REPO / "convert.py"), "-m", "experiment=debug",
+            f"experiment.checkpoint_dir={root}", f"experiment.output={tmp_path / 'out.pt'}",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}", *model_overrides(TINY),
+        ],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    table = run.stdout[run.stdout.index("experiment  status") :]
+    assert re.search(r"^debug +converted +5 +", table, flags=re.M), table
+    assert "debug warning: step-9 in" in table and "unfinished save" in table, table
+    assert "debug warning: n_heads=4 and n_kv_heads=4 are taken from the config" in table, table
