@@ -46,8 +46,7 @@ def find_step_dir(checkpoint_dir: Path, step: int | str) -> tuple[int, Path]:
         found = sorted(p.name for p in checkpoint_dir.iterdir())[:10]
         raise ConversionError(
             f"{checkpoint_dir} is not a torchtitan checkpoint folder: it has no step-<N> "
-            f"folders (it holds {found or 'nothing'}). Point experiment.checkpoint_dir at "
-            "<dump_folder>/<checkpoint.folder> of the run."
+            f"folders (it holds {found or 'nothing'}). {_what_it_is(checkpoint_dir)}"
         )
     complete = {n: p for n, p in steps.items() if (p / METADATA_FILE).is_file()}
     if step == "latest":
@@ -74,12 +73,49 @@ def find_step_dir(checkpoint_dir: Path, step: int | str) -> tuple[int, Path]:
             f"{checkpoint_dir} has no step-{step} folder; the steps saved there are "
             f"{list(steps)}. Set experiment.step to one of them, or to latest."
         )
+    if step not in complete and _is_hf(steps[step]):
+        raise ConversionError(
+            f"{steps[step]} holds a Hugging Face safetensors save (torchtitan's "
+            "checkpoint.last_save_in_hf), not a DCP save: it needs no conversion. torchtune's "
+            "FullModelHFCheckpointer loads it as it is; to convert this run, choose a DCP step "
+            f"({list(complete) or 'none'})."
+        )
     if step not in complete:
         raise ConversionError(
             f"{steps[step]} has no {METADATA_FILE} file: that save did not finish. Choose a "
             f"complete step ({list(complete) or 'none'}) or experiment.step=latest."
         )
     return step, steps[step]
+
+
+def _is_hf(folder: Path) -> bool:
+    return any(folder.glob("*.safetensors"))
+
+
+def _what_it_is(folder: Path) -> str:
+    """What a folder without step folders holds instead, and where to point instead."""
+    if (folder / METADATA_FILE).is_file() or any(folder.glob("*.distcp")):
+        return (
+            f"It is a step folder itself: set experiment.checkpoint_dir={folder.parent} and "
+            f"experiment.step={_step_of(folder.name)}."
+        )
+    if _is_hf(folder):
+        return (
+            "It holds a Hugging Face checkpoint (safetensors files), which needs no conversion: "
+            "torchtune's FullModelHFCheckpointer loads it as it is."
+        )
+    inner = sorted(p for p in folder.iterdir() if p.is_dir() and list_steps(p))
+    if inner:
+        return (
+            f"It looks like the run's dump folder: its step folders are in {inner[0]}; set "
+            f"experiment.checkpoint_dir={inner[0]}."
+        )
+    return "Point experiment.checkpoint_dir at <dump_folder>/<checkpoint.folder> of the run."
+
+
+def _step_of(name: str) -> str:
+    m = _STEP_DIR.match(name)
+    return m.group(1) if m else "latest"
 
 
 def step_files(step_dir: Path) -> list[Path]:

@@ -460,6 +460,26 @@ def _beyond_float16(root: Path, pristine: Path, cleanup: ExitStack) -> dict[str,
     return {**small_overrides(root), "experiment.export_dtype": "float16"}
 
 
+def _only_at(where: str) -> Prepare:
+    """A copy of the small checkpoint, with ``checkpoint_dir`` at ``where`` under the case's
+    folder (the step folder, or the dump folder that holds ``checkpoint/``)."""
+
+    def prepare(root: Path, pristine: Path, cleanup: ExitStack) -> dict[str, str]:
+        return {**_copy(root, pristine, cleanup), "experiment.checkpoint_dir": str(root / where)}
+
+    return prepare
+
+
+def _hf_last_save(root: Path, pristine: Path, cleanup: ExitStack) -> dict[str, str]:
+    """torchtitan's last_save_in_hf: the last step folder holds safetensors, no DCP index."""
+    copy_small(root, pristine)
+    hf = root / "checkpoint" / "step-20"
+    hf.mkdir()
+    (hf / "model.safetensors").write_bytes(b"\0" * 64)
+    (hf / "model.safetensors.index.json").write_text("{}")
+    return {**small_overrides(root), "experiment.step": "20"}
+
+
 def _only(**overrides: str) -> Prepare:
     def prepare(root: Path, pristine: Path, cleanup: ExitStack) -> dict[str, str]:
         return {**_copy(root, pristine, cleanup), **overrides}
@@ -487,7 +507,24 @@ CASES: dict[str, Case] = {
         _empty_folder, ("is not a torchtitan checkpoint folder", "holds nothing")
     ),
     "checkpoint_folder_not_dcp": Case(
-        _not_dcp, ("no step-<N> folders", "model.safetensors", "experiment.checkpoint_dir")
+        _not_dcp,
+        (
+            "no step-<N> folders",
+            "model.safetensors",
+            "Hugging Face checkpoint",
+            "needs no conversion",
+            "FullModelHFCheckpointer loads it as it is",
+        ),
+    ),  # fmt: skip
+    "checkpoint_dir_is_a_step_folder": Case(
+        _only_at(f"checkpoint/step-{STEP}"),
+        ("It is a step folder itself", f"experiment.step={STEP}", "checkpoint_dir="),
+    ),
+    "checkpoint_dir_is_the_dump_folder": Case(
+        _only_at("."), ("looks like the run's dump folder", "its step folders are in")
+    ),
+    "step_is_a_hugging_face_save": Case(
+        _hf_last_save, ("step-20", "Hugging Face safetensors save", "last_save_in_hf", "[10]")
     ),
     "step_missing_lists_steps": Case(
         _step_missing, ("no step-7 folder", "[10, 20]", "Set experiment.step")
