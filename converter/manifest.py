@@ -190,8 +190,10 @@ def torchtune_snippet(output: Path, output_format: str, model: ModelConfig, expe
         "_component_": keymaps.CHECKPOINTERS[output_format],
         "checkpoint_dir": str(output.parent),
         "checkpoint_files": [output.name],
-        # torchtune refuses an output_dir inside checkpoint_dir: use a sibling folder.
-        "output_dir": str(output.parent.with_name(f"{output.parent.name}_torchtune")),
+        # torchtune refuses an output_dir inside checkpoint_dir (check_outdir_not_in_ckptdir),
+        # so it goes in a sibling folder, one subfolder per output: two outputs converted
+        # into one folder do not share where torchtune saves.
+        "output_dir": str(output.parent.with_name(f"{output.parent.name}_torchtune") / output.stem),
         # LLAMA3_2 is torchtune's model type for tied embeddings (no output.weight).
         "model_type": "LLAMA3_2" if model.tied_embeddings else "LLAMA3",
     }

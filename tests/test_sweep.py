@@ -105,6 +105,10 @@ def test_sweep_with_overrides(demo_root):
         assert all(torch.equal(tensors[k], v) for k, v in expected.items())
         yaml_text = (out.parent / "model.pt.torchtune.yaml").read_text()
         assert "FullModelTorchTuneCheckpointer" in yaml_text
+        # Where torchtune saves: beside the output's folder (torchtune refuses one inside the
+        # checkpoint_dir), and of this output alone.
+        saves = yaml.safe_load(yaml_text)["checkpointer"]["output_dir"]
+        assert saves == str(out.parent.with_name("tune_fp32_torchtune") / "model")
 
 
 def test_sweep_fails_when_one_experiment_fails(demo_root, tmp_path):
