@@ -66,7 +66,8 @@ if __name__ == "__main__":
         sys.exit(2)
     # Hydra composes the config before it prints --help, and the experiment group has no
     # default: name one, so that the help lists the experiments instead of failing.
-    if "--help" in sys.argv[1:] and not any(a.startswith("experiment=") for a in sys.argv[1:]):
+    asks_help = {"-h", "--help"} & set(sys.argv[1:])
+    if asks_help and not any(a.startswith("experiment=") for a in sys.argv[1:]):
         sys.argv.append("experiment=debug")
     try:
         main()

@@ -137,9 +137,8 @@ def _lead(
     sidecars = (manifest_path(output), torchtune_yaml_path(output))
 
     def staged_manifest_describes(staged: dict[Path, Path]) -> bool:
-        staged_manifest = staged.get(manifest_path(output))
-        return staged_manifest is not None and describes(
-            read_manifest(output, staged_manifest), output
+        return manifest_path(output) in staged and describes(
+            read_manifest(output, staged=True), output
         )
 
     # Decided under the output's lock, once an interrupted publish is finished.

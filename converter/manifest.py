@@ -64,10 +64,12 @@ def fingerprint(
     }
 
 
-def read_manifest(output: Path, path: Path | None = None) -> dict[str, Any] | None:
-    """The manifest of ``output`` (read from ``path`` if given), or None if unreadable."""
+def read_manifest(output: Path, staged: bool = False) -> dict[str, Any] | None:
+    """The manifest of ``output`` (the staged one, not yet published, if ``staged``), or None
+    if it is missing or unreadable."""
+    path = staging_path(manifest_path(output)) if staged else manifest_path(output)
     try:
-        return json.loads((path or manifest_path(output)).read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
 

@@ -166,7 +166,7 @@ class OutputFile:
         """A run killed between renaming the output and the last sidecar into place left the
         sidecars it had not renamed yet staged, complete and synced (:meth:`publish` stages them
         all first). If they describe the output, rename them now, as that run would have."""
-        staged = {s: staging_path(s) for s in self.sidecars if staging_path(s).is_file()}
+        staged = {s: t for s in self.sidecars if (t := staging_path(s)).is_file()}
         if not (staged and self.path.is_file() and self.describes and self.describes(staged)):
             return
         for sidecar, tmp in staged.items():

@@ -129,9 +129,10 @@ def test_a_home_relative_path_is_expanded(tiny_checkpoint, tmp_path):
     assert not (REPO / "~").exists()
 
 
-def test_help_lists_the_experiments_and_every_setting():
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_lists_the_experiments_and_every_setting(flag):
     run = subprocess.run(
-        [sys.executable, "convert.py", "--help"], cwd=REPO, capture_output=True, text=True
+        [sys.executable, "convert.py", flag], cwd=REPO, capture_output=True, text=True
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert "experiment: 500M, debug, debug_pretrained" in run.stdout, run.stdout
