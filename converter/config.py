@@ -22,6 +22,11 @@ from hydra.core.config_store import ConfigStore
 from hydra.utils import to_absolute_path
 from omegaconf import MISSING, OmegaConf
 
+from converter.formats import FORMATS
+from converter.formats.base import FormatConfig
+from converter.models import FAMILIES
+from converter.models.base import ModelConfig
+
 
 def _doc(default: Any, help: str) -> Any:
     """A field's default with a line of meaning, which ``python convert.py --help`` lists."""
@@ -40,63 +45,25 @@ class ExportDtype(Enum):
         return self.value
 
 
-class OutputFormat(Enum):
-    """The key naming of the output file, one per torchtune checkpointer that loads it."""
-
-    meta = "meta"  # torchtune.training.FullModelMetaCheckpointer
-    torchtune = "torchtune"  # torchtune.training.FullModelTorchTuneCheckpointer
-
-    def __str__(self) -> str:  # so ${output_format} interpolates as "meta"
-        return self.value
-
-
-@dataclass
-class ModelConfig:
-    """What the converter needs to know about the model beyond what shapes tell.
-
-    ``n_heads`` and ``n_kv_heads`` split torchtitan's fused QKV weight (shapes alone do not
-    determine the split). The architecture fields are optional: when all are set, the emitted
-    ``<output>.torchtune.yaml`` also carries a ``model:`` builder section.
-    """
-
-    n_heads: int = _doc(MISSING, "attention heads of the trained model (splits fused QKV)")
-    n_kv_heads: int | None = _doc(None, "key/value heads; null: as n_heads (no grouped-query)")
-    tied_embeddings: bool = _doc(False, "the output head shares the token embeddings' weights")
-    dim: int | None = _doc(None, "model width; checked against the weights")
-    n_layers: int | None = _doc(None, "transformer blocks; checked against the weights")
-    vocab_size: int | None = _doc(None, "vocabulary size; checked against the weights")
-    hidden_dim: int | None = _doc(None, "feed-forward width; checked against the weights")
-    norm_eps: float = _doc(1e-5, "RMSNorm epsilon, for the emitted torchtune YAML")
-    rope_theta: float = _doc(500000.0, "RoPE base, for the emitted torchtune YAML")
-    # Llama 3.1-style RoPE frequency scaling, as torchtitan's llama3 models use ("llama").
-    rope_scaling: bool = _doc(True, "Llama 3.1-style RoPE scaling, for the torchtune YAML")
-    max_seq_len: int = _doc(131072, "context length, for the emitted torchtune YAML")
-
-    def check(self) -> None:
-        if self.n_heads <= 0:
-            raise ValueError(f"experiment.model.n_heads must be positive, got {self.n_heads}")
-        if self.n_kv_heads is not None and (self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads):
-            raise ValueError(
-                f"experiment.model.n_kv_heads={self.n_kv_heads} must be a positive divisor of "
-                f"n_heads={self.n_heads}"
-            )
-
-    @property
-    def kv_heads(self) -> int:
-        return self.n_kv_heads or self.n_heads
-
-
 @dataclass
 class ExperimentConfig:
     """One training run whose checkpoint is converted: where it is and how to export it."""
 
     name: str = _doc(MISSING, "the experiment's name, in logs, outputs and the summary")
-    checkpoint_dir: str = _doc(MISSING, "the folder holding the step-<N> folders")
+    checkpoint_dir: str = _doc(
+        MISSING, "the folder holding the step-<N> folders: a path, or an fsspec URL (s3://...)"
+    )
     # OmegaConf reads typing.Union, not `|`.
     step: Union[int, str] = _doc("latest", "a step number, or latest (newest complete)")  # noqa: UP007
     export_dtype: ExportDtype = _doc(ExportDtype.bfloat16, "dtype of the weights written")
-    output: str = _doc("${.checkpoint_dir}/final_model.pt", "the .pt file to write")
-    model: ModelConfig = field(default_factory=ModelConfig)
+    output: str = _doc(
+        "${.checkpoint_dir}/${output_format.output_name}",
+        "the output (a .pt file, or a folder for hf); local",
+    )
+    tokenizer_dir: str | None = _doc(  # noqa: UP007
+        None, "torchtitan's hf_assets_path: tokenizer files copied into an hf output"
+    )
+    model: ModelConfig = _doc(MISSING, "the model: a preset, experiment/model=<family>/<flavor>")
 
     def check(self) -> None:
         if isinstance(self.step, str) and self.step != "latest":
@@ -105,15 +72,14 @@ class ExperimentConfig:
             )
         if isinstance(self.step, int) and self.step < 0:
             raise ValueError(f"experiment.step must be >= 0 or 'latest', got {self.step}")
-        for key in ("checkpoint_dir", "output"):
-            if "://" in getattr(self, key):
+        for key in ("checkpoint_dir", "output", "tokenizer_dir"):
+            value = getattr(self, key)
+            if value is not None and "://" in value and not value.startswith("file://"):
                 raise ValueError(
-                    f"experiment.{key}={getattr(self, key)!r} is a URL, but this converter reads "
+                    f"experiment.{key}={value!r} is a URL, but this converter reads "
                     "and writes local paths only: copy the step folder to a local or mounted "
                     "file system first, and write the output to one"
                 )
-        if not self.output.endswith(".pt"):
-            raise ValueError(f"experiment.output must be a .pt path, got {self.output!r}")
         self.model.check()
 
 
@@ -122,12 +88,13 @@ class ConvertConfig:
     """The whole job: one experiment and how to write it."""
 
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
-    output_format: OutputFormat = _doc(
-        OutputFormat.meta, "key names: meta or torchtune (the checkpointer that loads it)"
+    output_format: FormatConfig = _doc(
+        MISSING, "the output: meta, torchtune (.pt for torchtune) or hf (a Hugging Face folder)"
     )
     overwrite: bool = _doc(False, "replace an existing output whose source or settings differ")
     force: bool = _doc(False, "convert even when the output is up to date (a forced rebuild)")
     verify: bool = _doc(True, "read the output back and check every tensor's bytes")
+    sha256: bool = _doc(False, "also record the sha256 of each output file in the manifest")
     allow_nonfinite: bool = _doc(False, "accept NaN/Inf weights instead of failing on them")
     batch_mb: int = _doc(256, "tensor bytes held in memory at once, across all workers")
     workers: int = _doc(1, "threads filling disjoint tensors of the output concurrently")
@@ -139,6 +106,7 @@ class ConvertConfig:
         if self.workers <= 0:
             raise ValueError(f"workers must be positive, got {self.workers}")
         self.experiment.check()
+        FORMATS[self.output_format.name].check_output(self.experiment.output)
 
 
 def local_path(value: str) -> Path:
@@ -148,14 +116,22 @@ def local_path(value: str) -> Path:
 
 
 def settings_help(schema: type = ConvertConfig, prefix: str = "") -> list[str]:
-    """``key (type, default): meaning`` for every setting of the schema, nested ones dotted."""
+    """``key (type, default): meaning`` for every setting of the schema, nested ones dotted;
+    the model's and the output format's for each family and format."""
     lines = []
     types = typing.get_type_hints(schema)
     for f in dataclasses.fields(schema):
         kind = types[f.name]
+        if kind in _CHOICES:
+            for name, choice in _CHOICES[kind]().items():
+                lines.append(f"  {prefix}{f.name}: {f.metadata.get('help', '')}; as {name}:")
+                lines += settings_help(choice, f"{prefix}{f.name}.")
+            continue
         if dataclasses.is_dataclass(kind):
             lines += settings_help(kind, f"{prefix}{f.name}.")
             continue
+        if f.name in ("family", "name") and kind is str and f.default is not MISSING:
+            continue  # fixed by the family or format chosen
         value = f.default.value if isinstance(f.default, Enum) else f.default
         if isinstance(value, bool) or value is None:
             value = {True: "true", False: "false", None: "null"}[value]
@@ -187,17 +163,37 @@ def resolved_step(*, _root_: Any) -> int:
     """``${resolved_step:}`` in a setting: the step number that ``experiment.step`` resolves
     to (``latest`` included), so that an output can be named for the step converted, as in
     ``experiment.output='${experiment.checkpoint_dir}/model_step${resolved_step:}.pt'``."""
-    from converter.steps import find_step_dir
+    from converter.sources import open_storage
+    from converter.sources.steps import find_step_dir
 
     experiment = _root_.experiment
-    return find_step_dir(local_path(experiment.checkpoint_dir), experiment.step)[0]
+    with open_storage(experiment.checkpoint_dir) as storage:
+        return find_step_dir(storage, experiment.step)[0]
+
+
+def _families() -> dict[str, type]:
+    return {name: family.config for name, family in FAMILIES.items()}
+
+
+def _formats() -> dict[str, type]:
+    return {name: fmt.options for name, fmt in FORMATS.items()}
+
+
+# Fields whose type depends on a choice: the model's family, the output's format.
+_CHOICES = {ModelConfig: _families, FormatConfig: _formats}
 
 
 def register_configs() -> None:
-    """Registers the schema the primary config ``conf/convert.yaml`` extends, and the help
-    that ``--help`` prints, written from the schema's own field descriptions."""
+    """Registers the schema the primary config ``conf/convert.yaml`` extends, each family's
+    model config (``experiment/model=<family>``, which its presets extend) and each format's
+    options (``schema/output_format/<name>``, which ``conf/output_format/<name>.yaml``
+    extends), and the help that ``--help`` prints, written from the fields' descriptions."""
     store = ConfigStore.instance()
     store.store(name="convert_schema", node=ConvertConfig)
+    for name, config in _families().items():
+        store.store(group="experiment/model", name=name, node=config)
+    for name, options in _formats().items():
+        store.store(group="schema/output_format", name=name, node=options)
     OmegaConf.register_new_resolver("resolved_step", resolved_step, replace=True)
     # A default such as ${.checkpoint_dir} is shown as written: escaped for OmegaConf (\${),
     # which resolves the template, then for string.Template ($$), which fills it in.
@@ -213,7 +209,8 @@ def register_configs() -> None:
 def unknown_keys(cfg: Any, schema: type = ConvertConfig, prefix: str = "") -> list[str]:
     """Keys of ``cfg`` that the schema does not define, each with a did-you-mean and the valid
     keys. Hydra's ``+key=value`` adds a key the schema lacks; without this check a typo such as
-    ``+experiment.stpe=10`` would be accepted and ignored."""
+    ``+experiment.stpe=10`` would be accepted and ignored. A node typed by a subclass (a
+    family's model config) is checked against that subclass."""
     fields = [f.name for f in dataclasses.fields(schema)]
     types = typing.get_type_hints(schema)
     problems = []
@@ -229,7 +226,9 @@ def unknown_keys(cfg: Any, schema: type = ConvertConfig, prefix: str = "") -> li
             continue
         nested = types[key]
         if dataclasses.is_dataclass(nested) and OmegaConf.is_dict(cfg[key]):
-            problems += unknown_keys(cfg[key], nested, f"{name}.")
+            actual = OmegaConf.get_type(cfg[key])
+            kind = actual if isinstance(actual, type) and issubclass(actual, nested) else nested
+            problems += unknown_keys(cfg[key], kind, f"{name}.")
     return problems
 
 
@@ -239,7 +238,8 @@ def to_object(cfg: Any) -> ConvertConfig:
         raise ValueError(
             "; ".join(problems)
             + ". A '+' in front of an override does not make a key known: only the keys of "
-            "the typed schema (converter/config.py) are read"
+            "the typed schema (converter/config.py and the family's and format's configs) are "
+            "read"
         )
     obj = OmegaConf.to_object(cfg)
     assert isinstance(obj, ConvertConfig)

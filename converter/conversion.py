@@ -1,212 +1,257 @@
 """One checkpoint's conversion, from the validated step folder to the published output.
 
-validate the DCP index and shard files -> plan every key -> skip if an identical conversion is
-already on disk -> stream tensors into a partial file (flushed behind the writes) -> sync ->
-read it back once (sha256, and the checks of ``verify=true``) -> publish under the final name,
-then the manifest and recipe snippet beside it. Every step fails before anything is written if
-the input is bad, or if a folder stands where a file is to go.
+source -> plan -> engine -> the format's files -> verify -> publish:
+
+read and validate the DCP index and its shard files -> the family plans every key for the
+format -> skip if an identical conversion is already on disk -> the format writes its files'
+structure under a partial name -> the engine streams the tensors' bytes into place (flushed
+behind the writes) -> sync -> read back once (digests, and the checks of ``verify=true``) ->
+publish under the final name, with the manifest and the format's describing files. Every step
+fails before anything is written if the input is bad, or if a folder stands where a file is to
+go. With a shared ``TaskGroup`` (a SLURM job of several tasks), task 0 does all of that and
+every task fills its share of the tensors.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
 from collections.abc import Collection
 from dataclasses import astuple, dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+import torch
+import xxhash
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from converter.config import ConvertConfig, local_path
-from converter.engine import Region, convert_tensors
-from converter.errors import ConversionError
-from converter.hashing import SourceHasher
+from converter.config import ConvertConfig, ExportDtype, local_path
+from converter.engine import Filled, Region, convert_tensors
+from converter.errors import ConversionError, output_error
+from converter.filler import Filler
+from converter.formats import FORMATS
+from converter.formats.base import Described, OutputFormat
 from converter.manifest import (
     build_manifest,
     describes,
-    fingerprint,
     manifest_path,
+    package_versions,
     read_manifest,
-    torchtune_snippet,
-    torchtune_yaml_path,
 )
-from converter.mapping import Plan, plan_conversion
-from converter.sink import Filler, OutputFile
-from converter.source import DcpCheckpoint
-from converter.tasks import TaskGroup, check_answers
-from converter.verify import read_back
+from converter.models import FAMILIES, family_of
+from converter.models.base import ModelFamily, build_plan
+from converter.plan import Plan
+from converter.publish import Output, staging_path
+from converter.sources.dcp import DcpIndex
+from converter.sources.reader import TensorReader
+from converter.sources.storage import LocalStorage, Storage
+from converter.tasks import SlurmInfo, TaskGroup, check_answers
+from converter.verify import Staged, read_back
 
 log = logging.getLogger("titan2tune")
+
+
+class Status(Enum):
+    """How a job ended."""
+
+    converted = "converted"
+    skipped = "skipped"
+    failed = "failed"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass(frozen=True)
 class _Planned:
     """A validated source and its plan: what every task of the conversion starts from."""
 
-    name: str
+    conf: ConvertConfig
     step: int
-    checkpoint: DcpCheckpoint
+    index: DcpIndex
+    reader: TensorReader
+    family: ModelFamily
+    fmt: OutputFormat
     plan: Plan
+    arch: Any
     output: Path
-    output_format: str
-    export_dtype: str
-    sources: dict[Path, int]  # every file the conversion reads -> its size
+
+    @property
+    def name(self) -> str:
+        return self.conf.experiment.name
 
     def source_bytes(self, keys: Collection[str]) -> int:
-        return sum(self.checkpoint.tensors[k].nbytes for k in keys)
+        return sum(self.index.tensors[k].nbytes for k in keys)
 
 
 def convert(
     conf: ConvertConfig,
-    cfg: DictConfig,
+    storage: Storage,
     step: int,
-    step_dir: Path,
-    hasher: SourceHasher,
-    slurm: dict[str, Any] | None,
+    step_dir: str,
+    slurm: SlurmInfo | None,
     group: TaskGroup,
-) -> tuple[str, int]:
-    """Converts ``step_dir`` as ``conf`` says, while ``hasher`` hashes its files; returns
-    whether it was converted or skipped, and the output's size. With a shared ``group``, the
-    lead (task 0) does that and the other tasks fill their share of the tensors."""
+) -> tuple[Status, int]:
+    """Converts ``step_dir`` as ``conf`` says; returns whether it was converted or skipped,
+    and the output's size. With a shared ``group``, the lead (task 0) does that and the other
+    tasks fill their share of the tensors."""
     times: dict[str, float] = {}
     t = time.perf_counter()
-    planned = _plan(conf, step, step_dir, hasher, group)
+    planned = _plan(conf, storage, step, step_dir, group)
     times["plan"] = time.perf_counter() - t
     if not group.lead:
-        return _fill_share(conf, planned, hasher, group)
-    return _lead(conf, cfg, planned, hasher, slurm, group, times)
+        return _fill_share(planned, group)
+    return _lead(planned, slurm, group, times)
+
+
+# -------------------------------------------------------------------- plan
 
 
 def _plan(
-    conf: ConvertConfig, step: int, step_dir: Path, hasher: SourceHasher, group: TaskGroup
+    conf: ConvertConfig, storage: Storage, step: int, step_dir: str, group: TaskGroup
 ) -> _Planned:
     exp = conf.experiment
-    checkpoint = DcpCheckpoint(step_dir)
-    sources = {checkpoint.metadata_path: checkpoint.metadata_path.stat().st_size}
-    sources.update(checkpoint.shard_sizes)
+    index = DcpIndex(storage, step_dir)
+    reader = TensorReader(index)
+    fmt = FORMATS[conf.output_format.name]
     given = local_path(exp.output)
     output = given.resolve()
-    _check_not_source(given, output, checkpoint)
-    _check_not_folders(output)
-    hasher.add(group.share_of(sources))
-    export = exp.export_dtype.value
-    fmt = conf.output_format.value
-    plan = plan_conversion(
-        checkpoint.tensors, checkpoint.byte_entries, exp.model, fmt, export, str(step_dir)
+    if isinstance(storage, LocalStorage):
+        _check_not_source(given, output, index)
+    _check_not_folders(output, fmt)
+    family = family_of(exp.model)
+    plan, arch = build_plan(
+        family,
+        exp.model,
+        {k: (e.shape, e.dtype) for k, e in index.tensors.items()},
+        index.byte_entries,
+        fmt.naming,
+        fmt.keeps_tied_head,
+        _torch_dtype(exp.export_dtype),
+        lambda key: reader.read_tensor(index.tensors[key]),
+        storage.display(step_dir),
+        FAMILIES.values(),
     )
     if group.lead:
         log.info(
-            "%s: step-%d of %s, layout %s (%s checkpoint): %d tensors to write as %s/%s, "
+            "%s: step-%d of %s, %s layout %s (%s checkpoint): %d tensors to write as %s/%s, "
             "%d keys left out.",
             exp.name,
             step,
-            step_dir.parent,
-            plan.generation,
+            storage.display(storage.root),
+            family.name,
+            plan.layout,
             "weights-only" if plan.weights_only else "full training",
             len(plan.tensors),
-            fmt,
-            export,
+            fmt.name,
+            exp.export_dtype,
             len(plan.dropped),
         )
         for assumption in plan.assumptions:
             log.warning("%s: %s", exp.name, assumption)
-    return _Planned(exp.name, step, checkpoint, plan, output, fmt, export, sources)
+    return _Planned(conf, step, index, reader, family, fmt, plan, arch, output)
+
+
+def _torch_dtype(export: ExportDtype) -> torch.dtype | None:
+    return None if export is ExportDtype.keep else getattr(torch, export.value)
+
+
+# -------------------------------------------------------------------- the lead's conversion
 
 
 def _lead(
-    conf: ConvertConfig,
-    cfg: DictConfig,
-    planned: _Planned,
-    hasher: SourceHasher,
-    slurm: dict[str, Any] | None,
-    group: TaskGroup,
-    times: dict[str, float],
-) -> tuple[str, int]:
+    planned: _Planned, slurm: SlurmInfo | None, group: TaskGroup, times: dict[str, float]
+) -> tuple[Status, int]:
     """The whole conversion, or with a shared group, all of it but the others' share."""
-    output, plan, checkpoint = planned.output, planned.plan, planned.checkpoint
-    model_dict = OmegaConf.to_container(cfg.experiment.model, resolve=True, enum_to_str=True)
-    print_ = fingerprint(checkpoint, planned.output_format, planned.export_dtype, model_dict)
+    output, fmt = planned.output, planned.fmt
+    print_ = fingerprint(planned)
     group.clear_earlier_runs()
     existed = output.exists()
-
-    t = time.perf_counter()
-    mine = group.share_of({k: checkpoint.tensors[k].nbytes for k in plan.sources})
-    sidecars = (manifest_path(output), torchtune_yaml_path(output))
+    mine = group.share_of({k: planned.index.tensors[k].nbytes for k in planned.plan.sources})
+    sidecars = () if fmt.folder else _sidecars(planned)
 
     def staged_manifest_describes(staged: dict[Path, Path]) -> bool:
-        return manifest_path(output) in staged and describes(
-            read_manifest(output, staged=True), output
+        manifest = manifest_path(output, False)
+        return manifest in staged and describes(
+            read_manifest(staging_path(manifest)), output, False
         )
 
     # Decided under the output's lock, once an interrupted publish is finished.
-    with OutputFile(output, sidecars, staged_manifest_describes) as out:
-        if _already_done(output, print_, conf):
+    with Output(output, fmt.folder, sidecars, staged_manifest_describes) as out:
+        if _already_done(planned, print_):
             if existed:
-                log.info(
-                    "%s: %s is up to date with this source and settings; skipped.",
-                    planned.name,
-                    output,
-                )
+                log.info("%s: %s is up to date with this source and settings; skipped.",
+                         planned.name, output)  # fmt: skip
             else:  # a run started at the same time wrote this very output meanwhile
                 log.info("%s: %s was just written by another run; skipped.", planned.name, output)
-            return _skipped(output, group)
-        filler = out.create({t.name: (t.shape, t.dtype) for t in plan.tensors})
+            group.announce({"status": "skipped"})
+            group.answers()
+            return Status.skipped, _size(output)
+        t = time.perf_counter()
+        staged, filler = _create(out, planned)
         group.announce(
             {
                 "status": "fill",
-                "partial": str(filler.partial),
-                "inode": filler.partial.stat().st_ino,
+                "files": {name: str(path) for name, path in filler.files.items()},
+                "inodes": {name: path.stat().st_ino for name, path in filler.files.items()},
                 "offsets": filler.offsets,
             }
         )
-        regions = _fill(conf, planned, filler, mine, group)
+        filled = _fill(planned, filler, mine, group)
         times["convert"] = time.perf_counter() - t
-        source_sha256 = {}
         if group.shared:
             t = time.perf_counter()
-            answers = group.answers()
-            check_answers(answers, group)
-            for answer in answers.values():
-                for name, written in answer["regions"].items():
-                    regions[name] += [Region(*r) for r in written]
-                source_sha256.update({Path(p): h for p, h in answer["sha256"].items()})
+            filled = _with_answers(filled, group)
             times["other_tasks_wait"] = time.perf_counter() - t
         t = time.perf_counter()
-        output_sha256 = read_back(out.partial, plan, checkpoint, regions if conf.verify else None)
-        times["verify" if conf.verify else "sha256"] = time.perf_counter() - t
-        # Hashing the sources ran alongside; this waits only if it has not finished.
-        t = time.perf_counter()
-        source_sha256.update(_hashes(hasher, group.share_of(planned.sources)))
-        times["source_sha256_wait"] = time.perf_counter() - t
-        # Published after the output: no manifest or snippet is ever on disk without it.
+        conf = planned.conf
+        files = read_back(
+            fmt,
+            staged,
+            planned.plan,
+            planned.reader,
+            filled.regions if conf.verify else None,
+            conf.sha256,
+            conf.workers,
+        )
+        times["verify" if conf.verify else "digest"] = time.perf_counter() - t
+        described = Described(
+            output,
+            planned.name,
+            planned.family,
+            planned.arch,
+            planned.plan,
+            conf.output_format,
+            local_path(conf.experiment.tokenizer_dir) if conf.experiment.tokenizer_dir else None,
+        )
+        missing = fmt.missing(described)
+        for what in missing:
+            log.warning("%s: %s", planned.name, what)
         manifest = build_manifest(
             experiment=planned.name,
-            step=planned.step,
-            checkpoint=checkpoint,
-            plan=plan,
-            written=out.partial,
+            source=_source_record(planned, filled),
+            plan=planned.plan,
             output=output,
-            output_sha256=output_sha256,
-            output_format=planned.output_format,
-            export_dtype=planned.export_dtype,
+            output_format=fmt.name,
+            loads_with=fmt.loads_with,
+            export_dtype=str(conf.experiment.export_dtype),
+            files=files,
+            missing=missing,
             durations=times,
-            config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+            config=_plain(conf),
             fingerprint=print_,
-            slurm=slurm,
-            source_sha256=source_sha256,
+            slurm=dataclasses.asdict(slurm) if slurm else None,
         )
-        model = conf.experiment.model
-        snippet = torchtune_snippet(output, planned.output_format, model, planned.name)
+        texts = _describing_files(fmt.describe(described), output, fmt)
         # The manifest last: it is what marks the output as this conversion's.
-        out.publish(
-            {
-                torchtune_yaml_path(output): snippet,
-                manifest_path(output): json.dumps(manifest, indent=2) + "\n",
-            }
+        texts[_described_name(manifest_path(output, fmt.folder), output, fmt)] = (
+            json.dumps(manifest, indent=2) + "\n"
         )
+        out.publish(texts)
 
     log.info(
         "%s: wrote %s (%.1f MB, %d tensors, %d parameters) in %.1f s%s.",
@@ -218,29 +263,52 @@ def _lead(
         sum(times.values()),
         f", filled by {group.count} tasks" if group.shared else "",
     )
-    return "converted", manifest["output"]["bytes"]
+    return Status.converted, manifest["output"]["bytes"]
 
 
-def _skipped(output: Path, group: TaskGroup) -> tuple[str, int]:
-    group.announce({"status": "skipped"})
-    group.answers()
-    return "skipped", output.stat().st_size
+def _sidecars(planned: _Planned) -> tuple[Path, ...]:
+    """The files beside a one-file output that describe it."""
+    output = planned.output
+    names = [manifest_path(output, False).name, *planned.fmt.describe_names(output)]
+    return tuple(output.with_name(n) for n in names)
+
+
+def _described_name(path: Path, output: Path, fmt: OutputFormat) -> Path:
+    """Where ``Output.publish`` wants a describing file: beside, or inside relative."""
+    return path.relative_to(output) if fmt.folder else path
+
+
+def _describing_files(
+    files: dict[str, str | Path], output: Path, fmt: OutputFormat
+) -> dict[Path, str | Path]:
+    return {Path(n) if fmt.folder else output.with_name(n): c for n, c in files.items()}
+
+
+def _create(out: Output, planned: _Planned) -> tuple[list[Staged], Filler]:
+    """The format writes each file's structure; returns them, and the means to fill them."""
+    staged = []
+    for name, tensors in planned.fmt.files(planned.plan, planned.conf.output_format).items():
+        path = out.staging(name)
+        try:
+            offsets = planned.fmt.create(path, tensors)
+        except OSError as e:
+            raise output_error(planned.output, e) from e
+        staged.append(Staged(name, path, tensors, offsets))
+    offsets = {n: (s.name, o) for s in staged for n, o in s.offsets.items()}
+    return staged, Filler({s.name: s.path for s in staged}, offsets, planned.output)
 
 
 def _fill(
-    conf: ConvertConfig,
-    planned: _Planned,
-    filler: Filler,
-    sources: Collection[str],
-    group: TaskGroup,
-) -> dict[str, list[Region]]:
+    planned: _Planned, filler: Filler, sources: Collection[str], group: TaskGroup
+) -> Filled:
     """Converts the source tensors ``sources`` into ``filler`` and syncs it."""
+    conf = planned.conf
     desc = planned.name if not group.shared else f"{planned.name} ({group})"
     with tqdm(
         total=planned.source_bytes(sources), unit="B", unit_scale=True, desc=desc, mininterval=1.0
     ) as bar:
-        regions = convert_tensors(
-            planned.checkpoint,
+        filled = convert_tensors(
+            planned.reader,
             planned.plan,
             filler,
             workers=conf.workers,
@@ -251,55 +319,116 @@ def _fill(
             stopped=group.stopped if group.shared and not group.lead else lambda: False,
         )
     filler.sync()
-    return regions
+    return filled
 
 
-def _fill_share(
-    conf: ConvertConfig, planned: _Planned, hasher: SourceHasher, group: TaskGroup
-) -> tuple[str, int]:
-    """A task other than the lead: fills its share of the lead's partial file."""
-    plan, checkpoint = planned.plan, planned.checkpoint
+def _with_answers(filled: Filled, group: TaskGroup) -> Filled:
+    """The lead's own work with what the other tasks wrote and read."""
+    answers = group.answers()
+    check_answers(answers, group)
+    regions = {name: list(rs) for name, rs in filled.regions.items()}
+    digests = dict(filled.source_digests)
+    for answer in answers.values():
+        for name, written in answer["regions"].items():
+            regions[name] += [Region(*r) for r in written]
+        digests.update(answer["digests"])
+    return Filled(regions, digests)
+
+
+def _fill_share(planned: _Planned, group: TaskGroup) -> tuple[Status, int]:
+    """A task other than the lead: fills its share of the lead's partial files."""
+    plan = planned.plan
     told = group.instructions()
     if told["status"] != "fill":
         group.answer({"seen": told["status"]})
-        return told["status"], 0
-    partial = Path(told["partial"])
-    if list(told["offsets"]) != [t.name for t in plan.tensors]:
+        return Status(told["status"]), 0
+    files = {name: Path(path) for name, path in told["files"].items()}
+    offsets = {name: (file, offset) for name, (file, offset) in told["offsets"].items()}
+    if sorted(offsets) != sorted(t.name for t in plan.tensors):
         raise ConversionError(f"{group} planned other tensors than task 0 announced.")
-    if partial.stat().st_ino != told["inode"]:
-        raise ConversionError(f"{partial} is not the file task 0 created (another run's?).")
-    mine = group.share_of({k: checkpoint.tensors[k].nbytes for k in plan.sources})
-    filler = Filler(partial, told["offsets"], planned.output)
+    for name, path in files.items():
+        if path.stat().st_ino != told["inodes"][name]:
+            raise ConversionError(f"{path} is not the file task 0 created (another run's?).")
+    mine = group.share_of({k: planned.index.tensors[k].nbytes for k in plan.sources})
+    filler = Filler(files, offsets, planned.output)
     try:
-        regions = _fill(conf, planned, filler, mine, group)
+        filled = _fill(planned, filler, mine, group)
     finally:
         filler.close()
-    source_sha256 = _hashes(hasher, group.share_of(planned.sources))
     group.answer(
         {
-            "regions": {n: [astuple(r) for r in rs] for n, rs in regions.items() if rs},
-            "sha256": {str(p): h for p, h in source_sha256.items()},
+            "regions": {n: [astuple(r) for r in rs] for n, rs in filled.regions.items() if rs},
+            "digests": filled.source_digests,
         }
     )
-    written = sum(r.length for rs in regions.values() for r in rs)
-    log.info("%s: %s filled %.1f MB of %s.", planned.name, group, written / 1e6, partial)
-    return "converted", written
+    written = sum(r.length for rs in filled.regions.values() for r in rs)
+    log.info("%s: %s filled %.1f MB of %s.", planned.name, group, written / 1e6, planned.output)
+    return Status.converted, written
 
 
-def _hashes(hasher: SourceHasher, sources: list[Path]) -> dict[Path, str]:
-    try:
-        return hasher.result(sources)
-    except OSError as e:
-        raise ConversionError(
-            f"Cannot read {e.filename} to record its sha256 ({e.strerror}): the source "
-            "checkpoint changed or vanished during the conversion. Run again."
-        ) from e
+# -------------------------------------------------------------------- what the manifest says
 
 
-def _check_not_source(given: Path, output: Path, checkpoint: DcpCheckpoint) -> None:
+def fingerprint(planned: _Planned) -> dict[str, Any]:
+    """Identifies a conversion: the same fingerprint means the same output bytes.
+
+    Every file the output is read from is identified by its size and its version as the
+    storage lists it (a local file's modification time in ns, an object's ETag), taken before
+    its tensors are read: a file rewritten in place, even to the same size, has a new one, so
+    the next run converts again. That costs one listing, whatever the checkpoint's size; the
+    small ``.metadata``, read anyway, is also hashed."""
+    index, conf = planned.index, planned.conf
+    return {
+        "step_dir": index.storage.display(index.step_dir),
+        "metadata_xxh3_128": xxhash.xxh3_128_hexdigest(index.metadata_bytes),
+        "files": {
+            index.storage.name(path): {"bytes": info.size, index.storage.version_kind: info.version}
+            for path, info in index.files.items()
+        },
+        "output_format": _plain(conf.output_format),
+        "export_dtype": str(conf.experiment.export_dtype),
+        "model": _plain(conf.experiment.model),
+        "converter": package_versions()["titan2tune"],
+    }
+
+
+def _source_record(planned: _Planned, filled: Filled) -> dict[str, Any]:
+    index, plan = planned.index, planned.plan
+    storage = index.storage
+    return {
+        "checkpoint_dir": storage.display(storage.root),
+        "step": planned.step,
+        "step_dir": storage.display(index.step_dir),
+        "family": plan.family,
+        "layout": plan.layout,
+        "kind": "weights_only" if plan.weights_only else "full",
+        # The files as listed: the size and version (mtime_ns, or an object's ETag) of each.
+        "files": {
+            storage.name(path): {"bytes": info.size, storage.version_kind: info.version}
+            for path, info in index.files.items()
+        },
+        "bytes_read": sum(index.tensors[k].nbytes for k in filled.source_digests),
+        # DCP keeps no checksums: the XXH3-128 of each tensor's bytes as read (row-major, the
+        # dtype as saved) names any tensor whose bytes change later.
+        "tensors": {
+            key: {"bytes": index.tensors[key].nbytes, "xxh3_128": digest}
+            for key, digest in sorted(filled.source_digests.items())
+        },
+    }
+
+
+def _plain(node: Any) -> Any:
+    """A config dataclass as plain data (enums by value), for the manifest."""
+    return OmegaConf.to_container(OmegaConf.structured(node), resolve=True, enum_to_str=True)
+
+
+# -------------------------------------------------------------------- before any work
+
+
+def _check_not_source(given: Path, output: Path, index: DcpIndex) -> None:
     """Refuses an output that is, links to, or lies beside the files of the source step."""
-    step_dir = checkpoint.step_dir.resolve()
-    for source in (checkpoint.metadata_path, *checkpoint.shard_sizes):
+    step_dir = Path(index.step_dir).resolve()
+    for source in map(Path, index.files):
         if output == source.resolve() or (given.exists() and given.samefile(source)):
             raise ConversionError(
                 f"experiment.output {given} is the source file {source} of the checkpoint being "
@@ -312,16 +441,24 @@ def _check_not_source(given: Path, output: Path, checkpoint: DcpCheckpoint) -> N
         )
 
 
-def _check_not_folders(output: Path) -> None:
-    """Refuses, before any work, a folder where the output or a file beside it is to go:
-    no run replaces a folder, with overwrite=true or without."""
+def _check_not_folders(output: Path, fmt: OutputFormat) -> None:
+    """Refuses, before any work, a folder where a file is to go (or a file where the folder
+    output is to go): no run replaces one with the other, with overwrite=true or without."""
+    if fmt.folder:
+        if output.exists() and not output.is_dir():
+            raise ConversionError(
+                f"experiment.output {output} is a file; output_format={fmt.name} writes a "
+                "folder, and the converter never replaces a file with one. Choose a folder "
+                "path or remove the file, then run again."
+            )
+        return
     if output.is_dir():
         raise ConversionError(
             f"experiment.output {output} is a folder; the output is one file, and the converter "
             f"never replaces a folder. Choose a file path (such as {output / 'model.pt'}) or "
             "remove the folder, then run again."
         )
-    for path in (manifest_path(output), torchtune_yaml_path(output)):
+    for path in (manifest_path(output, False), *(output.with_name(n) for n in fmt.describe_names(output))):
         if path.is_dir():
             raise ConversionError(
                 f"{path} is a folder, where the converter writes a file that describes "
@@ -330,14 +467,15 @@ def _check_not_folders(output: Path) -> None:
             )
 
 
-def _already_done(output: Path, print_: dict[str, Any], conf: ConvertConfig) -> bool:
-    """True if ``output`` holds this very conversion (and ``force`` is off); raises if it holds
-    another and may not be replaced, saying what differs."""
+def _already_done(planned: _Planned, print_: dict[str, Any]) -> bool:
+    """True if the output holds this very conversion (and ``force`` is off); raises if it
+    holds another and may not be replaced, saying what differs."""
+    output, conf, folder = planned.output, planned.conf, planned.fmt.folder
     if not output.exists():
         return False
-    previous = read_manifest(output)
-    # The file itself is checked too: an old manifest beside a replaced file does not count.
-    if previous and previous.get("fingerprint") == print_ and describes(previous, output):
+    previous = read_manifest(manifest_path(output, folder))
+    # The files themselves are checked too: an old manifest beside replaced bytes does not count.
+    if previous and previous.get("fingerprint") == print_ and describes(previous, output, folder):
         if not conf.force:
             return True
         log.info("Converting %s again (force=true), though it is up to date.", output)
@@ -348,14 +486,16 @@ def _already_done(output: Path, print_: dict[str, Any], conf: ConvertConfig) -> 
     if previous is None:
         why = "with no manifest of ours (not written by this converter, or its manifest is gone)"
     else:
-        why = "but " + "; ".join(_differences(previous, print_, output))
+        why = "but " + "; ".join(_differences(previous, print_, output, folder))
     raise ConversionError(
         f"Output {output} already exists, {why}. Set overwrite=true to replace it, or choose "
         "another experiment.output."
     )
 
 
-def _differences(previous: dict[str, Any], print_: dict[str, Any], output: Path) -> list[str]:
+def _differences(
+    previous: dict[str, Any], print_: dict[str, Any], output: Path, folder: bool
+) -> list[str]:
     """What makes the conversion on disk another than this one, in a user's words."""
     old = previous.get("fingerprint") or {}
     found = []
@@ -371,11 +511,17 @@ def _differences(previous: dict[str, Any], print_: dict[str, Any], output: Path)
             name for name, seen in print_["files"].items() if old.get("files", {}).get(name) != seen
         )
         changed += sorted(set(old.get("files", {})) - set(print_["files"]))
-        if changed or old.get("metadata_sha256") != print_["metadata_sha256"]:
+        if changed or old.get("metadata_xxh3_128") != print_["metadata_xxh3_128"]:
             what = ", ".join(changed) or ".metadata"
             found.append(f"the source files changed since it was converted ({what})")
     if old.get("converter") != print_["converter"]:
         found.append(f"it was written by titan2tune {old.get('converter')}")
-    if not describes(previous, output):
-        found.append(f"its bytes no longer match its manifest {manifest_path(output)}")
+    if not describes(previous, output, folder):
+        found.append(f"its bytes no longer match its manifest {manifest_path(output, folder)}")
     return found or ["it was written with other settings"]
+
+
+def _size(output: Path) -> int:
+    if output.is_dir():
+        return sum(p.stat().st_size for p in output.iterdir() if p.is_file())
+    return output.stat().st_size

@@ -1,15 +1,15 @@
-"""The streaming conversion: source chunks -> cast tensors -> bytes in place in the output.
+"""The streaming conversion: windows of source rows -> cast, reordered rows -> bytes in place.
 
 Work is split by source tensor and handed to ``workers`` threads (torch's cast kernels and file
-I/O release the GIL). Every run of rows (of at most 32 MiB) is read into, and cast within, a
+I/O release the GIL). Every window of rows (of at most 32 MiB) is read into, and cast within, a
 buffer borrowed from one pool shared by the workers. The pool bounds the memory that tensor data
 can take to ``batch_mb`` (or one row, if a row is larger), however large the checkpoint, and it
-recycles its buffers:
-fresh multi-megabyte allocations would cost a page fault per 4 KiB on every chunk, which was
-measured here to take longer than reading the bytes themselves.
+recycles its buffers: fresh multi-megabyte allocations would cost a page fault per 4 KiB on
+every window, which was measured to take longer than reading the bytes themselves.
 
-FSDP2 shards along dim 0, so a chunk is a run of whole rows and maps to a contiguous byte range
-of each output tensor it feeds.
+The plan says where each run of source rows lands in the output (``converter.plan``): a window
+of source rows maps to a contiguous byte range of each output tensor it feeds, reordered within
+the blocks (attention heads) a piece names. The engine names no key.
 """
 
 from __future__ import annotations
@@ -24,13 +24,15 @@ import torch
 import xxhash
 
 from converter.errors import ConversionError
-from converter.mapping import OutputTensor, Plan
-from converter.sink import Filler
-from converter.source import DcpCheckpoint
+from converter.filler import Filler
+from converter.plan import OutputTensor, Piece, Plan, row_shape
+from converter.sources.dcp import TensorEntry
+from converter.sources.reader import TensorReader
 
 _ALIGN = 64
-# Reads this large run at the disk's and the page cache's full speed; larger ones only cost memory.
-_PART_BYTES = 32 << 20
+# Reads this large window at the disk's and the page cache's full speed; larger ones only cost
+# memory.
+_WINDOW_BYTES = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -84,8 +86,18 @@ class BufferPool:
             self._cond.notify_all()
 
 
+@dataclass(frozen=True)
+class Filled:
+    """What a conversion wrote: the regions of each output tensor, and the XXH3-128 digest of
+    each source tensor's bytes as read (row-major, as saved), which names any tensor whose
+    bytes change later."""
+
+    regions: dict[str, list[Region]]
+    source_digests: dict[str, str]
+
+
 def convert_tensors(
-    checkpoint: DcpCheckpoint,
+    reader: TensorReader,
     plan: Plan,
     out: Filler,
     *,
@@ -95,57 +107,64 @@ def convert_tensors(
     progress: Callable[[int], None],
     only: Collection[str] | None = None,
     stopped: Callable[[], bool] = lambda: False,
-) -> dict[str, list[Region]]:
+) -> Filled:
     """Fills the output tensors of ``plan`` into ``out`` (from the source tensors ``only``, if
-    given: a task's share of a conversion split across tasks); returns what was written where.
-    ``stopped`` is asked between parts whether another task has failed the conversion."""
-    consumers: dict[str, list[tuple[OutputTensor, int, int, int]]] = {}
+    given: a task's share of a conversion split across tasks). ``stopped`` is asked between
+    windows whether another task has failed the conversion."""
+    consumers: dict[str, list[tuple[OutputTensor, Piece]]] = {}
     for tensor in plan.tensors:
         for p in tensor.pieces:
             if only is None or p.source in only:
-                consumers.setdefault(p.source, []).append(
-                    (tensor, p.src_start, p.src_stop, p.dst_start)
-                )
+                consumers.setdefault(p.source, []).append((tensor, p))
     regions: dict[str, list[Region]] = {t.name: [] for t in plan.tensors}
+    digests: dict[str, str] = {}
     lock = threading.Lock()
     pool = BufferPool(budget_bytes)
     stop = threading.Event()
-    # A part's buffer holds its stored bytes and, cast, up to twice as many (bfloat16 ->
-    # float32): parts of a third of each worker's share keep every worker busy in the budget.
-    part_bytes = min(_PART_BYTES, budget_bytes // (3 * workers))
+    # A window's buffer holds its stored bytes and, cast, up to twice as many (bfloat16 ->
+    # float32): windows of a third of each worker's share keep every worker busy in the budget.
+    window_bytes = min(_WINDOW_BYTES, budget_bytes // (3 * workers))
+    index = reader.index
 
     def convert_source(key: str) -> None:
-        entry = checkpoint.tensors[key]
-        out_dtype = consumers[key][0][0].dtype
-        for part in checkpoint.parts(entry, part_bytes):
+        entry = index.tensors[key]
+        uses = consumers[key]
+        out_dtype = uses[0][0].dtype
+        digest = xxhash.xxh3_128()
+        for start, stop_row in _windows(entry, uses, window_bytes):
             if stop.is_set():
                 return
             if stopped():
                 raise ConversionError("Task 0 stopped the conversion: it failed (see its log).")
-            rows = part.stop - part.start
-            # Room for the stored blob's tensor storage, then for the cast rows.
-            read_bytes = _aligned(part.nbytes)
+            rows = stop_row - start
+            # Room for the stored rows (and a staging copy of column-sharded chunks), then
+            # for the cast rows.
+            read_bytes = _aligned(reader.buffer_bytes(entry, rows))
             buffer = pool.borrow(read_bytes + rows * _row_bytes(entry.shape, out_dtype))
             try:
-                chunk = part.load(buffer[:read_bytes])
-                if not allow_nonfinite and chunk.is_floating_point():
-                    _check_finite(chunk, consumers[key][0][0], key, checkpoint)
-                for tensor, s0, s1, d0 in consumers[key]:
-                    lo, hi = max(part.start, s0), min(part.stop, s1)
+                window = reader.read_rows(entry, start, stop_row, buffer[:read_bytes])
+                digest.update(window.view(torch.uint8).numpy())
+                if not allow_nonfinite and window.is_floating_point():
+                    _check_finite(window, uses[0][0], key, index.storage.display(index.step_dir))
+                for tensor, p in uses:
+                    lo, hi = max(start, p.src_start), min(stop_row, p.src_stop)
                     if lo >= hi:
                         continue
-                    rows_out = chunk[lo - part.start : hi - part.start]
-                    data = _cast_into(rows_out, tensor.dtype, buffer[read_bytes:])
-                    start = (d0 + lo - s0) * _row_bytes(tensor.shape, tensor.dtype)
-                    out.write(tensor.name, start, data)
-                    digest = xxhash.xxh3_64_intdigest(data.view(torch.uint8).numpy())
+                    data = _cast_into(
+                        window[lo - start : hi - start], tensor.dtype, buffer[read_bytes:], p
+                    )
+                    offset = (p.dst_start + lo - p.src_start) * _row_bytes(tensor.shape, tensor.dtype)
+                    out.write(tensor.name, offset, data)
+                    region_digest = xxhash.xxh3_64_intdigest(data.view(torch.uint8).numpy())
                     with lock:
-                        regions[tensor.name].append(Region(start, data.nbytes, digest))
-                progress(_row_bytes(entry.shape, entry.dtype) * rows)
+                        regions[tensor.name].append(Region(offset, data.nbytes, region_digest))
+                progress(rows * entry.row_bytes)
             finally:
                 pool.give_back(buffer)
+        with lock:
+            digests[key] = digest.hexdigest()
 
-    sources = sorted(consumers, key=lambda k: -checkpoint.tensors[k].nbytes)
+    sources = sorted(consumers, key=lambda k: -index.tensors[k].nbytes)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="convert") as pool_exec:
         futures = [pool_exec.submit(convert_source, key) for key in sources]
         try:
@@ -156,18 +175,36 @@ def convert_tensors(
             raise
         failed = [f for f in done if f.exception() is not None]
         if failed:
-            stop.set()  # the other workers finish their current chunk and return
+            stop.set()  # the other workers finish their current window and return
             wait(futures)
             raise failed[0].exception()  # type: ignore[misc]
-    return regions
+    return Filled(regions, digests)
 
 
-def _cast_into(rows: torch.Tensor, dtype: torch.dtype, space: torch.Tensor) -> torch.Tensor:
-    """``rows`` cast to ``dtype``, written into ``space`` (no allocation); as is if no cast."""
-    if rows.dtype == dtype and rows.is_contiguous():
+def _windows(
+    entry: TensorEntry, uses: list[tuple[OutputTensor, Piece]], max_bytes: int
+) -> list[tuple[int, int]]:
+    """The tensor as runs of whole rows in order, of at most ``max_bytes`` (but for single
+    rows, or blocks, larger than that), so that one 128k-vocabulary embedding does not need its
+    1 GB in memory at once; each a whole number of the blocks its reorderings work on."""
+    rows = entry.rows[0]
+    block = math.lcm(1, *(p.reorder.block for _, p in uses if p.reorder))
+    step = max(1, max_bytes // max(entry.row_bytes, 1)) // block * block or block
+    return [(lo, min(lo + step, rows)) for lo in range(0, rows, step)]
+
+
+def _cast_into(
+    rows: torch.Tensor, dtype: torch.dtype, space: torch.Tensor, piece: Piece
+) -> torch.Tensor:
+    """``rows`` cast to ``dtype`` and reordered as ``piece`` says, written into ``space`` (no
+    allocation); ``rows`` as they are if neither is needed."""
+    if rows.dtype == dtype and rows.is_contiguous() and piece.reorder is None:
         return rows
     target = space[: rows.numel() * dtype.itemsize].view(dtype).view(rows.shape)
-    return target.copy_(rows)
+    if piece.reorder is None:
+        return target.copy_(rows)
+    piece.reorder.order.copy(rows, piece.reorder.block, target)
+    return target
 
 
 def _aligned(n: int) -> int:
@@ -175,12 +212,10 @@ def _aligned(n: int) -> int:
 
 
 def _row_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    return math.prod(shape[1:]) * dtype.itemsize
+    return row_shape(shape)[1] * dtype.itemsize
 
 
-def _check_finite(
-    chunk: torch.Tensor, tensor: OutputTensor, key: str, checkpoint: DcpCheckpoint
-) -> None:
+def _check_finite(chunk: torch.Tensor, tensor: OutputTensor, key: str, step_dir: str) -> None:
     """Fails on NaN/Inf in the source, or on values the export dtype cannot hold.
 
     DCP keeps no checksums, so this is what catches overwritten shard bytes. One ``aminmax``
@@ -198,7 +233,7 @@ def _check_finite(
         else f"values up to {max(-low, high):.3g}, beyond what {tensor.dtype} holds"
     )
     raise ConversionError(
-        f"{key!r} in {checkpoint.step_dir} holds {what} (output {tensor.name!r}). The shard data "
+        f"{key!r} in {step_dir} holds {what} (output {tensor.name!r}). The shard data "
         "is corrupt, training diverged, or the export dtype is too narrow. Convert another "
         "step, choose another experiment.export_dtype, or set allow_nonfinite=true to write "
         "the values anyway."

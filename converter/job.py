@@ -1,9 +1,7 @@
 """The Hydra job: convert one experiment's checkpoint and report how it went.
 
-The job resolves the step folder and starts hashing its files before it imports anything that
-imports torch: that import takes 3-4 s here, on one core, and the hashing (which DCP's lack of
-checksums makes the manifest's business) runs on the other meanwhile. Hence this module and
-the ones it imports at the top need no torch; ``converter.conversion`` does the rest.
+The composed DictConfig becomes the typed config here, once; below the job, only dataclasses
+and enums travel.
 """
 
 from __future__ import annotations
@@ -14,7 +12,6 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -22,11 +19,12 @@ from omegaconf import DictConfig
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from converter.config import ConvertConfig, local_path, to_object
+from converter.conversion import Status, convert
 from converter.errors import ConversionError
-from converter.hashing import SourceHasher
-from converter.manifest import write_atomic
-from converter.steps import find_step_dir, step_files
-from converter.tasks import TaskGroup
+from converter.publish import write_atomic
+from converter.sources import open_storage
+from converter.sources.steps import find_step_dir
+from converter.tasks import SlurmInfo, TaskGroup
 
 log = logging.getLogger("titan2tune")
 
@@ -38,7 +36,7 @@ class JobResult:
     """One experiment's outcome, as the end-of-sweep summary shows it."""
 
     experiment: str
-    status: str  # converted | skipped | failed
+    status: Status
     output: str = ""
     bytes: int = 0
     seconds: float = 0.0
@@ -50,7 +48,15 @@ class JobResult:
 
     @property
     def ok(self) -> bool:
-        return self.status != "failed"
+        return self.status is not Status.failed
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "status": self.status.value}, indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> JobResult:
+        fields = json.loads(text)
+        return cls(**{**fields, "status": Status(fields["status"])})
 
 
 def run(cfg: DictConfig) -> JobResult:
@@ -59,23 +65,17 @@ def run(cfg: DictConfig) -> JobResult:
     name = str(cfg.experiment.get("name", "?"))
     slurm = _slurm_info()
     group = _task_group(slurm)
-    result = JobResult(name, "failed", **_environment(slurm))
-    hasher = None
+    result = JobResult(name, Status.failed, **_environment(slurm))
     warnings = _WarningsKept(result.warnings)
     logging.getLogger().addHandler(warnings)
     try:
         with group.running():
             conf = _checked(cfg)
             result.output = str(local_path(conf.experiment.output).resolve())
-            step, step_dir = find_step_dir(
-                local_path(conf.experiment.checkpoint_dir), conf.experiment.step
-            )
-            result.step = step
-            files = step_files(step_dir)
-            hasher = SourceHasher(group.share_of({p: p.stat().st_size for p in files}))
-            from converter.conversion import convert  # imports torch: see the module docstring
-
-            result.status, result.bytes = convert(conf, cfg, step, step_dir, hasher, slurm, group)
+            with open_storage(conf.experiment.checkpoint_dir) as storage:
+                step, step_dir = find_step_dir(storage, conf.experiment.step)
+                result.step = step
+                result.status, result.bytes = convert(conf, storage, step, step_dir, slurm, group)
     except ConversionError as e:
         _reraise_interruption(e)
         result.error = str(e)
@@ -86,8 +86,6 @@ def run(cfg: DictConfig) -> JobResult:
         log.exception("%s: conversion failed unexpectedly", name)
     finally:
         logging.getLogger().removeHandler(warnings)
-        if hasher is not None:
-            hasher.cancel()  # returns at once if the hashing is done; stops it otherwise
     result.seconds = round(time.perf_counter() - start, 2)
     if group.lead:  # the job's result: the sweep summary reads it
         _write_status(result)
@@ -169,21 +167,20 @@ def _check_launcher() -> None:
         )
 
 
-def _environment(slurm: dict[str, Any] | None) -> dict[str, str]:
+def _environment(slurm: SlurmInfo | None) -> dict[str, str]:
     """Where this job runs and logs, for the summary."""
     env: dict[str, str] = {}
     if HydraConfig.initialized():
         hc = HydraConfig.get()
         env["log_path"] = str(Path(hc.runtime.output_dir) / f"{hc.job.name}.log")
     if slurm:
-        env["slurm_job_id"] = slurm["job_id"]
-        env["log_path"] = slurm["stderr"]
+        env["slurm_job_id"] = slurm.job_id
+        env["log_path"] = slurm.stderr
     return env
 
 
-def _slurm_info() -> dict[str, Any] | None:
-    # submitit marks its jobs with these; outside one, skip importing it (a few tenths of a
-    # second of every run's start-up).
+def _slurm_info() -> SlurmInfo | None:
+    # submitit marks its jobs with these; outside one, skip importing it.
     if not {"SUBMITIT_EXECUTOR", "SUBMITIT_DEBUG_JOB_ID"} & os.environ.keys():
         return None
     import submitit
@@ -193,26 +190,25 @@ def _slurm_info() -> dict[str, Any] | None:
     except RuntimeError:  # not inside a submitit job
         return None
     paths = job.paths
-    return {
-        "job_id": str(job.job_id),
-        "hostname": job.hostname,
-        "stdout": str(paths.stdout).replace("%t", str(job.global_rank)),
-        "stderr": str(paths.stderr).replace("%t", str(job.global_rank)),
-        "task": job.global_rank,
-        "tasks": job.num_tasks,
-        # A requeued job keeps its id; this tells its attempts apart.
-        "restart": int(os.environ.get("SLURM_RESTART_COUNT", "0")),
-    }
+    return SlurmInfo(
+        job_id=str(job.job_id),
+        hostname=job.hostname,
+        stdout=str(paths.stdout).replace("%t", str(job.global_rank)),
+        stderr=str(paths.stderr).replace("%t", str(job.global_rank)),
+        task=job.global_rank,
+        tasks=job.num_tasks,
+        restart=int(os.environ.get("SLURM_RESTART_COUNT", "0")),
+    )
 
 
-def _task_group(slurm: dict[str, Any] | None) -> TaskGroup:
+def _task_group(slurm: SlurmInfo | None) -> TaskGroup:
     """This job's place among the tasks of its SLURM job (a lone task outside SLURM)."""
-    if not slurm or slurm["tasks"] == 1 or not HydraConfig.initialized():
+    if not slurm or slurm.tasks == 1 or not HydraConfig.initialized():
         return TaskGroup()
     return TaskGroup(
-        rank=slurm["task"],
-        count=slurm["tasks"],
-        run_id=f"{slurm['job_id']}.{slurm['restart']}",
+        rank=slurm.task,
+        count=slurm.tasks,
+        run_id=f"{slurm.job_id}.{slurm.restart}",
         # The job's Hydra output folder: shared by its tasks, and by no other job.
         folder=Path(HydraConfig.get().runtime.output_dir) / "tasks",
     )
@@ -222,4 +218,4 @@ def _write_status(result: JobResult) -> None:
     """Leaves the result in the job's Hydra output folder, where the sweep summary finds it."""
     if HydraConfig.initialized():
         folder = Path(HydraConfig.get().runtime.output_dir)
-        write_atomic(folder / STATUS_FILE, json.dumps(asdict(result), indent=2) + "\n")
+        write_atomic(folder / STATUS_FILE, result.to_json())

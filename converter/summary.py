@@ -8,7 +8,6 @@ have ended, reads them back from the shared sweep folder and prints them togethe
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -32,7 +31,7 @@ def format_table(results: list[JobResult]) -> str:
     for r in results:
         step = "-" if r.step is None else str(r.step)
         rows.append(
-            (r.experiment, r.status, step, r.output or "-", _size(r.bytes), f"{r.seconds:.1f}")
+            (r.experiment, str(r.status), step, r.output or "-", _size(r.bytes), f"{r.seconds:.1f}")
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [
@@ -90,8 +89,7 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         results = [
-            JobResult(**json.loads(p.read_text()))
-            for p in sorted(sweep_dir.glob(f"*/{STATUS_FILE}"))
+            JobResult.from_json(p.read_text()) for p in sorted(sweep_dir.glob(f"*/{STATUS_FILE}"))
         ]
         if not results:
             log.error("No job of this sweep reported a result (sweep folder %s).", sweep_dir)

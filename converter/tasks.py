@@ -31,11 +31,24 @@ from pathlib import Path
 from typing import Any
 
 from converter.errors import ConversionError
-from converter.manifest import write_atomic
+from converter.publish import write_atomic
 
 log = logging.getLogger("titan2tune")
 
 _POLL_S = 0.2
+
+
+@dataclass(frozen=True)
+class SlurmInfo:
+    """Where a job runs on SLURM: its id, its task among the job's tasks, its logs."""
+
+    job_id: str
+    hostname: str
+    stdout: str
+    stderr: str
+    task: int
+    tasks: int
+    restart: int  # a requeued job keeps its id; this tells its attempts apart
 
 
 @dataclass(frozen=True)

@@ -1,18 +1,24 @@
-"""Reading the output back as torchtune does and checking it against what was converted.
+"""Reading the output back, and checking it against what was converted.
 
-The check loads the finished file with ``torch.load(mmap=True, weights_only=True)``, exactly as
-torchtune's checkpointers do, and compares keys, order, shapes and dtypes with the plan. Then it
-reads every written byte range where that load places each tensor and compares its XXH3 digest with
-the one taken of the cast source data as it was written. That is bit-exact against the source
-after the cast without reading the source a second time. The manifest needs the file's sha256
-anyway, so both come from one read of the file: verifying adds the XXH3 (~10 GB/s) to a pass
-that is made in any case."""
+One pass over each finished file gives its digests for the manifest (XXH3-128, and sha256 when
+asked for) and, with ``verify=true``, checks every written byte: the file is first loaded as its
+consumer loads it (``torch.load(mmap=True, weights_only=True)`` for a ``.pt``, safetensors'
+``safe_open`` for a shard), its names, shapes and dtypes compared with the plan, and then every
+byte range the conversion wrote is read where that load places it and its XXH3 digest compared
+with the one taken of the cast source data as it was written: bit-exact against the source after
+the cast, without reading the source a second time.
+
+The check that tied embeddings are tied runs whatever ``verify`` says: it is a check of the
+settings, not of the write.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import mmap
 import os
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,62 +27,49 @@ import xxhash
 
 from converter.engine import Region
 from converter.errors import ConversionError
-from converter.hashing import sha256_file
-from converter.mapping import Plan
-from converter.sink import record_offsets
-from converter.source import DcpCheckpoint
+from converter.formats.base import OutputFormat
+from converter.plan import OutputTensor, Plan
+from converter.sources.reader import TensorReader
 
 _WINDOW = 16 << 20
 
 
+@dataclass(frozen=True)
+class Staged:
+    """One file of the output, built under its partial name."""
+
+    name: str  # its name in the output ("" for a one-file output)
+    path: Path
+    tensors: list[OutputTensor]
+    offsets: dict[str, int]  # where each tensor's bytes start in it
+
+
 def read_back(
-    path: Path,
+    fmt: OutputFormat,
+    files: list[Staged],
     plan: Plan,
-    checkpoint: DcpCheckpoint,
-    regions: dict[str, list[Region]] | None,
-) -> str:
-    """The sha256 of the finished file, for its manifest, and with ``regions`` (what the
-    conversion wrote, ``verify=true``) the checks above, all in one pass over the file. The
-    check that tied embeddings are tied (see ``_check_tied``) runs in either case."""
-    if regions is None:
-        # Not a check of the write, but of the settings: it holds with or without verify.
-        if plan.tied:
-            _check_tied(plan, checkpoint, _load(path))
-        return sha256_file(path)
-    loaded = _load(path)
-    try:
-        offsets = record_offsets(path, loaded)
-    except Exception as e:
-        raise _mismatch(path, f"its storage records cannot be read: {e}") from e
-    if not isinstance(loaded, dict) or list(loaded) != [t.name for t in plan.tensors]:
-        raise _mismatch(path, "its keys differ from the planned ones")
-    spans = []
-    for spec in plan.tensors:
-        tensor = loaded[spec.name]
-        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
-            raise _mismatch(
-                path,
-                f"{spec.name!r} is {tensor.dtype}{tuple(tensor.shape)}, "
-                f"expected {spec.dtype}{spec.shape}",
-            )
-        written = sorted(regions[spec.name], key=lambda r: r.start)
-        # Contiguous from byte 0 to the end: each region starts where the previous ended.
-        ends = [0] + [r.start + r.length for r in written]
-        gaps = any(r.start != end for r, end in zip(written, ends[:-1], strict=True))
-        if gaps or ends[-1] != tensor.nbytes:
-            raise _mismatch(path, f"{spec.name!r} was not written exactly once in full")
-        spans += [_Span(offsets[spec.name] + r.start, r, spec.name) for r in written if r.length]
-    digest = _scan(path, sorted(spans, key=lambda s: s.at))
-    _check_tied(plan, checkpoint, loaded)
-    return digest
+    reader: TensorReader,
+    regions: Mapping[str, list[Region]] | None,
+    sha256: bool,
+    workers: int,
+) -> dict[str, dict[str, str | int]]:
+    """Each file's size and digests (``regions``, what the conversion wrote, given: checked as
+    above), its files read side by side by ``workers`` threads."""
+    _check_tied(plan, files, reader)
 
+    def one(staged: Staged) -> dict[str, str | int]:
+        spans = []
+        if regions is not None:
+            try:
+                offsets = fmt.read_back(staged.path, staged.tensors)
+            except ValueError as e:
+                raise _mismatch(staged.path, str(e)) from e
+            for spec in staged.tensors:
+                spans += _spans(staged.path, spec, offsets[spec.name], regions[spec.name])
+        return _scan(staged.path, sorted(spans, key=lambda s: s.at), sha256)
 
-def _load(path: Path) -> dict[str, torch.Tensor]:
-    """The file as torchtune loads it: mapped, so that only the bytes looked at are read."""
-    try:
-        return torch.load(path, mmap=True, weights_only=True)
-    except Exception as e:
-        raise _mismatch(path, f"it does not load with torch.load(weights_only=True): {e}") from e
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(files)))) as pool:
+        return dict(zip((f.name for f in files), pool.map(one, files), strict=True))
 
 
 @dataclass(frozen=True)
@@ -88,11 +81,31 @@ class _Span:
     name: str
 
 
-def _scan(path: Path, spans: list[_Span]) -> str:
-    """Reads the file once, in order: returns its sha256 and checks the XXH3 digest of each of
-    ``spans`` (sorted, disjoint). Through a mapping of one window at a time, as ``sha256_file``
-    does: no copy of the bytes, and no more of the file resident than a window."""
-    file_hash, span_hash = hashlib.sha256(), xxhash.xxh3_64()
+def _spans(path: Path, spec: OutputTensor, offset: int, written: list[Region]) -> list[_Span]:
+    """The regions written into ``spec``, which must cover it exactly once, from byte 0 on."""
+    written = sorted(written, key=lambda r: r.start)
+    ends = [0] + [r.start + r.length for r in written]
+    gaps = any(r.start != end for r, end in zip(written, ends[:-1], strict=True))
+    nbytes = spec.dtype.itemsize * _numel(spec.shape)
+    if gaps or ends[-1] != nbytes:
+        raise _mismatch(path, f"{spec.name!r} was not written exactly once in full")
+    return [_Span(offset + r.start, r, spec.name) for r in written if r.length]
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _scan(path: Path, spans: list[_Span], sha256: bool) -> dict[str, str | int]:
+    """Reads the file once, in order: its digests, and the XXH3-64 digest of each of ``spans``
+    (sorted, disjoint) checked. Through a mapping of one window at a time: no copy of the
+    bytes, and no more of the file resident than a window."""
+    file_hash = xxhash.xxh3_128()
+    sha = hashlib.sha256() if sha256 else None
+    span_hash = xxhash.xxh3_64()
     first = 0  # the first span not checked yet
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
@@ -101,6 +114,8 @@ def _scan(path: Path, spans: list[_Span]) -> str:
             window = mmap.mmap(f.fileno(), end - pos, offset=pos, access=mmap.ACCESS_READ)
             with window, memoryview(window) as view:
                 file_hash.update(view)
+                if sha is not None:
+                    sha.update(view)
                 for span in spans[first:]:
                     if span.at >= end:
                         break
@@ -115,28 +130,45 @@ def _scan(path: Path, spans: list[_Span]) -> str:
                     span_hash.reset()
     if first != len(spans):
         raise _mismatch(path, "it ends before the last tensor's bytes")
-    return file_hash.hexdigest()
+    digests: dict[str, str | int] = {"bytes": size, "xxh3_128": file_hash.hexdigest()}
+    if sha is not None:
+        digests["sha256"] = sha.hexdigest()
+    return digests
 
 
-def _check_tied(plan: Plan, checkpoint: DcpCheckpoint, loaded: dict[str, torch.Tensor]) -> None:
+def _check_tied(plan: Plan, files: list[Staged], reader: TensorReader) -> None:
     """With ``tied_embeddings=true``, a head saved beside the embeddings must hold their values
-    (after the cast): torchtune ties the two on load, so a file that left out (or kept) a
-    different head would silently load as another model. Runs whatever ``verify`` says, one
-    row run of the head at a time against the mapped file's embeddings: bounded memory."""
+    (after the cast): the consumer ties the two on load, so a file that left out (or kept) a
+    different head would silently load as another model. Compared a window of rows at a time,
+    the head from the source, the embeddings from the file written: bounded memory."""
+    where = {t.name: (f, t) for f in files for t in f.tensors}
     for source_key, name in plan.tied:
-        entry, written_tensor = checkpoint.tensors[source_key], loaded[name]
-        if entry.shape != tuple(written_tensor.shape) or not all(
-            torch.equal(
-                part.load(torch.empty(part.nbytes, dtype=torch.uint8)).to(written_tensor.dtype),
-                written_tensor[part.start : part.stop],
-            )
-            for part in checkpoint.parts(entry)
-        ):
-            raise ConversionError(
-                f"experiment.model.tied_embeddings=true, but {source_key!r} in "
-                f"{checkpoint.step_dir} differs from the embeddings written as {name!r}: the "
-                "model does not tie them. Set experiment.model.tied_embeddings=false."
-            )
+        entry = reader.index.tensors[source_key]
+        staged, written = where[name]
+        rows, width = entry.rows
+        if written.shape != entry.shape:
+            raise _untied(source_key, name, reader)
+        row_out = width * written.dtype.itemsize
+        step = max(1, (16 << 20) // max(entry.row_bytes, 1))
+        with open(staged.path, "rb") as f:
+            for lo in range(0, rows, step):
+                hi = min(lo + step, rows)
+                buffer = torch.empty(reader.buffer_bytes(entry, hi - lo), dtype=torch.uint8)
+                head = reader.read_rows(entry, lo, hi, buffer).to(written.dtype)
+                got = torch.empty((hi - lo) * row_out, dtype=torch.uint8)
+                f.seek(staged.offsets[name] + lo * row_out)
+                f.readinto(got.numpy())
+                if not torch.equal(head.view(torch.uint8).reshape(-1), got):
+                    raise _untied(source_key, name, reader)
+
+
+def _untied(source_key: str, name: str, reader: TensorReader) -> ConversionError:
+    step_dir = reader.storage.display(reader.index.step_dir)
+    return ConversionError(
+        f"experiment.model.tied_embeddings=true, but {source_key!r} in {step_dir} differs from "
+        f"the embeddings written as {name!r}: the model does not tie them. Set "
+        "experiment.model.tied_embeddings=false."
+    )
 
 
 def _mismatch(path: Path, what: str) -> ConversionError:

@@ -7,17 +7,15 @@ for resumable ("full") checkpoints, and saves with ``torch.distributed.checkpoin
 model entries are DTensors, so their chunks really are spread over ``__<rank>_0.distcp`` files.
 
 It is written apart from the converter on purpose: it witnesses the layouts independently, from
-the torchtitan history summarised in REFERENCE.md section 1 (commits cited below), so a test that
+torchtitan's history (the commits and PRs cited below), so a test that
 compares the converter's output with what :func:`write_step` returns checks both against the spec.
 
-Usage: ``python -m converter.demo --out outputs [--experiments debug 500M ...]``.
+``python -m demo`` writes the demo's checkpoints with it; the tests write theirs.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import os
 import pickle
 import re
@@ -40,8 +38,47 @@ import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as torch_mp
 from torch import nn
 
-GENERATIONS = ("G1", "G2", "G3", "G4")
 KINDS = ("full", "weights_only")
+
+
+@dataclass(frozen=True)
+class SavedLayout:
+    """How torchtitan's CheckpointManager laid out a llama3 state dict from one PR on (the
+    converter's ``converter/models/llama3.py`` holds the same eras as key tables; this writes
+    them with a real module and a real DCP save, from the history cited here)."""
+
+    name: str  # the torchtitan PR (or version) that introduced it
+    # Before torchtitan 7d5f3cc69 (#1347, "Always flatten model state_dict", 2025-07-03) the
+    # model was nested under "model", with the persistent freqs_cis buffer; the train state was
+    # torchtitan 031f73f8a's (an int32 step and torch.save'd BytesIO logs).
+    nested: bool
+    # "meta": attention.wq|wk|wv; "qkv_linear": attention.qkv_linear.wq|wk|wv (#2878,
+    # ad7a86533, 2026-04-16); "fused": one attention.qkv_linear.wqkv (#2878 with fuse_qkv=True);
+    # "fused_split_on_save": the fused parameter, saved split by state-dict hooks (#3656,
+    # 70dd94551, 2026-06-19), so the optimizer is keyed by wqkv and the model by wq|wk|wv.
+    qkv: str
+    # "output" until #2937 (786e26f8e, "ChunkedCELoss", 2026-04-27) renamed it "lm_head".
+    head: str
+    # torchtitan 632f67f12 (2026-06-04) saves only last_epoch for the LR schedulers.
+    lr_last_epoch_only: bool = False
+
+
+LAYOUTS = {
+    layout.name: layout
+    for layout in (
+        SavedLayout("v0.1.0", nested=True, qkv="meta", head="output"),
+        SavedLayout("#1347", nested=False, qkv="meta", head="output"),
+        SavedLayout("#2878", nested=False, qkv="qkv_linear", head="output"),
+        SavedLayout("#2878 fuse_qkv", nested=False, qkv="fused", head="output"),
+        SavedLayout("#2937 fuse_qkv", nested=False, qkv="fused", head="lm_head"),
+        # torchtitan 0.3.0
+        SavedLayout(
+            "#2937", nested=False, qkv="fused_split_on_save", head="lm_head",
+            lr_last_epoch_only=True,
+        ),
+    )
+}  # fmt: skip
+TORCHTITAN_0_3 = "#2937"
 
 # AdamW(betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1) behind a linear-warmup LambdaLR as in
 # torchtitan, but with a large lr and a 2-step warmup instead of 8e-4 over 200 steps: the few
@@ -50,15 +87,15 @@ KINDS = ("full", "weights_only")
 _LR = 1e-2
 _WARMUP_STEPS = 2
 _ROPE_THETA = 500000.0
-# G1 kept ``freqs_cis`` as a persistent buffer of shape [max_seq_len, head_dim // 2]; 2048 is the
+# Nested saves kept ``freqs_cis`` as a persistent buffer of shape [max_seq_len, head_dim // 2]; 2048 is the
 # llama3 default max_seq_len of that period (torchtitan 031f73f8a, models/llama/model.py).
-_G1_MAX_SEQ_LEN = 2048
+_NESTED_MAX_SEQ_LEN = 2048
 _NORM_EPS = 1e-5
 
 
 @dataclass(frozen=True)
 class ModelShape:
-    """Hyper-parameters of a llama3-style model: enough to lay out every generation's keys."""
+    """Hyper-parameters of a llama3-style model: enough to lay out every era's keys."""
 
     dim: int
     n_layers: int
@@ -85,44 +122,12 @@ class ModelShape:
 
 # (step, kind, export dtype) of one save.
 StepKind = tuple[int, str, torch.dtype]
-
-# name -> (shape, generation, [StepKind, ...]); the lead's config yaml mirrors these.
-DEMO_EXPERIMENTS: dict[str, tuple[ModelShape, str, list[StepKind]]] = {
-    # torchtitan llama3 "debugmodel" as shipped in torchtitan 0.3.0.
-    "debug": (
-        ModelShape(dim=256, n_layers=6, n_heads=16, n_kv_heads=16, vocab_size=2048, hidden_dim=768),
-        "G4",
-        [(10, "full", torch.float32), (20, "weights_only", torch.bfloat16)],
-    ),
-    "500M": (
-        ModelShape(
-            dim=1280, n_layers=24, n_heads=20, n_kv_heads=4, vocab_size=32768, hidden_dim=3456
-        ),
-        "G2",
-        [(1000, "full", torch.float32), (2000, "weights_only", torch.bfloat16)],
-    ),
-    "debug_pretrained": (
-        ModelShape(
-            dim=256,
-            n_layers=4,
-            n_heads=8,
-            n_kv_heads=2,
-            vocab_size=2048,
-            hidden_dim=768,
-            tied_embeddings=True,
-        ),
-        "G3",
-        [(5, "full", torch.float32), (10, "weights_only", torch.float32)],
-    ),
-}
-
-
 # --------------------------------------------------------------------------------------------
 # Reference weights and the Meta <-> layout key mapping
 # --------------------------------------------------------------------------------------------
 
 
-def _meta_shapes(shape: ModelShape) -> dict[str, tuple[int, ...]]:
+def meta_shapes(shape: ModelShape) -> dict[str, tuple[int, ...]]:
     """Meta-style keys and sizes, in a fixed order so seeded generation is reproducible."""
     hd, d = shape.head_dim, shape.dim
     out: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (shape.vocab_size, d)}
@@ -153,7 +158,7 @@ def reference_weights(shape: ModelShape, seed: int) -> dict[str, torch.Tensor]:
     """
     gen = torch.Generator().manual_seed(seed)
     out: dict[str, torch.Tensor] = {}
-    for key, size in _meta_shapes(shape).items():
+    for key, size in meta_shapes(shape).items():
         if key == "output.weight" and shape.tied_embeddings:
             out[key] = out["tok_embeddings.weight"]
         elif len(size) == 1:
@@ -166,7 +171,7 @@ def reference_weights(shape: ModelShape, seed: int) -> dict[str, torch.Tensor]:
 def _fuse_qkv(
     wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, shape: ModelShape
 ) -> torch.Tensor:
-    """G3 fused layout: rows grouped per kv head as [n_kv, heads_per_kv + 2, head_dim, dim].
+    """The fused layout: rows grouped per kv head as [n_kv, heads_per_kv + 2, head_dim, dim].
 
     Each group holds its query heads, then its key head, then its value head (torchtitan
     ad7a86533, "Fused QKV GQAttention implementation", 2026-04-16).
@@ -179,29 +184,27 @@ def _fuse_qkv(
 def _split_qkv(
     wqkv: torch.Tensor, shape: ModelShape
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Inverse of :func:`_fuse_qkv`; also works on Replicate DTensors (the G4 save hook)."""
+    """Inverse of :func:`_fuse_qkv`; also works on Replicate DTensors (the #3656 save hook)."""
     kv, r, hd = shape.n_kv_heads, shape.heads_per_kv, shape.head_dim
     grouped = wqkv.reshape(kv, r + 2, hd, wqkv.shape[-1])
     q, k, v = torch.split(grouped, [r, 1, 1], dim=1)
     return tuple(t.reshape(-1, wqkv.shape[-1]).contiguous() for t in (q, k, v))  # type: ignore[return-value]
 
 
-def _head_name(generation: str) -> str:
-    # The output projection is "lm_head" since the fused-QKV rewrite (G3, torchtitan ad7a86533).
-    return "output" if generation in ("G1", "G2") else "lm_head"
-
-
-def _param_names(shape: ModelShape, generation: str) -> list[str]:
+def _param_names(shape: ModelShape, layout: SavedLayout) -> list[str]:
     """FQNs of the nn.Parameters of the module we build (tied: one name for the shared one)."""
+    fused = layout.qkv in ("fused", "fused_split_on_save")
     names = []
-    for key in _meta_shapes(shape):
+    for key in meta_shapes(shape):
         if key == "output.weight":
             if not shape.tied_embeddings:
-                names.append(f"{_head_name(generation)}.weight")
-        elif generation in ("G3", "G4") and key.endswith("attention.wq.weight"):
+                names.append(f"{layout.head}.weight")
+        elif fused and key.endswith("attention.wq.weight"):
             names.append(key.replace("attention.wq.", "attention.qkv_linear.wqkv."))
-        elif generation in ("G3", "G4") and key.endswith(("attention.wk.weight", "wv.weight")):
+        elif fused and key.endswith(("attention.wk.weight", "wv.weight")):
             continue
+        elif layout.qkv == "qkv_linear" and ".attention.w" in key and not key.endswith("wo.weight"):
+            names.append(key.replace(".attention.", ".attention.qkv_linear."))
         else:
             names.append(key)
     return names
@@ -216,11 +219,11 @@ def _full_param(weights: dict[str, torch.Tensor], name: str, shape: ModelShape) 
         )
     if name == "lm_head.weight":
         return weights["output.weight"]
-    return weights[name]
+    return weights[name.replace(".qkv_linear.", ".")]
 
 
 def _params_to_meta(params: dict[str, torch.Tensor], shape: ModelShape) -> dict[str, torch.Tensor]:
-    """Module parameters (any generation) back to Meta-style keys, in _meta_shapes order."""
+    """Module parameters (any layout) back to Meta-style keys, in meta_shapes order."""
     flat: dict[str, torch.Tensor] = {}
     for name, tensor in params.items():
         if name.endswith("qkv_linear.wqkv.weight"):
@@ -230,10 +233,10 @@ def _params_to_meta(params: dict[str, torch.Tensor], shape: ModelShape) -> dict[
         elif name == "lm_head.weight":
             flat["output.weight"] = tensor
         else:
-            flat[name] = tensor
+            flat[name.replace(".qkv_linear.", ".")] = tensor
     if shape.tied_embeddings:
         flat["output.weight"] = flat["tok_embeddings.weight"]
-    return {key: flat[key] for key in _meta_shapes(shape)}
+    return {key: flat[key] for key in meta_shapes(shape)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,12 +245,12 @@ def _params_to_meta(params: dict[str, torch.Tensor], shape: ModelShape) -> dict[
 
 
 class _FusedQKV(nn.Module):
-    """``attention.qkv_linear`` of G3/G4: one fused ``wqkv`` parameter.
+    """``attention.qkv_linear`` with ``fuse_qkv=True``: one fused ``wqkv`` parameter.
 
-    G3 saves it as is. G4 (torchtitan 70dd94551, "FusedQKVLinear checkpoint interop via
+    Saved as is until torchtitan 70dd94551 (#3656, "FusedQKVLinear checkpoint interop via
     state_dict hooks", 2026-06-19; fused by default since 3396a4b37, 2026-06-24; torchtitan
-    0.3.0) keeps the fused parameter, so the optimizer state is keyed by ``wqkv``, but a
-    state-dict post hook gathers it to a Replicate DTensor and emits ``wq``/``wk``/``wv``.
+    0.3.0): from then on the optimizer state is keyed by ``wqkv``, but a state-dict post hook
+    gathers it to a Replicate DTensor and emits ``wq``/``wk``/``wv``.
     """
 
     def __init__(self, shape: ModelShape, split_on_save: bool) -> None:
@@ -275,16 +278,30 @@ def _split_wqkv_on_save(
     state_dict[prefix + "wv.weight"] = wv
 
 
-class _Attention(nn.Module):
-    def __init__(self, shape: ModelShape, generation: str) -> None:
+class _QKV(nn.Module):
+    """``attention.qkv_linear`` without a fused QKV (torchtitan ad7a86533, #2878)."""
+
+    def __init__(self, shape: ModelShape) -> None:
         super().__init__()
         d, hd = shape.dim, shape.head_dim
-        if generation in ("G1", "G2"):
+        self.wq = nn.Linear(d, shape.n_heads * hd, bias=False)
+        self.wk = nn.Linear(d, shape.n_kv_heads * hd, bias=False)
+        self.wv = nn.Linear(d, shape.n_kv_heads * hd, bias=False)
+
+
+class _Attention(nn.Module):
+    def __init__(self, shape: ModelShape, layout: SavedLayout) -> None:
+        super().__init__()
+        d, hd = shape.dim, shape.head_dim
+        if layout.qkv == "meta":
             self.wq = nn.Linear(d, shape.n_heads * hd, bias=False)
             self.wk = nn.Linear(d, shape.n_kv_heads * hd, bias=False)
             self.wv = nn.Linear(d, shape.n_kv_heads * hd, bias=False)
+        elif layout.qkv == "qkv_linear":
+            self.qkv_linear = _QKV(shape)
         else:
-            self.qkv_linear = _FusedQKV(shape, split_on_save=generation == "G4")
+            split = layout.qkv == "fused_split_on_save"
+            self.qkv_linear = _FusedQKV(shape, split_on_save=split)
         self.wo = nn.Linear(shape.n_heads * hd, d, bias=False)
 
 
@@ -297,9 +314,9 @@ class _FeedForward(nn.Module):
 
 
 class _Block(nn.Module):
-    def __init__(self, shape: ModelShape, generation: str) -> None:
+    def __init__(self, shape: ModelShape, layout: SavedLayout) -> None:
         super().__init__()
-        self.attention = _Attention(shape, generation)
+        self.attention = _Attention(shape, layout)
         self.feed_forward = _FeedForward(shape)
         self.attention_norm = nn.RMSNorm(shape.dim, eps=_NORM_EPS)
         self.ffn_norm = nn.RMSNorm(shape.dim, eps=_NORM_EPS)
@@ -308,22 +325,20 @@ class _Block(nn.Module):
 class _Transformer(nn.Module):
     """No forward: only the parameter tree matters for the state dict."""
 
-    def __init__(self, shape: ModelShape, generation: str) -> None:
+    def __init__(self, shape: ModelShape, layout: SavedLayout) -> None:
         super().__init__()
         self.tok_embeddings = nn.Embedding(shape.vocab_size, shape.dim)
         # torchtitan keeps layers in a ModuleDict keyed "0", "1", ... -> FQNs layers.<i>.
-        self.layers = nn.ModuleDict(
-            {str(i): _Block(shape, generation) for i in range(shape.n_layers)}
-        )
+        self.layers = nn.ModuleDict({str(i): _Block(shape, layout) for i in range(shape.n_layers)})
         self.norm = nn.RMSNorm(shape.dim, eps=_NORM_EPS)
         head = nn.Linear(shape.dim, shape.vocab_size, bias=False)
         if shape.tied_embeddings:
             head.weight = self.tok_embeddings.weight
-        self.add_module(_head_name(generation), head)
-        if generation == "G1":
+        self.add_module(layout.head, head)
+        if layout.nested:
             self.register_buffer(
                 "freqs_cis",
-                torch.empty(_G1_MAX_SEQ_LEN, shape.head_dim // 2, dtype=torch.complex64),
+                torch.empty(_NESTED_MAX_SEQ_LEN, shape.head_dim // 2, dtype=torch.complex64),
                 persistent=True,
             )
 
@@ -331,7 +346,7 @@ class _Transformer(nn.Module):
 def _freqs_cis(shape: ModelShape) -> torch.Tensor:
     hd = shape.head_dim
     inv = 1.0 / (_ROPE_THETA ** (torch.arange(0, hd, 2, dtype=torch.float32)[: hd // 2] / hd))
-    angles = torch.outer(torch.arange(_G1_MAX_SEQ_LEN, dtype=torch.float32), inv)
+    angles = torch.outer(torch.arange(_NESTED_MAX_SEQ_LEN, dtype=torch.float32), inv)
     return torch.polar(torch.ones_like(angles), angles)
 
 
@@ -372,12 +387,12 @@ def _rank_write(rank: int, job: dict[str, Any]) -> None:
 
     world_size: int = job["world_size"]
     shape = ModelShape(**job["shape"])
-    generation: str = job["generation"]
+    layout = LAYOUTS[job["layout"]]
     kind: str = job["kind"]
     work = Path(job["work_dir"])
     mesh = init_device_mesh("cpu", (world_size,))
     with torch.device("meta"):
-        model = _Transformer(shape, generation)
+        model = _Transformer(shape, layout)
     for block in model.layers.values():
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -385,14 +400,14 @@ def _rank_write(rank: int, job: dict[str, Any]) -> None:
 
     weights = torch.load(job["weights_file"], mmap=True, weights_only=True)
     params = dict(model.named_parameters())
-    if sorted(params) != sorted(_param_names(shape, generation)):
+    if sorted(params) != sorted(_param_names(shape, layout)):
         raise AssertionError(f"unexpected parameter names: {sorted(params)}")
     with torch.no_grad():
         for name, param in params.items():
             full = _full_param(weights, name, shape)
             # src_data_rank=None: every rank slices its own chunk, no communication.
             param.copy_(distribute_tensor(full, mesh, param.placements, src_data_rank=None))
-        if generation == "G1":
+        if layout.nested:
             model.freqs_cis.copy_(_freqs_cis(shape))
     del weights
 
@@ -419,7 +434,7 @@ def _rank_write(rank: int, job: dict[str, Any]) -> None:
         optim_sd = get_optimizer_state_dict(
             model, optim, options=StateDictOptions(flatten_optimizer_state_dict=True)
         )
-        state = _full_state(model.state_dict(), optim_sd, sched, generation, step, rank, job)
+        state = _full_state(model.state_dict(), optim_sd, sched, layout, step, rank, job)
     else:
         dtype = getattr(torch, job["export_dtype"])
         state = {k: v.to(dtype) for k, v in model.state_dict().items() if k != "freqs_cis"}
@@ -432,14 +447,14 @@ def _rank_write(rank: int, job: dict[str, Any]) -> None:
         shards = {n: p.to_local().detach().clone() for n, p in params.items()}
         torch.save(shards, work / f"shards_{rank}.pt")
         del shards
-    (work / f"stats_{rank}.json").write_text(json.dumps({"peak_rss_mib": _peak_rss_mib()}))
+    (work / f"stats_{rank}.json").write_text(json.dumps({"peak_rss_mib": peak_rss_mib()}))
 
 
 def _full_state(
     model_sd: dict[str, Any],
     optim_sd: dict[str, Any],
     sched: torch.optim.lr_scheduler.LRScheduler,
-    generation: str,
+    layout: SavedLayout,
     step: int,
     rank: int,
     job: dict[str, Any],
@@ -447,7 +462,7 @@ def _full_state(
     """The resumable state dict of one rank, shaped as torchtitan's CheckpointManager saves it."""
     world_size = job["world_size"]
     # Dataloader: {"dp_rank_<r>": pickled StatefulDataLoader state, "world_size": n}, same in all
-    # generations (torchtitan components/dataloader.py since 2025-02, e.g. 031f73f8a).
+    # layouts (torchtitan components/dataloader.py since 2025-02, e.g. 031f73f8a).
     loader_state = {
         "_num_yielded": step,
         "_sampler_iter_yielded": step,
@@ -455,7 +470,7 @@ def _full_state(
         "dataset_state": {"sample_idx": step * 8 + rank, "token_buffer": []},
     }
     dataloader = {f"dp_rank_{rank}": pickle.dumps(loader_state), "world_size": world_size}
-    if generation == "G1":
+    if layout.nested:
         # TrainState of torchtitan 031f73f8a (2025-02): int32 step and torch.save'd BytesIO logs.
         logs = {}
         for key, value in (
@@ -470,8 +485,7 @@ def _full_state(
     else:
         # Trainer.state_dict() from 2025-07 on: {"step", "ntokens_seen"} as plain ints.
         train_state = {"step": step, "ntokens_seen": step * 8 * 2048 * world_size}
-    if generation == "G4":
-        # torchtitan 632f67f12 (2026-06-04) saves only last_epoch for the LR schedulers.
+    if layout.lr_last_epoch_only:
         lr_state: dict[str, Any] = {"last_epoch": sched.last_epoch}
     else:
         lr_state = sched.state_dict()
@@ -481,11 +495,9 @@ def _full_state(
         "dataloader": dataloader,
         "train_state": train_state,
     }
-    if generation == "G1":
-        # Before torchtitan 7d5f3cc69 ("Always flatten model state_dict", 2025-07-03) the model
-        # was nested under "model", freqs_cis included (persistent buffer).
+    if layout.nested:
         return {"model": model_sd, **rest}
-    # G2+: model keys at top level; freqs_cis non-persistent from 9874e84d1 (2025-08-19) and
+    # Flat: model keys at top level; freqs_cis non-persistent from 9874e84d1 (2025-08-19) and
     # excluded from saves already since aefe15a32 (2025-06-26).
     return {**{k: v for k, v in model_sd.items() if k != "freqs_cis"}, **rest}
 
@@ -495,7 +507,7 @@ def _full_state(
 # --------------------------------------------------------------------------------------------
 
 
-def _peak_rss_mib() -> float:
+def peak_rss_mib() -> float:
     """VmHWM of this process: unlike ru_maxrss it restarts at exec, so a spawned rank does not
     inherit its parent's peak. It counts the pages of the mapped weights file it touched."""
     with open("/proc/self/status") as status:
@@ -528,19 +540,19 @@ def _step_number(step_dir: Path, default: int) -> int:
     return int(match.group(1)) if match else default
 
 
-def _save_weights(weights: dict[str, torch.Tensor], shape: ModelShape, path: Path) -> None:
+def save_weights(weights: dict[str, torch.Tensor], shape: ModelShape, path: Path) -> None:
     """Check Meta-keyed weights against ``shape`` and save them as float32 for the ranks."""
-    missing = set(_meta_shapes(shape)) - set(weights)
+    missing = set(meta_shapes(shape)) - set(weights)
     if missing:
         raise KeyError(f"weights lack {sorted(missing)[:5]} ...")
-    for key, size in _meta_shapes(shape).items():
+    for key, size in meta_shapes(shape).items():
         if tuple(weights[key].shape) != size:
             raise ValueError(f"{key}: shape {tuple(weights[key].shape)}, expected {size}")
     if shape.tied_embeddings and not torch.equal(
         weights["output.weight"], weights["tok_embeddings.weight"]
     ):
         raise ValueError("tied_embeddings but output.weight != tok_embeddings.weight")
-    tensors = {k: weights[k].float().contiguous() for k in _meta_shapes(shape)}
+    tensors = {k: weights[k].float().contiguous() for k in meta_shapes(shape)}
     path.unlink(missing_ok=True)  # a new inode: tensors still mapped from the old file stay valid
     torch.save(tensors, path)
 
@@ -552,24 +564,24 @@ class StepSpec:
     step_dir: Path
     weights_file: Path
     shape: ModelShape
-    generation: str
+    layout: str
     kind: str
     export_dtype: torch.dtype = torch.float32
     optimizer_steps: int = 2
 
 
-def _write_steps_from_files(
+def write_steps_from_files(
     specs: Sequence[StepSpec], world_size: int
 ) -> list[tuple[dict[str, torch.Tensor], dict[str, float]]]:
-    """Run the ranks once over steps whose weights :func:`_save_weights` wrote; return each
+    """Run the ranks once over steps whose weights :func:`save_weights` wrote; return each
     step's tensors and stats.
 
     The weights go through a file that each rank maps, so the driver need not keep them in
     memory while the ranks run (the 500M demo would otherwise hold a third copy).
     """
     for spec in specs:
-        if spec.generation not in GENERATIONS:
-            raise ValueError(f"generation must be one of {GENERATIONS}, got {spec.generation!r}")
+        if spec.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {list(LAYOUTS)}, got {spec.layout!r}")
         if spec.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {spec.kind!r}")
         _prepare_step_dir(Path(spec.step_dir))
@@ -584,7 +596,7 @@ def _write_steps_from_files(
                 {
                     "world_size": world_size,
                     "shape": {f: getattr(spec.shape, f) for f in ModelShape.__dataclass_fields__},
-                    "generation": spec.generation,
+                    "layout": spec.layout,
                     "kind": spec.kind,
                     "export_dtype": str(spec.export_dtype).removeprefix("torch."),
                     "optimizer_steps": spec.optimizer_steps,
@@ -620,7 +632,7 @@ def _collect(
         raise RuntimeError(f"demo checkpoint writer: no .metadata in {step_dir}")
     stats = {"seconds": seconds}
     for r in range(world_size):
-        stats[f"rank{r}_peak_rss_mib"] = json.loads((work / f"stats_{r}.json").read_text())[
+        stats[f"rank{r}peak_rss_mib"] = json.loads((work / f"stats_{r}.json").read_text())[
             "peak_rss_mib"
         ]
     if spec.kind == "full":
@@ -635,7 +647,7 @@ def _collect(
         return _params_to_meta(params, shape), stats
     weights = torch.load(spec.weights_file, mmap=True, weights_only=True)
     # copy=True: do not hand back tensors backed by a temporary mapped file.
-    result = {k: weights[k].to(spec.export_dtype, copy=True) for k in _meta_shapes(shape)}
+    result = {k: weights[k].to(spec.export_dtype, copy=True) for k in meta_shapes(shape)}
     if shape.tied_embeddings:
         result["output.weight"] = result["tok_embeddings.weight"]
     return result, stats
@@ -646,14 +658,14 @@ def write_steps(
     world_size: int = 2,
 ) -> list[dict[str, torch.Tensor]]:
     """:func:`write_step` for many steps with one start of the ranks: each item is
-    ``(step_dir, weights, shape, {"generation": ..., "kind": ..., ...})``."""
+    ``(step_dir, weights, shape, {"layout": ..., "kind": ..., ...})``."""
     with tempfile.TemporaryDirectory(prefix="titan2tune-weights-") as tmp:
         specs = []
         for i, (step_dir, weights, shape, options) in enumerate(steps):
             weights_file = Path(tmp) / f"weights_{i}.pt"
-            _save_weights(weights, shape, weights_file)
+            save_weights(weights, shape, weights_file)
             specs.append(StepSpec(Path(step_dir), weights_file, shape, **options))
-        return [tensors for tensors, _ in _write_steps_from_files(specs, world_size)]
+        return [tensors for tensors, _ in write_steps_from_files(specs, world_size)]
 
 
 def write_step(
@@ -661,7 +673,7 @@ def write_step(
     weights: dict[str, torch.Tensor],
     shape: ModelShape,
     *,
-    generation: str,
+    layout: str,
     kind: str,
     export_dtype: torch.dtype = torch.float32,
     world_size: int = 2,
@@ -669,7 +681,7 @@ def write_step(
 ) -> dict[str, torch.Tensor]:
     """Write one torchtitan step folder (e.g. ``.../checkpoint/step-20``) with a real DCP save.
 
-    ``generation`` is one of G1..G4 (REFERENCE.md section 1), ``kind`` is "full" (resumable:
+    ``layout`` is one of LAYOUTS, ``kind`` is "full" (resumable:
     model, optimizer, lr_scheduler, dataloader, train_state, float32, after ``optimizer_steps``
     AdamW steps on seeded fake gradients) or "weights_only" (model keys alone, flat, cast to
     ``export_dtype``). ``train_state.step`` is N from a ``step-N`` folder name.
@@ -678,7 +690,7 @@ def write_step(
     converter's output with them without trusting DCP or the converter.
     """
     options = {
-        "generation": generation,
+        "layout": layout,
         "kind": kind,
         "export_dtype": export_dtype,
         "optimizer_steps": optimizer_steps,
@@ -686,164 +698,3 @@ def write_step(
     return write_steps([(step_dir, weights, shape, options)], world_size)[0]
 
 
-def _disk_usage(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def _param_bytes(shape: ModelShape) -> int:
-    """float32 bytes of one copy of the model's weights (tied embeddings stored once)."""
-    sizes = _meta_shapes(shape)
-    if shape.tied_embeddings:
-        del sizes["output.weight"]
-    return 4 * sum(math.prod(size) for size in sizes.values())
-
-
-def _round_bytes(
-    steps: Sequence[tuple[str, StepKind]],
-) -> tuple[int, int]:
-    """Bytes one round adds under the output root for good, and the most it holds in the
-    temporary folder meanwhile (a float32 weights file per step, and a full step's parameter
-    shards, which the driver reads back)."""
-    kept = temporary = 0
-    for name, (_, kind, dtype) in steps:
-        params = _param_bytes(DEMO_EXPERIMENTS[name][0])
-        temporary += params * (2 if kind == "full" else 1)
-        # A full save is float32 parameters and AdamW's two moments.
-        kept += 3 * params if kind == "full" else params * dtype.itemsize // 4
-    return kept, temporary
-
-
-def _check_free_space(out_root: Path, rounds: list[list[tuple[str, StepKind]]]) -> None:
-    """Refuse to start a demo that cannot fit on the disk: DCP reports a full disk from deep
-    inside torch.save, long after the first gigabytes are written."""
-    out_root.mkdir(parents=True, exist_ok=True)
-    tmp_root = Path(tempfile.gettempdir())
-    same_disk = os.stat(out_root).st_dev == os.stat(tmp_root).st_dev
-    kept = peak = peak_tmp = 0
-    for steps in rounds:
-        round_kept, round_tmp = _round_bytes(steps)
-        kept += round_kept
-        peak = max(peak, kept + (round_tmp if same_disk else 0))
-        peak_tmp = max(peak_tmp, round_tmp)
-    # The sweep then writes about one weights-only copy per experiment.
-    names = {name for steps in rounds for name, _ in steps}
-    peak = max(peak, kept + sum(_param_bytes(DEMO_EXPERIMENTS[n][0]) // 2 for n in names))
-    needs = [(out_root, peak)] + ([] if same_disk else [(tmp_root, peak_tmp)])
-    for folder, needed in needs:
-        free = shutil.disk_usage(folder).free
-        if free < needed * 1.05:
-            raise SystemExit(
-                f"The demo needs about {needed / 2**30:.1f} GiB free on the disk of {folder} "
-                f"(its checkpoints, temporary files and the sweep's outputs); "
-                f"{free / 2**30:.1f} GiB are free. This is the machine's disk, not a fault in "
-                "the data: free some space, point --out (or TMPDIR) at a larger disk, or leave "
-                "out the 500M experiment's full save (about 5.6 GiB) with --skip-full 500M."
-            )
-
-
-def write_demo(
-    out_root: Path,
-    experiments: Sequence[str] = ("debug", "500M", "debug_pretrained"),
-    *,
-    skip_full: Sequence[str] = (),
-) -> dict[str, dict[int, dict[str, torch.Tensor]]]:
-    """Write ``out_root/checkpoint_<name>/step-<N>`` for each experiment of DEMO_EXPERIMENTS.
-
-    Each later step is saved from the weights the earlier full step trained, as in a real run
-    whose final weights-only save follows its intermediate full checkpoints. The weights stay in
-    a mapped file between steps, so the driver holds no copy while the ranks run.
-    ``skip_full`` names experiments whose full saves are left out (the 500M one is ~6 GB); their
-    weights-only saves then hold the untrained reference weights.
-
-    Returns name -> {step: Meta-keyed tensors as saved}, for tests to compare against.
-    """
-    out_root = Path(out_root)
-    unknown = [n for n in (*experiments, *skip_full) if n not in DEMO_EXPERIMENTS]
-    if unknown:
-        raise ValueError(f"unknown experiments {unknown}; known: {sorted(DEMO_EXPERIMENTS)}")
-    saved: dict[str, dict[int, dict[str, torch.Tensor]]] = {name: {} for name in experiments}
-    total_start = time.perf_counter()
-    weights = {
-        # A stable seed per experiment, whatever the order asked for.
-        name: reference_weights(
-            DEMO_EXPERIMENTS[name][0], seed=1000 + list(DEMO_EXPERIMENTS).index(name)
-        )
-        for name in experiments
-    }
-    # Round r writes every experiment's r-th step with one start of the ranks; a later step
-    # saves the weights that the earlier full step trained, as in a real run.
-    rounds = [
-        [
-            (name, DEMO_EXPERIMENTS[name][2][r])
-            for name in experiments
-            if r < len(DEMO_EXPERIMENTS[name][2])
-            and not (DEMO_EXPERIMENTS[name][2][r][1] == "full" and name in skip_full)
-        ]
-        for r in range(max(len(DEMO_EXPERIMENTS[name][2]) for name in experiments))
-    ]
-    _check_free_space(out_root, rounds)
-    with tempfile.TemporaryDirectory(prefix="titan2tune-weights-") as tmp:
-        for r, steps in enumerate(rounds):
-            batch = []
-            for name, (step, kind, dtype) in steps:
-                shape, generation, _ = DEMO_EXPERIMENTS[name]
-                weights_file = Path(tmp) / f"{name}_{r}.pt"
-                _save_weights(weights[name], shape, weights_file)
-                step_dir = out_root / f"checkpoint_{name}" / f"step-{step}"
-                batch.append(
-                    (name, step, StepSpec(step_dir, weights_file, shape, generation, kind, dtype))
-                )
-            if not batch:
-                continue
-            for (name, step, spec), (tensors, stats) in zip(
-                batch, _write_steps_from_files([b[2] for b in batch], world_size=2), strict=True
-            ):
-                if spec.kind == "full":
-                    weights[name] = tensors
-                saved[name][step] = tensors
-                ranks = ", ".join(
-                    f"{v:.0f}" for k, v in stats.items() if k.endswith("_peak_rss_mib")
-                )
-                dtype_name = str(spec.export_dtype).removeprefix("torch.")
-                print(
-                    f"wrote {spec.step_dir} [{name}: {spec.generation} {spec.kind} {dtype_name}]"
-                    f" {_disk_usage(spec.step_dir) / 2**20:.1f} MiB"
-                    f" (peak RSS MiB per rank: {ranks})",
-                    flush=True,
-                )
-            for _, _, spec in batch:
-                spec.weights_file.unlink()  # on a small disk, the next round needs the room
-    print(
-        f"done in {time.perf_counter() - total_start:.0f} s: "
-        f"{_disk_usage(out_root) / 2**30:.2f} GiB under {out_root}; "
-        f"driver peak RSS {_peak_rss_mib():.0f} MiB"
-    )
-    return saved
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m converter.demo",
-        description="Write real torchtitan-layout DCP checkpoints (2 gloo ranks, FSDP2).",
-    )
-    parser.add_argument("--out", type=Path, default=Path("outputs"), help="output root folder")
-    parser.add_argument(
-        "--experiments",
-        nargs="+",
-        default=["debug", "500M", "debug_pretrained"],
-        choices=sorted(DEMO_EXPERIMENTS),
-        help="which demo experiments to write",
-    )
-    parser.add_argument(
-        "--skip-full",
-        nargs="*",
-        default=[],
-        choices=sorted(DEMO_EXPERIMENTS),
-        help="experiments whose full (resumable) saves are left out",
-    )
-    args = parser.parse_args(argv)
-    write_demo(args.out, args.experiments, skip_full=args.skip_full)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,137 @@
+"""Filling an output's files in place: each tensor's bytes go to where its format put them.
+
+The format writes every file's structure first, so each tensor's bytes have a known, disjoint
+byte range before any is written. The run that created the files fills them, and so do the other
+tasks of a SLURM job that share the conversion (``converter.tasks``), each with a ``Filler`` of
+its own on the same files: the writes need no coordination.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+from converter.errors import output_error
+
+# Write-back starts every this many bytes written to a file (see _Flusher).
+_FLUSH_BYTES = 128 << 20
+
+
+class Filler:
+    """The files of an output under construction, open for their tensors' bytes."""
+
+    def __init__(
+        self, files: dict[str, Path], offsets: dict[str, tuple[str, int]], output: Path
+    ) -> None:
+        """``files``: the files by their name in the output (``""`` for a one-file output) ->
+        the partial file being written; ``offsets``: tensor -> (file, byte offset of its data);
+        ``output``: the final name, which error messages give."""
+        self.files = files
+        self.offsets = offsets
+        self._output = output
+        self._fds: dict[str, int] = {}
+        try:
+            for name, path in files.items():
+                self._fds[name] = os.open(path, os.O_WRONLY)
+        except OSError as e:
+            self.close()
+            raise output_error(output, e) from e
+        self._flusher = _Flusher()
+
+    @property
+    def closed(self) -> bool:
+        return not self._fds
+
+    def write(self, name: str, byte_offset: int, data: torch.Tensor) -> None:
+        """Writes ``data``'s bytes at ``byte_offset`` within tensor ``name``'s data."""
+        file, start = self.offsets[name]
+        fd = self._fds[file]
+        # Flat bytes: a short write (a filling disk) resumes at the right byte, and the next
+        # pwrite reports why, rather than slicing a multi-dimensional view by rows.
+        view = memoryview(data.contiguous().reshape(-1).view(torch.uint8).numpy())
+        pos = start + byte_offset
+        try:
+            self._flusher.check()
+            while view:
+                written = os.pwrite(fd, view, pos)
+                view, pos = view[written:], pos + written
+                self._flusher.wrote(fd, written)
+        except OSError as e:
+            raise output_error(self._output, e) from e
+
+    def sync(self) -> None:
+        """Makes what was written durable, and closes the files."""
+        assert self._fds, "closed"
+        try:
+            self._flusher.close()
+            self._flusher.check()
+            for fd in self._fds.values():
+                os.fsync(fd)
+        except OSError as e:
+            raise output_error(self._output, e) from e
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if hasattr(self, "_flusher"):
+            self._flusher.close()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
+
+
+class _Flusher:
+    """Flushes the output's files behind the writes, on a thread of its own.
+
+    Below the kernel's background write-back threshold (10% of RAM here) every dirty page of
+    the output would wait for the final fsync, which would then write the whole output while
+    the CPUs sit idle. An ``fdatasync`` of a file every ``_FLUSH_BYTES`` written to it keeps the
+    disk writing while the conversion computes, and leaves the final fsync the last few blocks.
+    It also bounds the dirty memory a large conversion leaves behind.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[int, int] = {}
+        self._due: list[int] = []
+        self._cond = threading.Condition()
+        self._closing = False
+        self._error: OSError | None = None
+        self._thread = threading.Thread(target=self._run, name="flush-behind", daemon=True)
+        self._thread.start()
+
+    def wrote(self, fd: int, nbytes: int) -> None:
+        with self._cond:
+            self._pending[fd] = self._pending.get(fd, 0) + nbytes
+            if self._pending[fd] >= _FLUSH_BYTES:
+                self._pending[fd] = 0
+                if fd not in self._due:
+                    self._due.append(fd)
+                self._cond.notify()
+
+    def check(self) -> None:
+        """Raises the error a flush met (a full disk shows here first)."""
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._due and not self._closing:
+                    self._cond.wait()
+                if self._closing:
+                    return
+                fd = self._due.pop(0)
+            try:
+                os.fdatasync(fd)
+            except OSError as e:
+                self._error = e
+                return

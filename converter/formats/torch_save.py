@@ -1,0 +1,137 @@
+"""A ``.pt`` output: one ``torch.save`` archive of a flat dict of tensors, as torchtune's
+checkpointers read it (``torch.load(path, mmap=True, weights_only=True)``), with a torchtune
+recipe snippet beside it. The ``meta`` and ``torchtune`` formats differ in their names only.
+
+``torch.save`` under ``torch.serialization.skip_data`` writes the whole archive (the pickled
+structure, one stored, 64-byte-aligned record per tensor) but leaves the records' bytes empty;
+the engine then writes each tensor's bytes straight into its record.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import yaml
+
+from converter.formats.base import Described, FormatConfig, OutputFormat
+from converter.plan import OutputTensor, Plan
+from converter.torch_archive import storage_records
+
+TORCHTUNE_SUFFIX = ".torchtune.yaml"
+
+
+@dataclass
+class TorchSaveOptions(FormatConfig):
+    output_name: str = field(
+        default="final_model.pt",
+        metadata={"help": "the .pt's name in the checkpoint folder, if experiment.output is not set"},
+    )
+
+
+class TorchSaveFormat(OutputFormat):
+    folder = False
+    checkpointer: ClassVar[str]  # the torchtune checkpointer class that reads it
+
+    @property
+    def loads_with(self) -> str:  # type: ignore[override]
+        return self.checkpointer
+
+    def check_output(self, output: str) -> None:
+        if not output.endswith(".pt"):
+            raise ValueError(
+                f"experiment.output must be a .pt path for output_format={self.name}, "
+                f"got {output!r}"
+            )
+
+    def files(self, plan: Plan, options: Any) -> dict[str, list[OutputTensor]]:
+        return {"": plan.tensors}
+
+    def create(self, path: Path, tensors: list[OutputTensor]) -> dict[str, int]:
+        # torch.empty leaves the pages untouched, so this costs address space, not memory.
+        skeleton = {t.name: torch.empty(t.shape, dtype=t.dtype) for t in tensors}
+        # Through a Python file object, not a path: torch's own file writer reports a full
+        # disk or an exceeded size limit as a bare RuntimeError ("unexpected pos"), Python's
+        # as the OSError with its errno. The skipped data is seeked over, not written.
+        with open(path, "wb") as f, torch.serialization.skip_data():
+            torch.save(skeleton, f)
+        return record_offsets(path)
+
+    def read_back(self, path: Path, tensors: list[OutputTensor]) -> dict[str, int]:
+        try:
+            loaded = torch.load(path, mmap=True, weights_only=True)
+        except Exception as e:
+            raise ValueError(f"it does not load with torch.load(weights_only=True): {e}") from e
+        if not isinstance(loaded, dict) or list(loaded) != [t.name for t in tensors]:
+            raise ValueError("its keys differ from the planned ones")
+        for spec in tensors:
+            tensor = loaded[spec.name]
+            if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+                raise ValueError(
+                    f"{spec.name!r} is {tensor.dtype}{tuple(tensor.shape)}, "
+                    f"expected {spec.dtype}{spec.shape}"
+                )
+        try:
+            return record_offsets(path, loaded)
+        except Exception as e:
+            raise ValueError(f"its storage records cannot be read: {e}") from e
+
+    def describe(self, described: Described) -> dict[str, str | Path]:
+        [name] = self.describe_names(described.output)
+        return {name: self.recipe_snippet(described)}
+
+    def describe_names(self, output: Path) -> list[str]:
+        return [output.name + TORCHTUNE_SUFFIX]
+
+    def recipe_snippet(self, d: Described) -> str:
+        """A ``checkpointer:`` and a ``model:`` section to paste into a torchtune recipe
+        config, or to instantiate with ``torchtune.config.instantiate``."""
+        output = d.output
+        checkpointer = {
+            "_component_": self.checkpointer,
+            "checkpoint_dir": str(output.parent),
+            "checkpoint_files": [output.name],
+            # torchtune refuses an output_dir inside checkpoint_dir (check_outdir_not_in_ckptdir),
+            # so it goes in a sibling folder, one subfolder per output: two outputs converted
+            # into one folder do not share where torchtune saves.
+            "output_dir": str(output.parent.with_name(f"{output.parent.name}_torchtune") / output.stem),
+            "model_type": d.family.torchtune_model_type(d.arch),
+        }
+        doc = {"checkpointer": checkpointer, "model": d.family.torchtune_model(d.arch)}
+        header = (
+            f"# torchtune recipe sections for {output.name} (experiment {d.experiment}),\n"
+            "# written by titan2tune. Paste them into a recipe config, or instantiate them with\n"
+            "# torchtune.config.instantiate. output_dir is where torchtune writes its own saves.\n"
+        )
+        return header + yaml.safe_dump(doc, sort_keys=False)
+
+
+def record_offsets(path: Path, loaded: dict[str, torch.Tensor] | None = None) -> dict[str, int]:
+    """Byte offset in the file of each tensor's data, as ``torch.load`` sees the file.
+
+    Loaded with ``mmap=True``, every tensor is a view into one mapping of the file, so its data
+    pointer minus the mapping's base is its offset. We pair those with the zip records' offsets
+    in file order and check that sizes and spacing agree, rather than trusting record naming.
+    No tensor data is touched, so this costs no memory. ``loaded`` is that load, if the caller
+    has it already.
+    """
+    if loaded is None:
+        loaded = torch.load(path, mmap=True, weights_only=True)
+    with open(path, "rb") as f:
+        records = [r for r in storage_records(f) if r[1]]  # empty tensors need no bytes
+    storages = sorted(
+        (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes(), name)
+        for name, t in loaded.items()
+        if t.untyped_storage().nbytes()
+    )
+    if len(storages) != len(records):
+        raise RuntimeError(f"{path}: {len(records)} data records for {len(storages)} tensors")
+    base = storages[0][0] - records[0][0] if storages else 0
+    offsets = {name: 0 for name in loaded}
+    for (ptr, nbytes, name), (offset, size) in zip(storages, records, strict=True):
+        if ptr - base != offset or nbytes != size or loaded[name].storage_offset():
+            raise RuntimeError(f"{path}: record at byte {offset} does not hold tensor {name!r}")
+        offsets[name] = offset
+    return offsets

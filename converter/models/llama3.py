@@ -1,0 +1,290 @@
+"""Llama 3 as torchtitan trains it (``torchtitan/models/llama3``).
+
+Canonical names are torchtitan 0.3.0's. The layout eras, newest first:
+
+- #2937 (2026-04-27, "ChunkedCELoss"): ``output`` renamed ``lm_head``. Since #3656 (2026-06-19)
+  a fused QKV is saved split by state-dict hooks, so torchtitan 0.3.0 saves these keys.
+- #2937 with ``fuse_qkv=True``, before #3656: one fused ``attention.qkv_linear.wqkv`` per layer.
+- #2878 (2026-04-16, "Fused QKV GQAttention implementation"): ``attention.qkv_linear.{wq,wk,wv}``,
+  or the fused ``wqkv`` with ``fuse_qkv=True``; ``output.weight``.
+- #1347 (2025-07-03, "Always flatten model state_dict"): Meta's names at the top level; the
+  ``freqs_cis`` buffer was saved until #1600 (2025-08-19) made it non-persistent.
+- v0.1.0 and before: the same names nested under ``model.``, with ``model.freqs_cis``.
+
+RoPE is complex ("interleaved"), as in Meta's reference code and torchtune; Hugging Face rotates
+halves, so its naming reorders the rows of ``wq`` and ``wk`` per head, as torchtitan's own
+``Llama3StateDictAdapter.to_hf`` does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING
+
+from converter.errors import ConversionError
+from converter.models.base import Era, ModelConfig, ModelFamily, Target, check_stated
+from converter.plan import Piece, RowOrder
+
+
+@dataclass
+class Llama3Config(ModelConfig):
+    """A torchtitan llama3 model (``conf/experiment/model/llama3/<flavor>.yaml``)."""
+
+    family: str = "llama3"
+    n_heads: int = field(
+        default=MISSING,
+        metadata={"help": "attention heads (the shapes cannot tell 16 heads of 16 from 4 of 64)"},
+    )
+    n_kv_heads: int | None = field(
+        default=None, metadata={"help": "key/value heads; null: as n_heads (no grouped-query)"}
+    )
+    head_dim: int | None = field(default=None, metadata={"help": "per head; checked"})
+    norm_eps: float = field(default=1e-5, metadata={"help": "RMSNorm epsilon"})
+    rope_theta: float = field(default=500000.0, metadata={"help": "RoPE base"})
+    # torchtitan's ComplexRoPE with scaling="llama": Llama 3.1's frequency scaling.
+    rope_scaling: bool = field(default=True, metadata={"help": "Llama 3.1-style RoPE scaling"})
+    rope_scaling_factor: float = field(default=8.0, metadata={"help": "its scaling_factor"})
+    rope_low_freq_factor: float = field(default=1.0, metadata={"help": "its low_freq_factor"})
+    rope_high_freq_factor: float = field(default=4.0, metadata={"help": "its high_freq_factor"})
+    rope_original_max_seq_len: int = field(
+        default=8192, metadata={"help": "its original_max_position_embeddings"}
+    )
+
+    def check(self) -> None:
+        if self.n_heads <= 0:
+            raise ValueError(f"experiment.model.n_heads must be positive, got {self.n_heads}")
+        if self.n_kv_heads is not None and (self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads):
+            raise ValueError(
+                f"experiment.model.n_kv_heads={self.n_kv_heads} must be a positive divisor of "
+                f"n_heads={self.n_heads}"
+            )
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+
+_ATTENTION = "layers.{}.attention."
+_WQ, _WK, _WV = (f"{_ATTENTION}qkv_linear.{w}.weight" for w in ("wq", "wk", "wv"))
+_WQKV = f"{_ATTENTION}qkv_linear.wqkv.weight"
+_LAYER_KEYS = (
+    _WQ,
+    _WK,
+    _WV,
+    "layers.{}.attention.wo.weight",
+    "layers.{}.attention_norm.weight",
+    "layers.{}.ffn_norm.weight",
+    "layers.{}.feed_forward.w1.weight",
+    "layers.{}.feed_forward.w2.weight",
+    "layers.{}.feed_forward.w3.weight",
+)
+_SAME = {k: k for k in ("tok_embeddings.weight", "norm.weight", *_LAYER_KEYS[3:])}
+_QKV_LINEAR = {_WQ: _WQ, _WK: _WK, _WV: _WV}
+_META_QKV = {f"{_ATTENTION}{w}.weight": t for w, t in zip(("wq", "wk", "wv"), (_WQ, _WK, _WV))}
+_FREQS = "RoPE frequencies (a buffer; every consumer recomputes them from rope_theta)"
+
+ERAS = (
+    Era("#2937", "qkv_linear, lm_head; torchtitan 0.3.0", "2026-04-27",
+        {**_SAME, **_QKV_LINEAR, "lm_head.weight": "lm_head.weight"}),
+    Era("#2937 fuse_qkv", "fused qkv_linear.wqkv, lm_head", "2026-04-27 to #3656 (2026-06-19)",
+        {**_SAME, _WQKV: _WQKV, "lm_head.weight": "lm_head.weight"}, split=frozenset({_WQKV})),
+    Era("#2878", "qkv_linear, output", "2026-04-16",
+        {**_SAME, **_QKV_LINEAR, "output.weight": "lm_head.weight"}),
+    Era("#2878 fuse_qkv", "fused qkv_linear.wqkv, output", "2026-04-16",
+        {**_SAME, _WQKV: _WQKV, "output.weight": "lm_head.weight"}, split=frozenset({_WQKV})),
+    Era("#1347", "flat, Meta's names", "2025-07-03",
+        {**_SAME, **_META_QKV, "output.weight": "lm_head.weight", "freqs_cis": None},
+        dropped={"freqs_cis": _FREQS}),
+    Era("v0.1.0", "nested under model.", "torchtitan v0.1.0 and before",
+        {**_SAME, **_META_QKV, "output.weight": "lm_head.weight", "freqs_cis": None},
+        nested=True, dropped={"freqs_cis": _FREQS}),
+)  # fmt: skip
+
+_GLOBAL_NAMES = {"tok_embeddings.weight": "tok_embeddings.weight", "norm.weight": "norm.weight"}
+_META = {
+    **{k: Target(k) for k in _GLOBAL_NAMES},
+    "lm_head.weight": Target("output.weight"),
+    **{t: Target(k) for k, t in _META_QKV.items()},
+    **{k: Target(k) for k in _LAYER_KEYS[3:]},
+}
+_TORCHTUNE = {
+    "tok_embeddings.weight": Target("tok_embeddings.weight"),
+    "norm.weight": Target("norm.scale"),
+    "lm_head.weight": Target("output.weight"),
+    _WQ: Target("layers.{}.attn.q_proj.weight"),
+    _WK: Target("layers.{}.attn.k_proj.weight"),
+    _WV: Target("layers.{}.attn.v_proj.weight"),
+    "layers.{}.attention.wo.weight": Target("layers.{}.attn.output_proj.weight"),
+    "layers.{}.attention_norm.weight": Target("layers.{}.sa_norm.scale"),
+    "layers.{}.ffn_norm.weight": Target("layers.{}.mlp_norm.scale"),
+    "layers.{}.feed_forward.w1.weight": Target("layers.{}.mlp.w1.weight"),
+    "layers.{}.feed_forward.w2.weight": Target("layers.{}.mlp.w2.weight"),
+    "layers.{}.feed_forward.w3.weight": Target("layers.{}.mlp.w3.weight"),
+}
+# As torchtitan's Llama3StateDictAdapter.from_hf_map, read the other way.
+_HF = {
+    "tok_embeddings.weight": Target("model.embed_tokens.weight"),
+    "norm.weight": Target("model.norm.weight"),
+    "lm_head.weight": Target("lm_head.weight"),
+    _WQ: Target("model.layers.{}.self_attn.q_proj.weight", RowOrder.rope_halves),
+    _WK: Target("model.layers.{}.self_attn.k_proj.weight", RowOrder.rope_halves),
+    _WV: Target("model.layers.{}.self_attn.v_proj.weight"),
+    "layers.{}.attention.wo.weight": Target("model.layers.{}.self_attn.o_proj.weight"),
+    "layers.{}.attention_norm.weight": Target("model.layers.{}.input_layernorm.weight"),
+    "layers.{}.ffn_norm.weight": Target("model.layers.{}.post_attention_layernorm.weight"),
+    "layers.{}.feed_forward.w1.weight": Target("model.layers.{}.mlp.gate_proj.weight"),
+    "layers.{}.feed_forward.w2.weight": Target("model.layers.{}.mlp.down_proj.weight"),
+    "layers.{}.feed_forward.w3.weight": Target("model.layers.{}.mlp.up_proj.weight"),
+}
+
+
+class Llama3(ModelFamily):
+    name = "llama3"
+    config = Llama3Config
+    eras = ERAS
+    order = ("tok_embeddings.weight", *_LAYER_KEYS, "norm.weight", "lm_head.weight")
+    namings = {"meta": _META, "torchtune": _TORCHTUNE, "hf": _HF}
+
+    def split(
+        self, template: str, key: str, shape: tuple[int, ...], config: Any, source: str
+    ) -> dict[str, tuple[tuple[int, ...], list[Piece]]]:
+        """The fused QKV weight's rows are grouped per kv head, ``[n_kv_heads, n_heads /
+        n_kv_heads + 2, head_dim, dim]``: each group's query heads, then its key head, then its
+        value head (torchtitan's ``FusedQKVLinear``). Splitting needs the head counts."""
+        assert template == _WQKV, template
+        n_heads, n_kv = config.n_heads, config.kv_heads
+        rows, dims = shape[0], shape[1:]
+        per_group = n_heads // n_kv + 2
+        if rows % (n_kv * per_group):
+            raise ConversionError(
+                f"experiment.model.n_heads={n_heads} and n_kv_heads={config.n_kv_heads} "
+                f"contradict {key!r} of shape {shape} in {source}: its rows must be "
+                "(n_heads + 2 * n_kv_heads) * head_dim. Set the head counts of the model that "
+                "was trained."
+            )
+        head_dim = rows // (n_kv * per_group)
+        q_heads = per_group - 2
+        q, k, v = [], [], []
+        for g in range(n_kv):
+            base = g * per_group * head_dim
+            q.append(Piece(key, base, base + q_heads * head_dim, g * q_heads * head_dim))
+            k_start = base + q_heads * head_dim
+            k.append(Piece(key, k_start, k_start + head_dim, g * head_dim))
+            v.append(Piece(key, k_start + head_dim, k_start + 2 * head_dim, g * head_dim))
+        return {
+            _WQ: ((n_heads * head_dim, *dims), q),
+            _WK: ((n_kv * head_dim, *dims), k),
+            _WV: ((n_kv * head_dim, *dims), v),
+        }
+
+    def architecture(self, shapes: Mapping[str, tuple[int, ...]], config: Any) -> Llama3Config:
+        vocab_size, dim = shapes["tok_embeddings.weight"]
+        n_layers = len({k.split(".")[1] for k in shapes if k.startswith("layers.")})
+        q_rows = shapes[_WQ.format(0)][0]
+        k_rows = shapes[_WK.format(0)][0]
+        o_cols = shapes["layers.0.attention.wo.weight"][-1]
+        n_heads, n_kv = config.n_heads, config.kv_heads
+        # The head counts must fit the weights: query rows in n_heads whole heads, key rows
+        # in proportion n_kv_heads / n_heads, and the attention output projection must take
+        # the query rows back (which catches a fused QKV split by wrong head counts).
+        if q_rows % n_heads or k_rows * n_heads != q_rows * n_kv or q_rows != o_cols:
+            raise ConversionError(
+                f"experiment.model.n_heads={n_heads} and n_kv_heads={config.n_kv_heads} "
+                f"contradict the checkpoint: with them, layer 0 splits into {q_rows} query rows "
+                f"and {k_rows} key rows, but its attention output projection takes {o_cols} "
+                "inputs. Set the head counts of the model that was trained."
+            )
+        derived = {
+            "dim": dim,
+            "n_layers": n_layers,
+            "vocab_size": vocab_size,
+            "hidden_dim": shapes["layers.0.feed_forward.w1.weight"][0],
+            "head_dim": q_rows // n_heads,
+        }
+        check_stated(config, derived, "the checkpoint")
+        return dataclasses.replace(config, n_kv_heads=n_kv, **derived)
+
+    def required(self, arch: Any, layer: int) -> list[str]:
+        return list(_LAYER_KEYS)
+
+    def assumptions(self, arch: Llama3Config, era: Era) -> list[str]:
+        if era.split:
+            return [
+                f"the fused QKV weights are split with n_heads={arch.n_heads} and "
+                f"n_kv_heads={arch.kv_heads} as configured: their shapes cannot tell these from "
+                "head counts in the same proportion (8/2 from 4/1, which splits differently). "
+                "If the model was trained with other head counts, set them and convert again."
+            ]
+        return [
+            f"n_heads={arch.n_heads} and n_kv_heads={arch.kv_heads} are taken from the "
+            "config: the weights fix n_heads x head_dim and the ratio n_kv_heads / n_heads, not "
+            "the head count itself (16 heads of 16 and 4 heads of 64 have the same shapes, and "
+            "torchtune computes other logits with the wrong one). Check them against the model "
+            f"that was trained, or use a preset: {self.presets()}."
+        ]
+
+    # ---------------------------------------------------------------- what formats write
+
+    def hf_config(self, arch: Llama3Config) -> dict[str, Any]:
+        """``config.json`` for transformers' ``LlamaForCausalLM``."""
+        config: dict[str, Any] = {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": arch.dim,
+            "intermediate_size": arch.hidden_dim,
+            "num_attention_heads": arch.n_heads,
+            "num_key_value_heads": arch.kv_heads,
+            "head_dim": arch.head_dim,
+            "num_hidden_layers": arch.n_layers,
+            "vocab_size": arch.vocab_size,
+            "rms_norm_eps": arch.norm_eps,
+            "rope_theta": arch.rope_theta,
+            "max_position_embeddings": arch.max_seq_len,
+            "tie_word_embeddings": arch.tied_embeddings,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
+        }
+        if arch.rope_scaling:
+            config["rope_scaling"] = {
+                "rope_type": "llama3",
+                "factor": arch.rope_scaling_factor,
+                "low_freq_factor": arch.rope_low_freq_factor,
+                "high_freq_factor": arch.rope_high_freq_factor,
+                "original_max_position_embeddings": arch.rope_original_max_seq_len,
+            }
+        return config
+
+    def torchtune_model(self, arch: Llama3Config) -> dict[str, Any]:
+        """torchtune's llama3-family component builder with the model's dimensions."""
+        args: dict[str, Any] = {
+            "vocab_size": arch.vocab_size,
+            "num_layers": arch.n_layers,
+            "num_heads": arch.n_heads,
+            "num_kv_heads": arch.kv_heads,
+            "embed_dim": arch.dim,
+            "max_seq_len": arch.max_seq_len,
+            "intermediate_dim": arch.hidden_dim,
+            "norm_eps": arch.norm_eps,
+            "rope_base": arch.rope_theta,
+        }
+        if arch.tied_embeddings:
+            # llama3_2's builder ties the output projection to the embeddings; it applies
+            # Llama 3.1-style RoPE scaling with scale_factor 32 by default, torchtitan uses 8.
+            component = "torchtune.models.llama3_2.llama3_2"
+            args["tie_word_embeddings"] = True
+            args["scale_factor"] = arch.rope_scaling_factor
+        elif arch.rope_scaling:
+            component = "torchtune.models.llama3_1.llama3_1"
+            args["scale_factor"] = arch.rope_scaling_factor
+        else:
+            component = "torchtune.models.llama3.llama3"
+        return {"_component_": component, **args}
+
+    def torchtune_model_type(self, arch: Llama3Config) -> str:
+        # LLAMA3_2 is torchtune's model type for tied embeddings (no output.weight).
+        return "LLAMA3_2" if arch.tied_embeddings else "LLAMA3"

@@ -1,0 +1,131 @@
+"""Where a checkpoint lies: the small interface through which everything reads a source.
+
+A source is a folder of files addressed by string paths: a local folder, or an object store
+reached through fsspec (``converter.sources.remote``). Nothing above this module opens a source
+file or holds a ``Path`` to one, so a conversion reads S3 the way it reads a local disk: by
+byte ranges, into buffers the caller owns.
+
+Needs no torch: the job finds the step folder before it imports torch.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from converter.errors import ConversionError
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """One entry of a folder. ``version`` identifies the file's contents as cheaply as the
+    storage allows: the modification time (ns) of a local file, the ETag of an object."""
+
+    name: str
+    is_dir: bool
+    size: int = 0
+    version: str = ""
+
+
+class Storage(ABC):
+    """Read access to one source tree. Paths are strings; ``root`` is the folder asked for."""
+
+    root: str
+    #: What ``FileInfo.version`` holds, for the manifest ("mtime_ns", "etag").
+    version_kind: str
+    #: Whether reads cost a request each (a remote store): the reader then batches them.
+    remote: bool = False
+
+    def join(self, folder: str, *names: str) -> str:
+        return posixpath.join(folder, *names)
+
+    @staticmethod
+    def name(path: str) -> str:
+        return posixpath.basename(path.rstrip("/"))
+
+    @staticmethod
+    def parent(path: str) -> str:
+        return posixpath.dirname(path.rstrip("/"))
+
+    def display(self, path: str) -> str:
+        """``path`` as a user would type it (a URL for a remote store)."""
+        return path
+
+    @abstractmethod
+    def info(self, path: str) -> FileInfo | None:
+        """The file or folder at ``path``, or None if there is none."""
+
+    @abstractmethod
+    def listdir(self, folder: str) -> list[FileInfo]:
+        """The entries of ``folder``, sorted by name."""
+
+    @abstractmethod
+    def read_into(self, path: str, offset: int, into: memoryview) -> int:
+        """Reads up to ``len(into)`` bytes of ``path`` from ``offset`` into ``into``; returns how
+        many it read (fewer only at the end of the file)."""
+
+    def read(self, path: str, offset: int = 0, length: int | None = None) -> bytes:
+        if length is None:
+            info = self.info(path)
+            length = max(0, (info.size if info else 0) - offset)
+        buffer = bytearray(length)
+        got = self.read_into(path, offset, memoryview(buffer))
+        return bytes(buffer[:got])
+
+    def close(self) -> None:
+        """Releases connections or caches (nothing, locally)."""
+
+
+class LocalStorage(Storage):
+    """A folder on a local or mounted file system."""
+
+    version_kind = "mtime_ns"
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+
+    def info(self, path: str) -> FileInfo | None:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise read_error(path, e) from e
+        is_dir = os.path.isdir(path)
+        return FileInfo(self.name(path), is_dir, 0 if is_dir else st.st_size, str(st.st_mtime_ns))
+
+    def listdir(self, folder: str) -> list[FileInfo]:
+        try:
+            names = sorted(os.listdir(folder))
+        except OSError as e:
+            raise read_error(folder, e) from e
+        return [i for n in names if (i := self.info(os.path.join(folder, n))) is not None]
+
+    def read_into(self, path: str, offset: int, into: memoryview) -> int:
+        view = into.cast("B") if into.format != "B" else into
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            raise read_error(path, e) from e
+        done = 0
+        try:
+            while done < len(view):
+                got = os.preadv(fd, [view[done:]], offset + done)
+                if got == 0:
+                    break
+                done += got
+        except OSError as e:
+            raise read_error(path, e) from e
+        finally:
+            os.close(fd)
+        return done
+
+
+def read_error(path: str, e: OSError) -> ConversionError:
+    """An I/O error while reading a source: the storage failed, which says nothing of the data."""
+    return ConversionError(
+        f"Cannot read {path}: {e.strerror or e} (errno {e.errno}). The storage failed while "
+        "reading, which says nothing of the data: check the file system, then run again."
+    )

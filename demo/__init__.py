@@ -1,0 +1,1 @@
+"""Real torchtitan-layout DCP checkpoints, for the demo step and for the tests."""
