@@ -15,7 +15,7 @@ install-test:
 
 # Demo step (explicitly named): writes torchtitan-layout checkpoints under outputs/, then sweeps.
 demo: install
-	$(PYTHON) -m converter.demo --out outputs
+	$(PYTHON) -m demo --out outputs
 	$(PYTHON) convert.py -m experiment=debug,500M,debug_pretrained
 
 # The SLURM tests need the one-node cluster that launch/slurm_cluster.sh brings up (as root).

@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 
-from converter import demo
 from converter.hashing import sha256_file
 from converter.manifest import manifest_path, read_manifest, torchtune_yaml_path
 from converter.source import DcpCheckpoint
+from demo import writer as demo
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent

@@ -63,7 +63,12 @@ class ExperimentConfig:
     tokenizer_dir: str | None = _doc(  # noqa: UP007
         None, "torchtitan's hf_assets_path: tokenizer files copied into an hf output"
     )
-    model: ModelConfig = _doc(MISSING, "the model: a preset, experiment/model=<family>/<flavor>")
+    # The preset brings its family's config, a subclass. Until then the fields every family
+    # has: a sweep's launching process, which composes no experiment, takes overrides of them.
+    model: ModelConfig = field(
+        default_factory=ModelConfig,
+        metadata={"help": "the model: a preset, experiment/model=<family>/<flavor>"},
+    )
 
     def check(self) -> None:
         if isinstance(self.step, str) and self.step != "latest":
@@ -240,6 +245,14 @@ def to_object(cfg: Any) -> ConvertConfig:
             + ". A '+' in front of an override does not make a key known: only the keys of "
             "the typed schema (converter/config.py and the family's and format's configs) are "
             "read"
+        )
+    if OmegaConf.is_missing(cfg.experiment.model, "family"):
+        raise ValueError(
+            "experiment.model names no model family: an experiment picks its model with "
+            "'defaults: [model: llama3/<flavor>, _self_]' (a preset of torchtitan's registry, "
+            "conf/experiment/model/) or 'model: llama3' (the family, every field given), or on "
+            "the command line with experiment/model=<family>/<flavor>; families: "
+            + ", ".join(FAMILIES)
         )
     obj = OmegaConf.to_object(cfg)
     assert isinstance(obj, ConvertConfig)

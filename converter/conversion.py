@@ -55,8 +55,8 @@ from converter.verify import Staged, read_back
 log = logging.getLogger("titan2tune")
 
 
-class Status(Enum):
-    """How a job ended."""
+class Status(str, Enum):
+    """How a job ended (a str too: the summary's JSON and a test compare it as one)."""
 
     converted = "converted"
     skipped = "skipped"
@@ -294,13 +294,10 @@ def _create(out: Output, planned: _Planned) -> tuple[list[Staged], Filler]:
         except OSError as e:
             raise output_error(planned.output, e) from e
         staged.append(Staged(name, path, tensors, offsets))
-    offsets = {n: (s.name, o) for s in staged for n, o in s.offsets.items()}
-    return staged, Filler({s.name: s.path for s in staged}, offsets, planned.output)
+    return staged, out.filler({n: (s.name, o) for s in staged for n, o in s.offsets.items()})
 
 
-def _fill(
-    planned: _Planned, filler: Filler, sources: Collection[str], group: TaskGroup
-) -> Filled:
+def _fill(planned: _Planned, filler: Filler, sources: Collection[str], group: TaskGroup) -> Filled:
     """Converts the source tensors ``sources`` into ``filler`` and syncs it."""
     conf = planned.conf
     desc = planned.name if not group.shared else f"{planned.name} ({group})"
@@ -458,7 +455,10 @@ def _check_not_folders(output: Path, fmt: OutputFormat) -> None:
             f"never replaces a folder. Choose a file path (such as {output / 'model.pt'}) or "
             "remove the folder, then run again."
         )
-    for path in (manifest_path(output, False), *(output.with_name(n) for n in fmt.describe_names(output))):
+    for path in (
+        manifest_path(output, False),
+        *(output.with_name(n) for n in fmt.describe_names(output)),
+    ):
         if path.is_dir():
             raise ConversionError(
                 f"{path} is a folder, where the converter writes a file that describes "

@@ -153,7 +153,9 @@ def convert_tensors(
                     data = _cast_into(
                         window[lo - start : hi - start], tensor.dtype, buffer[read_bytes:], p
                     )
-                    offset = (p.dst_start + lo - p.src_start) * _row_bytes(tensor.shape, tensor.dtype)
+                    offset = (p.dst_start + lo - p.src_start) * _row_bytes(
+                        tensor.shape, tensor.dtype
+                    )
                     out.write(tensor.name, offset, data)
                     region_digest = xxhash.xxh3_64_intdigest(data.view(torch.uint8).numpy())
                     with lock:

@@ -28,6 +28,7 @@ from pathlib import Path
 from types import TracebackType
 
 from converter.errors import ConversionError, output_error
+from converter.filler import Filler
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,8 @@ class Output:
         self.describes = describes
         self._lock_fd: int | None = None
         self._made_dirs: list[Path] = []
-        self._staged_files: list[Path] = []
+        self._staged: dict[str, Path] = {}
+        self._filler: Filler | None = None
 
     def __enter__(self) -> Output:
         try:
@@ -92,14 +94,21 @@ class Output:
         """Where the output's file ``name`` is built (``""``: a one-file output itself)."""
         if not self.folder:
             assert name == "", name
-            return self.partial
-        try:
-            self.partial.mkdir(exist_ok=True)
-        except OSError as e:
-            raise output_error(self.path, e) from e
-        path = self.partial / name
-        self._staged_files.append(path)
+            path = self.partial
+        else:
+            try:
+                self.partial.mkdir(exist_ok=True)
+            except OSError as e:
+                raise output_error(self.path, e) from e
+            path = self.partial / name
+        self._staged[name] = path
         return path
+
+    def filler(self, offsets: dict[str, tuple[str, int]]) -> Filler:
+        """The means to fill the staged files' tensors (tensor -> (file, byte offset)); closed
+        when the output is, whatever happens."""
+        self._filler = Filler(dict(self._staged), offsets, self.path)
+        return self._filler
 
     def publish(self, described: dict[Path, str | Path] | None = None) -> None:
         """Gives the filled and synced output its final name in one atomic step, with the
@@ -110,6 +119,7 @@ class Output:
         The describing files are written and synced first (a full disk fails here, before
         anything is published). If any step fails, what this call renamed into place is
         removed again: nothing is left under the output's or a sidecar's name."""
+        assert self._filler is None or self._filler.closed, "fill and sync() first"
         described = described or {}
         try:
             if self.folder:
@@ -163,6 +173,8 @@ class Output:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if self._filler is not None:
+            self._filler.close()
         try:
             self._remove_leftovers()
         finally:
@@ -179,9 +191,7 @@ class Output:
         place left the old folder aside: put it back."""
         if self.replaced.is_dir() and not self.path.exists():
             os.replace(self.replaced, self.path)
-            log.warning(
-                "Put %s back in place: a run was stopped while replacing it.", self.path
-            )
+            log.warning("Put %s back in place: a run was stopped while replacing it.", self.path)
         elif self.replaced.exists():
             shutil.rmtree(self.replaced, ignore_errors=True)
 

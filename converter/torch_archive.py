@@ -59,7 +59,11 @@ class StoredTensor:
         for size in reversed(self.shape):
             expected.append(step)
             step *= size
-        dims = [(s, e) for s, e, n in zip(self.stride, reversed(expected), self.shape) if n > 1]
+        dims = [
+            (s, e)
+            for s, e, n in zip(self.stride, reversed(expected), self.shape, strict=True)
+            if n > 1
+        ]
         return self.storage_offset == 0 and all(s == e for s, e in dims)
 
 
@@ -95,7 +99,9 @@ def stored_tensor(archive: BinaryIO) -> StoredTensor:
 
 
 # "FloatStorage" -> torch.float32, as torch.save names a storage's dtype in the pickle.
-_STORAGE_DTYPES = {name: dtype for dtype, name in torch.storage._dtype_to_storage_type_map().items()}
+_STORAGE_DTYPES = {
+    name: dtype for dtype, name in torch.storage._dtype_to_storage_type_map().items()
+}
 
 
 @dataclass(frozen=True)

@@ -87,8 +87,9 @@ TORCHTITAN_0_3 = "#2937"
 _LR = 1e-2
 _WARMUP_STEPS = 2
 _ROPE_THETA = 500000.0
-# Nested saves kept ``freqs_cis`` as a persistent buffer of shape [max_seq_len, head_dim // 2]; 2048 is the
-# llama3 default max_seq_len of that period (torchtitan 031f73f8a, models/llama/model.py).
+# Nested saves kept ``freqs_cis`` as a persistent buffer of shape [max_seq_len, head_dim // 2];
+# 2048 is the llama3 default max_seq_len of that period (torchtitan 031f73f8a,
+# models/llama/model.py).
 _NESTED_MAX_SEQ_LEN = 2048
 _NORM_EPS = 1e-5
 
@@ -696,5 +697,3 @@ def write_step(
         "optimizer_steps": optimizer_steps,
     }
     return write_steps([(step_dir, weights, shape, options)], world_size)[0]
-
-

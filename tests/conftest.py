@@ -1,5 +1,5 @@
 """Shared fixtures: the Hydra config as the entry point composes it, and real DCP checkpoints
-written by real two-rank FSDP2 saves (converter.demo), once per test session."""
+written by real two-rank FSDP2 saves (demo.writer), once per test session."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from omegaconf import DictConfig
 
-from converter import demo
 from converter.config import register_configs
+from demo import writer as demo
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -58,27 +58,27 @@ FULL_STEP, WEIGHTS_ONLY_STEP = 10, 20
 
 @pytest.fixture(scope="session")
 def layout_checkpoints(tmp_path_factory):
-    """A torchtitan checkpoint folder per layout generation and model variant, each with a full
+    """A torchtitan checkpoint folder per layout era and model variant, each with a full
     training save at FULL_STEP and a bfloat16 weights-only save at WEIGHTS_ONLY_STEP, all
     written by two FSDP2 ranks in one start of the ranks (starting them is the slow part).
-    Returns {(generation, variant): (folder, shape, {step: weights as saved})}."""
+    Returns {(layout, variant): (folder, shape, {step: weights as saved})}."""
     base = tmp_path_factory.mktemp("layouts")
-    cases = [(g, v) for g in ("G1", "G2", "G3", "G4") for v in VARIANTS]
+    cases = [(layout, v) for layout in demo.LAYOUTS for v in VARIANTS]
     steps, folders = [], {}
-    for seed, (generation, variant) in enumerate(cases, start=1):
+    for seed, (layout, variant) in enumerate(cases, start=1):
         shape = demo.ModelShape(**VARIANTS[variant])
         weights = demo.reference_weights(shape, seed=seed)
-        folders[generation, variant] = base / f"{generation}_{variant}" / "checkpoint", shape
-        root = folders[generation, variant][0]
+        folder = base / f"{layout.replace('#', '').replace(' ', '_')}_{variant}" / "checkpoint"
+        folders[layout, variant] = folder, shape
         steps.append(
-            (root / f"step-{FULL_STEP}", weights, shape, {"generation": generation, "kind": "full"})
+            (folder / f"step-{FULL_STEP}", weights, shape, {"layout": layout, "kind": "full"})
         )
         steps.append(
             (
-                root / f"step-{WEIGHTS_ONLY_STEP}",
+                folder / f"step-{WEIGHTS_ONLY_STEP}",
                 weights,
                 shape,
-                {"generation": generation, "kind": "weights_only", "export_dtype": torch.bfloat16},
+                {"layout": layout, "kind": "weights_only", "export_dtype": torch.bfloat16},
             )
         )
     saved = demo.write_steps(steps)
@@ -106,11 +106,12 @@ TINY = demo.ModelShape(dim=32, n_layers=1, n_heads=4, n_kv_heads=4, vocab_size=6
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    """A checkpoint folder with one float32 weights-only G4 save of TINY, at step 5."""
+    """A checkpoint folder with one float32 weights-only save of TINY (torchtitan 0.3.0's
+    layout), at step 5."""
     root = tmp_path_factory.mktemp("tiny") / "checkpoint"
     weights = demo.reference_weights(TINY, seed=3)
     demo.write_steps(
-        [(root / "step-5", weights, TINY, {"generation": "G4", "kind": "weights_only",
+        [(root / "step-5", weights, TINY, {"layout": "#2937", "kind": "weights_only",
                                            "export_dtype": torch.float32})]
     )  # fmt: skip
     return root

@@ -9,7 +9,8 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
-from converter.config import ExportDtype, OutputFormat, to_object
+from converter.config import ExportDtype, to_object
+from converter.models.llama3 import Llama3Config
 from tests.conftest import REPO, compose
 
 
@@ -19,7 +20,8 @@ def test_experiments_compose_to_typed_configs():
         assert conf.experiment.name == name
         assert conf.experiment.checkpoint_dir.endswith(f"checkpoint_{name}")
         assert conf.experiment.output == f"{conf.experiment.checkpoint_dir}/final_model.pt"
-        assert conf.output_format is OutputFormat.meta
+        assert conf.output_format.name == "meta"
+        assert isinstance(conf.experiment.model, Llama3Config)
         assert conf.overwrite is False and conf.verify is True
 
 
@@ -48,7 +50,7 @@ def test_every_documented_override_applies():
         "/data/out/model.pt",
     )
     assert exp.export_dtype is ExportDtype.float16 and exp.model.kv_heads == 4
-    assert exp.model.tied_embeddings and conf.output_format is OutputFormat.torchtune
+    assert exp.model.tied_embeddings and conf.output_format.name == "torchtune"
     assert conf.overwrite and not conf.verify and conf.workers == 2
 
 
@@ -56,7 +58,7 @@ def test_every_documented_override_applies():
     "override, message",
     [
         ("experiment.export_dtype=bf17", "expected one of [bfloat16, float16, float32, keep]"),
-        ("output_format=safetensors", "expected one of [meta, torchtune]"),
+        ("output_format=safetensors", "Could not find 'output_format/safetensors'"),
         ("experiment.step=1.5", "incompatible with type hint"),
         ("experiment.stepp=3", "Key 'stepp' not in 'ExperimentConfig'"),
         ("workers=many", "Value 'many' of type 'str' could not be converted to Integer"),
@@ -103,3 +105,36 @@ def test_cli_without_experiment_asks_for_one():
     )
     assert run.returncode != 0
     assert "You must specify 'experiment'" in run.stderr
+
+
+def test_a_preset_is_chosen_on_the_command_line_and_typed():
+    """``experiment/model=<family>/<flavor>`` replaces the experiment's model with a preset of
+    torchtitan's registry; a field the preset's family lacks is an error at composition."""
+    conf = to_object(compose(["experiment=debug", "experiment/model=llama3/8B"]))
+    model = conf.experiment.model
+    assert isinstance(model, Llama3Config) and model.flavor == "8B"
+    assert (model.dim, model.n_layers, model.n_heads, model.kv_heads) == (4096, 32, 32, 8)
+    assert (model.vocab_size, model.hidden_dim, model.rope_scaling_factor) == (128256, 14336, 8.0)
+    with pytest.raises((ValidationError, ConfigCompositionException)) as e:
+        compose(["experiment=debug", "experiment.model.num_experts=8"])
+    assert "num_experts" in str(e.value) + str(e.value.__cause__)
+
+
+def test_cfg_job_prints_the_preset():
+    run = subprocess.run(
+        [
+            sys.executable,
+            "convert.py",
+            "experiment=debug",
+            "experiment/model=llama3/8B",
+            "--cfg",
+            "job",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "flavor: 8B" in run.stdout and "dim: 4096" in run.stdout, run.stdout
+    assert "hidden_dim: 14336" in run.stdout

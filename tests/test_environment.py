@@ -55,7 +55,7 @@ def test_demo_refuses_a_disk_too_small_before_writing(tmp_path):
 
     with tmpfs(tmp_path / "small", "64m") as small:
         run = subprocess.run(
-            [sys.executable, "-m", "converter.demo", "--out", str(small / "outputs")],
+            [sys.executable, "-m", "demo", "--out", str(small / "outputs")],
             cwd=REPO,
             capture_output=True,
             text=True,

@@ -28,14 +28,19 @@ from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
 
-from converter import demo
 from converter.errors import ConversionError
-from converter.sink import OutputFile
+from converter.filler import Filler
+from converter.formats import FORMATS
+from converter.plan import OutputTensor
+from converter.publish import Output
+from demo import writer as demo
 from tests.conftest import REPO, model_overrides, unavailable
 
-# G3 (fused QKV, so head counts can contradict the shapes), grouped-query attention.
+# A fused QKV (torchtitan#2937 with fuse_qkv=True, so head counts can contradict the shapes),
+# grouped-query attention.
 SMALL = demo.ModelShape(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=96, hidden_dim=160)
 # ~580 MB of float32: larger than the memory cgroup below, and slow enough to write that a
 # conversion can be killed, or raced, while it writes.
@@ -57,20 +62,20 @@ RUN_TIMEOUT = 300  # seconds, for one run of the table; they take 5 to 40
 
 @pytest.fixture(scope="module")
 def saves(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor], Path, dict[str, torch.Tensor]]:
-    """Both checkpoints, by one start of the ranks: a full (resumable) G3 save at step 10 and
-    a float32 weights-only G4 save. Returns (small step folder, its weights, big checkpoint
-    folder, its weights)."""
+    """Both checkpoints, by one start of the ranks: a full (resumable) fused-QKV save at step 10
+    and a float32 weights-only save in torchtitan 0.3.0's layout. Returns (small step folder,
+    its weights, big checkpoint folder, its weights)."""
     small_step = tmp_path_factory.mktemp("pristine_small") / "checkpoint" / f"step-{STEP}"
     big_root = tmp_path_factory.mktemp("pristine_big") / "checkpoint"
     small_weights, big_weights = demo.write_steps(
         [
             (
                 small_step, demo.reference_weights(SMALL, seed=11), SMALL,
-                {"generation": "G3", "kind": "full"},
+                {"layout": "#2937 fuse_qkv", "kind": "full"},
             ),
             (
                 big_root / "step-1", demo.reference_weights(BIG, seed=12), BIG,
-                {"generation": "G4", "kind": "weights_only", "export_dtype": torch.float32},
+                {"layout": "#2937", "kind": "weights_only", "export_dtype": torch.float32},
             ),
         ]
     )  # fmt: skip
@@ -287,7 +292,10 @@ def _latest_unfinished(root: Path, pristine: Path, cleanup: ExitStack) -> dict[s
 
 
 def _check_latest(root: Path, weights: dict[str, torch.Tensor]) -> None:
-    """It converted step-10, and the manifest holds each source file's size and sha256."""
+    """It converted step-10; the manifest holds each source file's size and mtime, and the
+    XXH3-128 of every model tensor's bytes as saved, each read here with DCP's own loader."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
     _check_small(root, weights)
     manifest = json.loads((root / "out" / "model.pt.manifest.json").read_text())
     assert manifest["source"]["step"] == STEP
@@ -295,9 +303,19 @@ def _check_latest(root: Path, weights: dict[str, torch.Tensor]) -> None:
     files = {p.name: p for p in step_dir.iterdir()}
     assert set(manifest["source"]["files"]) == set(files) == {".metadata", *_shards(step_dir)}
     for name, recorded in manifest["source"]["files"].items():
-        with open(files[name], "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
-        assert recorded == {"bytes": files[name].stat().st_size, "sha256": digest}, name
+        st = files[name].stat()
+        assert recorded == {"bytes": st.st_size, "mtime_ns": str(st.st_mtime_ns)}, name
+    dcp_to_torch_save(step_dir, root / "whole.pt")
+    saved = torch.load(root / "whole.pt", weights_only=True)
+    tensors = manifest["source"]["tensors"]
+    assert set(tensors) == {k for k in saved if not k.startswith(_TRAINING_STATE)}
+    for key, recorded in tensors.items():
+        data = saved[key].contiguous().view(torch.uint8).numpy()
+        assert recorded == {"bytes": data.nbytes, "xxh3_128": xxhash.xxh3_128_hexdigest(data)}
+    assert manifest["source"]["bytes_read"] == sum(t["bytes"] for t in tensors.values())
+
+
+_TRAINING_STATE = ("optimizer", "lr_scheduler", "dataloader", "train_state")
 
 
 def _shards(step_dir: Path) -> list[str]:
@@ -787,6 +805,14 @@ def _victim_chunk(step_dir: Path) -> tuple[Path, int]:
 # --------------------------------------------------------------------------------------------
 
 
+def _create(out: Output, layout: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> Filler:
+    """A ``.pt`` of ``layout`` (name -> shape, dtype), its structure written, ready to fill."""
+    path = out.staging("")
+    tensors = [OutputTensor(name, shape, dtype, ()) for name, (shape, dtype) in layout.items()]
+    offsets = FORMATS["meta"].create(path, tensors)
+    return out.filler({name: ("", offset) for name, offset in offsets.items()})
+
+
 def test_disk_filling_mid_tensor_is_reported_not_truncated(tmp_path):
     """On a filling disk ``pwrite`` first writes part of a buffer, then fails. A write that
     resumed at the wrong byte (a multi-dimensional view sliced by rows) lost data silently."""
@@ -794,9 +820,9 @@ def test_disk_filling_mid_tensor_is_reported_not_truncated(tmp_path):
         layout = {f"t{i}": ((256, 256), torch.float32) for i in range(4)}
         with (
             pytest.raises(ConversionError, match="the disk is full"),
-            OutputFile(fs / "model.pt") as out,
+            Output(fs / "model.pt", folder=False) as out,
         ):
-            filler = out.create(layout)
+            filler = _create(out, layout)
             for name in layout:
                 filler.write(name, 0, torch.ones(256, 256))
         assert list(fs.iterdir()) == []
@@ -809,8 +835,8 @@ def test_disk_filling_mid_tensor_is_reported_not_truncated(tmp_path):
 SIDECAR_TEXTS = {"model.pt.torchtune.yaml": "checkpointer: {}\n", "model.pt.manifest.json": "{}\n"}
 
 
-def _filled(out: OutputFile) -> None:
-    filler = out.create({"t": ((64, 64), torch.float32)})
+def _filled(out: Output) -> None:
+    filler = _create(out, {"t": ((64, 64), torch.float32)})
     filler.write("t", 0, torch.ones(64, 64))
     filler.sync()
 
@@ -831,7 +857,7 @@ def test_a_failing_rename_during_publish_leaves_nothing(tmp_path, blocked, match
     texts = _publish_texts(tmp_path)
     with (
         pytest.raises(ConversionError, match=match),
-        OutputFile(tmp_path / "model.pt", tuple(texts)) as out,
+        Output(tmp_path / "model.pt", False, tuple(texts)) as out,
     ):
         _filled(out)
         (tmp_path / blocked).mkdir()
@@ -847,7 +873,7 @@ def test_sidecar_write_failing_publishes_nothing(tmp_path):
         texts = {fs / name: "x" * (48 << 10) for name in SIDECAR_TEXTS}
         with (
             pytest.raises(ConversionError, match="the disk is full"),
-            OutputFile(fs / "model.pt", tuple(texts)) as out,
+            Output(fs / "model.pt", False, tuple(texts)) as out,
         ):
             _filled(out)  # 16 KiB of tensor, and the archive's structure
             out.publish(texts)
@@ -861,7 +887,7 @@ def test_orphaned_sidecars_are_removed_and_logged(tmp_path, caplog):
     for path, text in texts.items():
         path.write_text(text)
         path.with_name(f".{path.name}.partial").write_text(text[:3])
-    with caplog.at_level("INFO"), OutputFile(tmp_path / "model.pt", tuple(texts)) as out:
+    with caplog.at_level("INFO"), Output(tmp_path / "model.pt", False, tuple(texts)) as out:
         assert list(tmp_path.glob("model.pt.*")) == []
         _filled(out)
         out.publish({path: text.upper() for path, text in texts.items()})
@@ -930,9 +956,8 @@ def test_sigkill_between_output_and_manifest_is_repaired_by_the_next_run(
     assert sorted(p.name for p in out.iterdir()) == sorted(OUT)
     manifest = json.loads((out / "model.pt.manifest.json").read_text())
     assert manifest["output"]["dtype"] == "bfloat16"
-    assert (
-        manifest["output"]["sha256"] == hashlib.sha256((out / "model.pt").read_bytes()).hexdigest()
-    )
+    recorded = manifest["output"]["files"][""]
+    assert recorded["xxh3_128"] == xxhash.xxh3_128_hexdigest((out / "model.pt").read_bytes())
     assert_matches(out / "model.pt", weights, torch.bfloat16)
     assert snapshot(tmp_path / "checkpoint") == sources
 

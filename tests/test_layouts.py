@@ -1,4 +1,4 @@
-"""Every torchtitan layout generation, full and weights-only, into every output format and
+"""Every torchtitan layout era, full and weights-only, into every .pt output format and
 export dtype, on checkpoints written by real two-rank FSDP2 saves. Outputs are loaded the way
 torchtune loads them and compared with the saved weights, bit for bit after the cast."""
 
@@ -13,6 +13,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torchtune.models.convert_weights import meta_to_tune
 
 from converter import job
+from demo import writer as demo
 from tests.conftest import FULL_STEP, VARIANTS, WEIGHTS_ONLY_STEP, compose, model_overrides
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -44,14 +45,14 @@ def convert(tmp_path, root, shape, *overrides: str) -> job.JobResult:
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-@pytest.mark.parametrize("generation", ["G1", "G2", "G3", "G4"])
+@pytest.mark.parametrize("layout", list(demo.LAYOUTS))
 @pytest.mark.parametrize("kind", ["full", "weights_only"])
 @pytest.mark.parametrize("output_format", ["meta", "torchtune"])
 @pytest.mark.parametrize("export_dtype", ["bfloat16", "float16", "float32", "keep"])
 def test_layout_converts_exactly(
-    tmp_path, layout_checkpoints, generation, variant, kind, output_format, export_dtype
+    tmp_path, layout_checkpoints, layout, variant, kind, output_format, export_dtype
 ):
-    root, shape, saved = layout_checkpoints[generation, variant]
+    root, shape, saved = layout_checkpoints[layout, variant]
     step = FULL_STEP if kind == "full" else WEIGHTS_ONLY_STEP
     result = convert(
         tmp_path,
@@ -72,8 +73,9 @@ def test_layout_converts_exactly(
         assert torch.equal(out[key], want), key
 
     manifest = json.loads(Path(result.output + ".manifest.json").read_text())
-    assert manifest["source"]["generation"] == (
-        "G2" if generation == "G1" and kind == "weights_only" else generation
+    # A weights-only save is flat even before #1347: the names of #1347 explain it.
+    assert manifest["source"]["layout"] == (
+        "#1347" if layout == "v0.1.0" and kind == "weights_only" else layout
     )
     assert manifest["source"]["kind"] == kind
     # Nothing is silently dropped: every key of the checkpoint is converted or accounted for.
@@ -87,14 +89,14 @@ def test_layout_converts_exactly(
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_fused_qkv_split_equals_torchtitans_own(tmp_path, layout_checkpoints, variant, caplog):
-    """The G3 ``wqkv`` split checked against torchtitan 0.3.0's ``FusedQKVLinear``, whose
+    """The fused ``wqkv`` split checked against torchtitan 0.3.0's ``FusedQKVLinear``, whose
     state-dict hook splits the fused weight on save, not against our own fusing code: the fused
     tensors are read from the checkpoint with torch's own DCP reader."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     from torchtitan.models.common.attention import FusedQKVLinear
     from torchtitan.models.common.linear import Linear
 
-    root, shape, _ = layout_checkpoints["G3", variant]
+    root, shape, _ = layout_checkpoints["#2937 fuse_qkv", variant]
     step_dir = root / f"step-{FULL_STEP}"
     dcp_to_torch_save(step_dir, tmp_path / "whole.pt")
     stored = torch.load(tmp_path / "whole.pt", weights_only=True)
@@ -139,7 +141,7 @@ def test_pieces_across_chunk_boundaries_from_three_ranks(tmp_path, verify):
     """One kv head (n_kv_heads=1) and three writer ranks: the fused QKV's query rows span two
     ranks' chunks, its key and value rows lie inside the third, and 64-wide norms split
     unevenly (22/21/21). The whole conversion is exact with verify on and off."""
-    from converter import demo
+    from demo import writer as demo
 
     shape = demo.ModelShape(
         dim=64, n_layers=2, n_heads=4, n_kv_heads=1, vocab_size=96, hidden_dim=160
@@ -149,7 +151,7 @@ def test_pieces_across_chunk_boundaries_from_three_ranks(tmp_path, verify):
         root / "step-5",
         demo.reference_weights(shape, seed=11),
         shape,
-        generation="G3",
+        layout="#2937 fuse_qkv",
         kind="full",
         world_size=3,
     )

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from converter import demo, engine, job
+from converter import engine, job
+from demo import writer as demo
 from tests.conftest import REPO, compose, model_overrides
 
 BUDGET_MB = 16
@@ -46,7 +47,7 @@ def checkpoints(tmp_path_factory) -> Path:
                 root / name / "step-1",
                 demo.reference_weights(shape, seed=7),
                 shape,
-                {"generation": "G4", "kind": "weights_only"},
+                {"layout": "#2937", "kind": "weights_only"},
             )
             for name, shape in (("small", SMALL), ("large", LARGE))
         ]

@@ -12,15 +12,20 @@ import pytest
 import torch
 
 from converter import job
-from converter.config import ModelConfig
 from converter.engine import convert_tensors
 from converter.errors import ConversionError
-from converter.hashing import sha256_file
-from converter.mapping import plan_conversion
-from converter.sink import OutputFile
-from converter.source import DcpCheckpoint
-from converter.verify import read_back
+from converter.formats import FORMATS
+from converter.manifest import file_xxh3
+from converter.models.base import build_plan
+from converter.models.llama3 import Llama3, Llama3Config
+from converter.publish import Output
+from converter.sources.dcp import DcpIndex
+from converter.sources.reader import TensorReader
+from converter.sources.storage import LocalStorage
+from converter.verify import Staged, read_back
 from tests.conftest import FULL_STEP, WEIGHTS_ONLY_STEP, compose, model_overrides
+
+TORCHTITAN_0_3 = "#2937"
 
 
 def _sha(path: Path) -> str:
@@ -43,7 +48,7 @@ def _run(root, shape, out: Path, *overrides: str) -> job.JobResult:
 
 
 def test_existing_output_is_replaced_only_with_overwrite(layout_checkpoints, tmp_path):
-    root, shape, saved = layout_checkpoints["G4", "mha"]
+    root, shape, saved = layout_checkpoints[TORCHTITAN_0_3, "mha"]
     out = tmp_path / "model.pt"
     assert _run(root, shape, out, "experiment.export_dtype=bfloat16").status == "converted"
     before = _sha(out)
@@ -72,7 +77,7 @@ def test_a_file_not_ours_at_the_output_is_replaced_as_the_error_advises(
 ):
     """The one error that advises overwrite=true: following it converts, and nothing else is
     touched."""
-    root, shape, saved = layout_checkpoints["G4", "mha"]
+    root, shape, saved = layout_checkpoints[TORCHTITAN_0_3, "mha"]
     out = tmp_path / "model.pt"
     out.write_bytes(b"someone else's weights")
     refused = _run(root, shape, out)
@@ -89,18 +94,30 @@ def test_a_file_not_ours_at_the_output_is_replaced_as_the_error_advises(
 
 @contextmanager
 def converted(layout_checkpoints, tmp_path: Path, workers: int, budget_bytes: int):
-    """The G4 full save converted in-process into a synced partial file, before publishing:
-    yields (partial file, plan, checkpoint, filler, regions written)."""
-    root, shape, _ = layout_checkpoints["G4", "mha"]
-    checkpoint = DcpCheckpoint(root / f"step-{FULL_STEP}")
-    model = ModelConfig(n_heads=shape.n_heads, n_kv_heads=shape.n_kv_heads)
-    plan = plan_conversion(
-        checkpoint.tensors, checkpoint.byte_entries, model, "meta", "bfloat16", "source"
+    """torchtitan 0.3.0's full save converted in-process into a synced partial file, before
+    publishing: yields (the staged file, plan, reader, regions written)."""
+    root, shape, _ = layout_checkpoints[TORCHTITAN_0_3, "mha"]
+    index = DcpIndex(LocalStorage(str(root)), str(root / f"step-{FULL_STEP}"))
+    reader = TensorReader(index)
+    model = Llama3Config(n_heads=shape.n_heads, n_kv_heads=shape.n_kv_heads)
+    fmt = FORMATS["meta"]
+    plan, _ = build_plan(
+        Llama3(),
+        model,
+        {k: (e.shape, e.dtype) for k, e in index.tensors.items()},
+        index.byte_entries,
+        fmt.naming,
+        fmt.keeps_tied_head,
+        torch.bfloat16,
+        lambda key: reader.read_tensor(index.tensors[key]),
+        "source",
     )
-    with OutputFile(tmp_path / "model.pt") as out:
-        filler = out.create({t.name: (t.shape, t.dtype) for t in plan.tensors})
-        regions = convert_tensors(
-            checkpoint,
+    with Output(tmp_path / "model.pt", folder=False) as out:
+        path = out.staging("")
+        offsets = fmt.create(path, plan.tensors)
+        filler = out.filler({n: ("", o) for n, o in offsets.items()})
+        filled = convert_tensors(
+            reader,
             plan,
             filler,
             workers=workers,
@@ -109,29 +126,29 @@ def converted(layout_checkpoints, tmp_path: Path, workers: int, budget_bytes: in
             progress=lambda n: None,
         )
         filler.sync()
-        yield out.partial, plan, checkpoint, filler, regions
+        yield Staged("", path, plan.tensors, offsets), plan, reader, filled.regions
+
+
+def _read_back(staged, plan, reader, regions):
+    return read_back(FORMATS["meta"], [staged], plan, reader, regions, sha256=True, workers=1)[""]
 
 
 def test_verify_rejects_a_changed_byte(layout_checkpoints, tmp_path):
-    with converted(layout_checkpoints, tmp_path, 2, 1 << 20) as (
-        partial,
-        plan,
-        checkpoint,
-        filler,
-        regions,
-    ):
-        # Intact: passes, and the one pass gives the file's sha256.
-        assert read_back(partial, plan, checkpoint, regions) == sha256_file(partial)
+    with converted(layout_checkpoints, tmp_path, 2, 1 << 20) as (staged, plan, reader, regions):
+        # Intact: passes, and the one pass gives the file's digests.
+        digests = _read_back(staged, plan, reader, regions)
+        assert digests["sha256"] == _sha(staged.path)
+        assert digests["xxh3_128"] == file_xxh3(staged.path)
         victim = plan.tensors[3].name
-        fd = os.open(partial, os.O_RDWR)
+        fd = os.open(staged.path, os.O_RDWR)
         try:
-            offset = filler.offsets[victim] + 5
+            offset = staged.offsets[victim] + 5
             byte = os.pread(fd, 1, offset)
             os.pwrite(fd, bytes([byte[0] ^ 0x01]), offset)
         finally:
             os.close(fd)
         with pytest.raises(ConversionError, match=f"Verification of .* failed: .*{victim}"):
-            read_back(partial, plan, checkpoint, regions)
+            _read_back(staged, plan, reader, regions)
 
 
 def _drop_a_region(plan, regions):
@@ -164,15 +181,10 @@ def _reshape_a_tensor(plan, regions):
 def test_verify_rejects_a_file_that_is_not_the_plan(layout_checkpoints, tmp_path, tamper, match):
     """Each check of the read-back on an intact file whose plan or record of writes disagrees
     with it: a region never written, a tensor under another name, another shape."""
-    # Small parts: every tensor is written as several regions.
-    with converted(layout_checkpoints, tmp_path, 1, 1 << 12) as (
-        partial,
-        plan,
-        checkpoint,
-        _,
-        regions,
-    ):
-        assert read_back(partial, plan, checkpoint, regions)
+    # Small windows: every tensor is written as several regions.
+    with converted(layout_checkpoints, tmp_path, 1, 1 << 12) as (staged, plan, reader, regions):
+        assert _read_back(staged, plan, reader, regions)
         bad_plan, bad_regions = tamper(plan, regions)
+        bad = dataclasses.replace(staged, tensors=bad_plan.tensors)
         with pytest.raises(ConversionError, match=f"Verification of .* failed: .*{match}"):
-            read_back(partial, bad_plan, checkpoint, bad_regions)
+            _read_back(bad, bad_plan, reader, bad_regions)

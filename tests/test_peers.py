@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 
-from converter import demo
+from demo import writer as demo
 from tests.conftest import REPO
 from tests.peers import titan_writer, tune_loader
 
@@ -60,7 +60,7 @@ def convert_sweep(checkpoint_dirs: list[str], out_root, info: dict, *sweep: str)
             "experiment.checkpoint_dir=" + ",".join(checkpoint_dirs),
             "experiment.export_dtype=keep",
             "output_format=meta,torchtune",
-            f"experiment.output={out_root}/${{hydra:job.num}}_${{output_format}}/model.pt",
+            f"experiment.output={out_root}/${{hydra:job.num}}_${{output_format.name}}/model.pt",
             *model_overrides(info),
             *sweep,
         ],
@@ -116,10 +116,10 @@ def test_torchtitan_checkpoints_load_in_torchtune_with_matching_logits(titan_run
 
 
 def test_older_layouts_from_the_same_weights(titan_run, tmp_path):
-    """G1 (nested, complex freqs_cis, optimizer state), G2 (flat full) and G3 (fused wqkv) are
-    not writable by today's torchtitan: write them from torchtitan's saved weights with
-    converter.demo (two FSDP2 ranks, REFERENCE.md's layouts key by key, torchtitan commits cited
-    there), convert, and hold torchtune's logits to torchtitan's on the weights as saved."""
+    """The older layouts (nested with freqs_cis, flat Meta names, qkv_linear with output, fused
+    wqkv) are not writable by today's torchtitan: write them from torchtitan's saved weights with
+    demo.writer (two FSDP2 ranks, each era's keys, torchtitan PRs cited there), convert, and
+    hold torchtune's logits to torchtitan's on the weights as saved."""
     info, ref = titan_run
     REF_TOKENS[info["dump"]] = ref["tokens"]
     titan_keys = tune_loader.titan_model_keys(info)
@@ -134,11 +134,12 @@ def test_older_layouts_from_the_same_weights(titan_run, tmp_path):
         hidden_dim=info["hidden_dim"],
         tied_embeddings=info["tied"],
     )
-    dirs = [str(tmp_path / gen / "checkpoint") for gen in ("G1", "G2", "G3")]
+    older = [layout for layout in demo.LAYOUTS if layout != demo.TORCHTITAN_0_3]
+    dirs = [str(tmp_path / f"layout{i}" / "checkpoint") for i in range(len(older))]
     written = demo.write_steps(
         [
-            (f"{d}/step-7", meta, shape, {"generation": d.split("/")[-2], "kind": "full"})
-            for d in dirs
+            (f"{d}/step-7", meta, shape, {"layout": layout, "kind": "full"})
+            for d, layout in zip(dirs, older, strict=True)
         ]
     )
     weights = dict(zip(dirs, written, strict=True))
@@ -148,14 +149,14 @@ def test_older_layouts_from_the_same_weights(titan_run, tmp_path):
 
     titan_model = titan_writer.build_unsharded(titan_writer.model_config(info["variant"]))
     for fmt, paths in outputs(out_root).items():
-        assert len(paths) == 3
+        assert len(paths) == len(older)
         for path in paths:
             source = _manifest(path)["source"]["checkpoint_dir"]
             as_saved = _meta_to_titan(weights[source])
             expected = titan_writer.titan_logits(titan_model, as_saved, ref["tokens"])
             logits = tune_logits_of(path, fmt, info, tmp_path)
             diff = (logits - expected).abs().max().item()
-            print(f"{info['variant']} {_manifest(path)['source']['generation']} {fmt}: {diff:.2e}")
+            print(f"{info['variant']} {_manifest(path)['source']['layout']} {fmt}: {diff:.2e}")
             assert diff < FP32_TOL, (path, diff)
 
 

@@ -12,7 +12,6 @@ has its SLURM jobs cancelled before the test fails.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -29,9 +28,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from converter import demo
-from converter.source import DcpCheckpoint
+from converter.sources.dcp import DcpIndex
+from converter.sources.storage import LocalStorage
 from converter.tasks import TaskGroup
+from demo import experiments
 from tests.conftest import REPO, unavailable
 from tests.test_faults import overwrite_tensor_bytes
 
@@ -211,7 +211,9 @@ def assert_output_equals(out: Path, saved: dict[str, torch.Tensor], export: torc
 
 
 def export_dtype(name: str) -> torch.dtype:
-    return demo.DEMO_EXPERIMENTS[name][2][-1][2]  # the weights-only save's dtype is the export's
+    return experiments.DEMO_EXPERIMENTS[name][2][-1][
+        2
+    ]  # the weights-only save's dtype is the export's
 
 
 def latest(saved: dict, name: str) -> dict[str, torch.Tensor]:
@@ -248,7 +250,7 @@ def demo_root(slurm_cluster, tmp_path_factory):
     full saves (the 500M one is ~6 GB) keeps this at three two-rank writes. Full saves of every
     layout are converted by test_layouts.py and test_sweep.py."""
     root = tmp_path_factory.mktemp("slurm_demo")
-    saved = demo.write_demo(root / "outputs", EXPERIMENTS, skip_full=EXPERIMENTS)
+    saved = experiments.write_demo(root / "outputs", EXPERIMENTS, skip_full=EXPERIMENTS)
     yield root, saved
     cancel_jobs(root)
 
@@ -435,7 +437,8 @@ def test_one_conversion_shared_by_two_tasks(demo_root, tmp_path):
     """`hydra.launcher.tasks_per_node=2`: both tasks of one SLURM job fill disjoint tensors of
     the one output file; task 0 verifies and publishes it. The output is exact, every byte was
     written by one of them (verify checks each region's digest and that the regions tile each
-    tensor once), each task wrote a share, and the manifest hashes every source file."""
+    tensor once), each task wrote a share, and the manifest has the digest of every source
+    tensor, from both tasks."""
     root, saved = demo_root
     out = tmp_path / "shared" / "final_model.pt"
     code, output = sweep(
@@ -459,9 +462,10 @@ def test_one_conversion_shared_by_two_tasks(demo_root, tmp_path):
     assert filled, other_log[-3000:]
     assert 0.2 < float(filled.group(1)) * 1e6 / manifest["output"]["bytes"] < 0.8
     (step_dir,) = (root / "outputs" / "checkpoint_500M").glob("step-*")
+    index = DcpIndex(LocalStorage(str(step_dir.parent)), str(step_dir))
+    assert set(manifest["source"]["tensors"]) == set(index.tensors)
     for name, entry in manifest["source"]["files"].items():
-        with open(step_dir / name, "rb") as f:
-            assert entry["sha256"] == hashlib.file_digest(f, "sha256").hexdigest(), name
+        assert entry["bytes"] == (step_dir / name).stat().st_size, name
     assert sorted(p.name for p in out.parent.iterdir()) == sorted(ARTIFACTS)
     assert not list((tmp_path / "sweep").rglob("tasks")), "the tasks' messages were left behind"
 
@@ -534,8 +538,8 @@ def test_a_failing_task_fails_the_shared_conversion(demo_root, tmp_path):
     (pristine,) = (root / "outputs" / "checkpoint_debug").glob("step-*")
     step_dir = tmp_path / "checkpoint" / pristine.name
     shutil.copytree(pristine, step_dir)
-    checkpoint = DcpCheckpoint(step_dir)
-    sizes = {k: e.nbytes for k, e in checkpoint.tensors.items() if k.endswith(".weight")}
+    index = DcpIndex(LocalStorage(str(step_dir.parent)), str(step_dir))
+    sizes = {k: e.nbytes for k, e in index.tensors.items() if k.endswith(".weight")}
     victim = TaskGroup(rank=1, count=2).share_of(sizes)[0]
     overwrite_tensor_bytes(step_dir, victim, b"\xff" * 64)
     out = tmp_path / "out" / "final_model.pt"

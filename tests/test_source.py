@@ -1,5 +1,6 @@
 """Reading a DCP save: the index as data (a ``.metadata`` that names code is refused, not run),
-and a tensor's rows, whatever the layout of the storage DCP saved them in."""
+and any rows of a tensor, whatever the layout of the storage DCP saved them in, and however its
+chunks split it (rows, columns, experts)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,18 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from converter.errors import ConversionError
-from converter.source import DcpCheckpoint
+from converter.sources.dcp import DcpIndex
+from converter.sources.reader import TensorReader
+from converter.sources.storage import LocalStorage
 
 
 class _RunsCode:
     def __reduce__(self):
         return (os.system, ("touch pwned",))
+
+
+def _index(step) -> DcpIndex:
+    return DcpIndex(LocalStorage(str(step.parent)), str(step))
 
 
 def test_a_metadata_pickle_that_names_code_is_refused(tmp_path, monkeypatch):
@@ -25,8 +32,18 @@ def test_a_metadata_pickle_that_names_code_is_refused(tmp_path, monkeypatch):
     step.mkdir()
     (step / ".metadata").write_bytes(pickle.dumps(_RunsCode()))
     with pytest.raises(ConversionError, match=r"not a torch.distributed.checkpoint index .*os"):
-        DcpCheckpoint(step)
+        _index(step)
     assert not (tmp_path / "pwned").exists()
+
+
+def _windows(reader: TensorReader, key: str, rows: int, step: int) -> torch.Tensor:
+    entry = reader.index.tensors[key]
+    out = []
+    for lo in range(0, rows, step):
+        hi = min(lo + step, rows)
+        buffer = torch.empty(reader.buffer_bytes(entry, hi - lo), dtype=torch.uint8)
+        out.append(reader.read_rows(entry, lo, hi, buffer).clone())
+    return torch.cat(out)
 
 
 @pytest.mark.parametrize(
@@ -40,10 +57,79 @@ def test_a_metadata_pickle_that_names_code_is_refused(tmp_path, monkeypatch):
 def test_rows_of_a_stored_chunk(tmp_path, stored):
     step = tmp_path / "step-1"
     dcp.save({"w": stored}, checkpoint_id=step, no_dist=True)
-    checkpoint = DcpCheckpoint(step)
-    entry = checkpoint.tensors["w"]
-    parts = checkpoint.parts(entry, max_bytes=3 * 6 * 4)  # three rows of float32 at a time
-    assert [(p.start, p.stop) for p in parts] == [(0, 3), (3, 6), (6, 8)]
-    for part in parts:
-        rows = part.load(torch.empty(part.nbytes, dtype=torch.uint8))
-        assert torch.equal(rows, stored[part.start : part.stop])
+    reader = TensorReader(_index(step))
+    assert torch.equal(_windows(reader, "w", 8, 3), stored)
+
+
+def _save_chunks(step, full: torch.Tensor, dim: int, parts: int) -> None:
+    """One DCP save whose index splits ``full`` along ``dim`` into ``parts`` chunks, as ranks
+    of tensor (dim 1) or expert parallelism (dim 0) store it: written by one process, each
+    chunk a separate item (DCP's own planner with a hand-made chunk list)."""
+    from torch.distributed.checkpoint.metadata import (
+        ChunkStorageMetadata,
+        Metadata,
+        MetadataIndex,
+        TensorProperties,
+        TensorStorageMetadata,
+    )
+    from torch.distributed.checkpoint.planner import (
+        SavePlan,
+        TensorWriteData,
+        WriteItem,
+        WriteItemType,
+    )
+
+    step.mkdir(parents=True)
+    writer = dcp.FileSystemWriter(step, single_file_per_rank=True, thread_count=1)
+    writer.set_up_storage_writer(True)
+    chunks, items, data = [], [], {}
+    pieces = torch.tensor_split(full, parts, dim=dim)
+    for i, piece in enumerate(pieces):
+        offsets = [0] * full.dim()
+        offsets[dim] = sum(p.shape[dim] for p in pieces[:i])
+        chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=piece.shape)
+        chunks.append(chunk)
+        index = MetadataIndex("w", torch.Size(offsets))
+        items.append(
+            WriteItem(
+                index=index,
+                type=WriteItemType.SHARD,
+                tensor_data=TensorWriteData(
+                    chunk=chunk, properties=TensorProperties(dtype=full.dtype), size=full.shape
+                ),
+            )
+        )
+        data[index] = piece.contiguous()
+    plan = writer.prepare_local_plan(SavePlan(items))
+    [plan] = writer.prepare_global_plan([plan])
+
+    class _Planner:
+        def resolve_data(self, item):
+            return data[item.index]
+
+    results = writer.write_data(plan, _Planner()).wait()
+    md = Metadata(
+        state_dict_metadata={
+            "w": TensorStorageMetadata(TensorProperties(dtype=full.dtype), full.shape, chunks)
+        }
+    )
+    writer.finish(md, [results])
+
+
+@pytest.mark.parametrize(
+    "shape, dim",
+    [((12, 10), 1), ((4, 6, 5), 1), ((4, 6, 5), 0), ((30,), 0)],
+    ids=["columns", "experts_columns", "experts", "vector"],
+)
+def test_rows_across_chunks(tmp_path, shape, dim):
+    """Column chunks (Shard(1)) are read a run at a time into their columns; stacked experts
+    sharded on dim 0 or 1 are runs of whole rows: any window reads the same values."""
+    full = torch.arange(float(torch.Size(shape).numel())).reshape(shape)
+    step = tmp_path / "step-1"
+    _save_chunks(step, full, dim, 3)
+    reader = TensorReader(_index(step))
+    entry = reader.index.tensors["w"]
+    assert len(entry.chunks) == 3
+    rows = entry.rows[0]
+    for window in (1, 2, 5, rows):
+        assert torch.equal(_windows(reader, "w", rows, window), full.reshape(rows, -1)), window

@@ -11,7 +11,7 @@ import torch
 import yaml
 from torchtune.models.convert_weights import meta_to_tune
 
-from converter import demo
+from demo import experiments
 from tests.conftest import REPO
 
 EXPERIMENTS = ("debug", "500M", "debug_pretrained")
@@ -24,7 +24,7 @@ def demo_root(tmp_path_factory):
     The 500M experiment gets only its last (weights-only) save here; its full training save
     is ~6 GB and adds nothing the small experiments' full saves do not already test."""
     root = tmp_path_factory.mktemp("demo")
-    saved = demo.write_demo(
+    saved = experiments.write_demo(
         root / "outputs", ("debug", "debug_pretrained", "500M"), skip_full=("500M",)
     )
     return root, saved
@@ -98,7 +98,7 @@ def test_sweep_with_overrides(demo_root):
         out = root / "outputs" / f"checkpoint_{name}" / "tune_fp32" / "model.pt"
         tensors = torch.load(out, mmap=True, weights_only=True)
         expected = {k: v.float() for k, v in latest_weights(saved, name).items()}
-        if demo.DEMO_EXPERIMENTS[name][0].tied_embeddings:
+        if experiments.DEMO_EXPERIMENTS[name][0].tied_embeddings:
             expected.pop("output.weight")
         expected = meta_to_tune(expected)
         assert sorted(tensors) == sorted(expected)

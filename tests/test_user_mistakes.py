@@ -139,8 +139,9 @@ def test_help_lists_the_experiments_and_every_setting(flag):
     for line in (
         "experiment.checkpoint_dir (required): the folder holding the step-<N> folders",
         "experiment.step (default latest): a step number, or latest",
-        "experiment.output (default ${.checkpoint_dir}/final_model.pt)",
-        "output_format (default meta; one of meta, torchtune)",
+        "experiment.output (default ${.checkpoint_dir}/${output_format.output_name})",
+        "output_format: meta, torchtune",
+        "experiment/model/llama3: 1B, 3B, 405B, 70B, 8B, debugmodel",
         "experiment.model.n_kv_heads (default null)",
         "verify (default true): read the output back",
     ):
@@ -154,11 +155,11 @@ def test_help_lists_the_experiments_and_every_setting(flag):
 )
 def test_a_key_missing_from_a_users_own_experiment_is_one_line(tmp_path, left_out, key):
     """The user's own experiment, in a folder given with --config-dir, lacks a required key."""
-    lines = (REPO / "conf" / "experiment" / "debug.yaml").read_text().splitlines()
+    lines = (REPO / "conf" / "experiment" / "500M.yaml").read_text().splitlines()
     own = tmp_path / "mine" / "experiment" / "run7.yaml"
     own.parent.mkdir(parents=True)
     kept = [line for line in lines if not line.strip().startswith(f"{left_out}:")]
-    own.write_text("\n".join(kept).replace("name: debug", "name: run7") + "\n")
+    own.write_text("\n".join(kept).replace("name: 500M", "name: run7") + "\n")
     run = subprocess.run(
         [
             sys.executable,

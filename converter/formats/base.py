@@ -35,7 +35,9 @@ class FormatConfig:
     name: str = MISSING
     output_name: str = field(
         default=MISSING,
-        metadata={"help": "the output's name in the checkpoint folder, if experiment.output is not set"},
+        metadata={
+            "help": "the output's name in the checkpoint folder, if experiment.output is not set"
+        },
     )
 
 
@@ -62,7 +64,7 @@ class OutputFormat(ABC):
     options: ClassVar[type[FormatConfig]]
     loads_with: ClassVar[str]  # what loads it, for the manifest
 
-    def check_output(self, output: str) -> None:
+    def check_output(self, output: str) -> None:  # noqa: B027 (most formats take any path)
         """Refuses an output path this format cannot write (raises ValueError)."""
 
     @abstractmethod

@@ -27,7 +27,9 @@ TORCHTUNE_SUFFIX = ".torchtune.yaml"
 class TorchSaveOptions(FormatConfig):
     output_name: str = field(
         default="final_model.pt",
-        metadata={"help": "the .pt's name in the checkpoint folder, if experiment.output is not set"},
+        metadata={
+            "help": "the .pt's name in the checkpoint folder, if experiment.output is not set"
+        },
     )
 
 
@@ -96,7 +98,9 @@ class TorchSaveFormat(OutputFormat):
             # torchtune refuses an output_dir inside checkpoint_dir (check_outdir_not_in_ckptdir),
             # so it goes in a sibling folder, one subfolder per output: two outputs converted
             # into one folder do not share where torchtune saves.
-            "output_dir": str(output.parent.with_name(f"{output.parent.name}_torchtune") / output.stem),
+            "output_dir": str(
+                output.parent.with_name(f"{output.parent.name}_torchtune") / output.stem
+            ),
             "model_type": d.family.torchtune_model_type(d.arch),
         }
         doc = {"checkpointer": checkpointer, "model": d.family.torchtune_model(d.arch)}

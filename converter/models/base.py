@@ -49,6 +49,15 @@ class ModelConfig:
     n_layers: int | None = field(default=None, metadata={"help": "transformer blocks; checked"})
     vocab_size: int | None = field(default=None, metadata={"help": "vocabulary size; checked"})
     hidden_dim: int | None = field(default=None, metadata={"help": "feed-forward width; checked"})
+    # MISSING, not None: a preset merged over these defaults keeps a value it does not set,
+    # and a family whose shapes give the head count sets None.
+    n_heads: int | None = field(default=MISSING, metadata={"help": "attention (query) heads"})
+    n_kv_heads: int | None = field(
+        default=None, metadata={"help": "key/value heads; null: as n_heads (no grouped-query)"}
+    )
+    head_dim: int | None = field(default=None, metadata={"help": "per attention head; checked"})
+    norm_eps: float = field(default=1e-5, metadata={"help": "RMSNorm epsilon"})
+    rope_theta: float = field(default=500000.0, metadata={"help": "RoPE base"})
     max_seq_len: int = field(default=131072, metadata={"help": "context length of the model"})
 
     def check(self) -> None:
@@ -441,9 +450,7 @@ def _unknown_keys(
                 f" They are the keys of a {other.name} model (layout {other_era.describe()}): "
                 f"choose a {other.name} preset, {other.presets()}."
             )
-    known = "; ".join(
-        f"{f.name} ({', '.join(e.name for e in f.eras)})" for f in {family, *others}
-    )
+    known = "; ".join(f"{f.name} ({', '.join(e.name for e in f.eras)})" for f in {family, *others})
     return (
         f"{source_name} holds keys that no known torchtitan layout explains (closest: "
         f"{family.name} layout {era.describe()}): {_quote(unknown)}.{hint} This converter knows "

@@ -39,12 +39,6 @@ class Llama3Config(ModelConfig):
         default=MISSING,
         metadata={"help": "attention heads (the shapes cannot tell 16 heads of 16 from 4 of 64)"},
     )
-    n_kv_heads: int | None = field(
-        default=None, metadata={"help": "key/value heads; null: as n_heads (no grouped-query)"}
-    )
-    head_dim: int | None = field(default=None, metadata={"help": "per head; checked"})
-    norm_eps: float = field(default=1e-5, metadata={"help": "RMSNorm epsilon"})
-    rope_theta: float = field(default=500000.0, metadata={"help": "RoPE base"})
     # torchtitan's ComplexRoPE with scaling="llama": Llama 3.1's frequency scaling.
     rope_scaling: bool = field(default=True, metadata={"help": "Llama 3.1-style RoPE scaling"})
     rope_scaling_factor: float = field(default=8.0, metadata={"help": "its scaling_factor"})
@@ -84,7 +78,9 @@ _LAYER_KEYS = (
 )
 _SAME = {k: k for k in ("tok_embeddings.weight", "norm.weight", *_LAYER_KEYS[3:])}
 _QKV_LINEAR = {_WQ: _WQ, _WK: _WK, _WV: _WV}
-_META_QKV = {f"{_ATTENTION}{w}.weight": t for w, t in zip(("wq", "wk", "wv"), (_WQ, _WK, _WV))}
+_META_QKV = {
+    f"{_ATTENTION}{w}.weight": t for w, t in zip(("wq", "wk", "wv"), (_WQ, _WK, _WV), strict=True)
+}
 _FREQS = "RoPE frequencies (a buffer; every consumer recomputes them from rope_theta)"
 
 ERAS = (

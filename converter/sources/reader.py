@@ -111,9 +111,7 @@ class TensorReader:
         start = chunk.offset + layout.data_start + rows[0] * row_bytes
         self._read(entry, chunk, start, into)
 
-    def _read_storage(
-        self, entry: TensorEntry, chunk: Chunk, layout: StoredTensor
-    ) -> torch.Tensor:
+    def _read_storage(self, entry: TensorEntry, chunk: Chunk, layout: StoredTensor) -> torch.Tensor:
         storage = torch.empty(layout.data_length, dtype=torch.uint8)
         self._read(entry, chunk, chunk.offset + layout.data_start, storage)
         return storage.view(layout.dtype).as_strided(

@@ -54,6 +54,7 @@ def find_step_dir(storage: Storage, step: int | str) -> tuple[int, str]:
             f"{shown} is not a torchtitan checkpoint folder: it has no step-<N> "
             f"folders (it holds {found or 'nothing'}). {_what_it_is(storage, root)}"
         )
+
     def complete(n: int) -> bool:
         info = storage.info(storage.join(steps[n], METADATA_FILE))
         return info is not None and not info.is_dir

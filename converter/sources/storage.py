@@ -74,8 +74,8 @@ class Storage(ABC):
         got = self.read_into(path, offset, memoryview(buffer))
         return bytes(buffer[:got])
 
-    def close(self) -> None:
-        """Releases connections or caches (nothing, locally)."""
+    def close(self) -> None:  # noqa: B027 (nothing to release, locally)
+        """Releases connections or caches."""
 
 
 class LocalStorage(Storage):
