@@ -100,6 +100,9 @@ class ConvertConfig:
     force: bool = _doc(False, "convert even when the output is up to date (a forced rebuild)")
     verify: bool = _doc(True, "read the output back and check every tensor's bytes")
     sha256: bool = _doc(False, "also record the sha256 of each output file in the manifest")
+    dry_run: bool = _doc(
+        False, "print the plan (layout, tensors, what is left out, size, time); write nothing"
+    )
     allow_nonfinite: bool = _doc(False, "accept NaN/Inf weights instead of failing on them")
     batch_mb: int = _doc(256, "tensor bytes held in memory at once, across all workers")
     workers: int = _doc(1, "threads filling disjoint tensors of the output concurrently")

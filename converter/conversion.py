@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
+import os
 import time
 from collections.abc import Collection
 from dataclasses import astuple, dataclass
@@ -43,9 +45,9 @@ from converter.manifest import (
     read_manifest,
 )
 from converter.models import FAMILIES, family_of
-from converter.models.base import ModelFamily, build_plan
+from converter.models.base import Era, ModelFamily, build_plan
 from converter.plan import Plan
-from converter.publish import Output, staging_path
+from converter.publish import Output, staging_path, write_atomic
 from converter.sources.dcp import DcpIndex
 from converter.sources.reader import TensorReader
 from converter.sources.storage import LocalStorage, Storage
@@ -60,6 +62,7 @@ class Status(str, Enum):
 
     converted = "converted"
     skipped = "skipped"
+    planned = "planned"  # dry_run=true: the plan was printed, nothing written
     failed = "failed"
 
     def __str__(self) -> str:
@@ -84,6 +87,11 @@ class _Planned:
     def name(self) -> str:
         return self.conf.experiment.name
 
+    @property
+    def output_bytes(self) -> int:
+        """The tensors' bytes in the output (its files' headers aside)."""
+        return sum(t.dtype.itemsize * math.prod(t.shape) for t in self.plan.tensors)
+
     def source_bytes(self, keys: Collection[str]) -> int:
         return sum(self.index.tensors[k].nbytes for k in keys)
 
@@ -103,6 +111,9 @@ def convert(
     t = time.perf_counter()
     planned = _plan(conf, storage, step, step_dir, group)
     times["plan"] = time.perf_counter() - t
+    if conf.dry_run:
+        print(describe_plan(planned), flush=True)
+        return Status.planned, planned.output_bytes
     if not group.lead:
         return _fill_share(planned, group)
     return _lead(planned, slurm, group, times)
@@ -263,7 +274,84 @@ def _lead(
         sum(times.values()),
         f", filled by {group.count} tasks" if group.shared else "",
     )
+    _record_rate(planned, sum(times.values()))
     return Status.converted, manifest["output"]["bytes"]
+
+
+def describe_plan(planned: _Planned) -> str:
+    """What ``dry_run=true`` prints: the layout, every output tensor and where it comes from,
+    what is left out and why, the output's size, and how long it should take."""
+    plan, storage = planned.plan, planned.index.storage
+    lines = [
+        f"{planned.name}: step-{planned.step} of {storage.display(storage.root)}",
+        f"  layout: {planned.family.name} {_era(planned).describe()}, "
+        f"{'weights-only' if plan.weights_only else 'full training'} checkpoint",
+        f"  output: {planned.output} ({planned.fmt.name}, {planned.conf.experiment.export_dtype}),"
+        f" {len(plan.tensors)} tensors, {planned.output_bytes / 1e6:.1f} MB",
+    ]
+    width = max((len(t.name) for t in plan.tensors), default=0)
+    for t in plan.tensors:
+        sources = sorted({p.source for p in t.pieces})
+        how = " (rows reordered per head)" if any(p.reorder for p in t.pieces) else ""
+        lines.append(
+            f"    {t.name:<{width}}  {str(t.dtype).removeprefix('torch.')}{list(t.shape)}"
+            f"  <- {', '.join(sources)}{how}"
+        )
+    reasons: dict[str, list[str]] = {}
+    for d in plan.dropped:
+        reasons.setdefault(d.reason, []).append(d.key)
+    lines.append(f"  left out: {len(plan.dropped)} keys")
+    for reason, keys in reasons.items():
+        more = f" and {len(keys) - 2} more" if len(keys) > 2 else ""
+        lines.append(f"    {len(keys)} x {reason}: {', '.join(keys[:2])}{more}")
+    for assumption in plan.assumptions:
+        lines.append(f"  assumed: {assumption}")
+    read = planned.source_bytes(plan.sources)
+    rate = last_rate()
+    if rate is None:
+        lines.append(f"  reads {read / 1e6:.1f} MB; no conversion measured on this machine yet")
+    else:
+        seconds = read / 1e6 / rate["mb_per_s"]
+        lines.append(
+            f"  reads {read / 1e6:.1f} MB: about {seconds:.1f} s at the last measured "
+            f"{rate['mb_per_s']:.0f} MB/s ({rate['experiment']}, {rate['when']})"
+        )
+    lines.append("  nothing was written (dry_run=true)")
+    return "\n".join(lines)
+
+
+def _era(planned: _Planned) -> Era:
+    return next(e for e in planned.family.eras if e.name == planned.plan.layout)
+
+
+def _rate_file() -> Path:
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(cache) / "titan2tune" / "last_rate.json"
+
+
+def last_rate() -> dict[str, Any] | None:
+    """The source MB/s of the last conversion on this machine (for dry_run's estimate)."""
+    try:
+        return json.loads(_rate_file().read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _record_rate(planned: _Planned, seconds: float) -> None:
+    """Remembers this conversion's MB/s; a failure to write it does not fail the conversion."""
+    read = planned.source_bytes(planned.plan.sources)
+    if seconds <= 0 or not read:
+        return
+    rate = {
+        "mb_per_s": read / 1e6 / seconds,
+        "experiment": planned.name,
+        "when": time.strftime("%Y-%m-%d %H:%M"),
+    }
+    try:
+        _rate_file().parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(_rate_file(), json.dumps(rate) + "\n")
+    except OSError as e:
+        log.debug("Cannot record the conversion rate in %s: %s", _rate_file(), e)
 
 
 def _sidecars(planned: _Planned) -> tuple[Path, ...]:

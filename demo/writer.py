@@ -344,6 +344,20 @@ class _Transformer(nn.Module):
             )
 
 
+def model_state_shapes(
+    shape: ModelShape, layout: str
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The model's keys as a save in ``layout`` names them, with shapes and dtypes (from the
+    module built on the meta device: no data, no ranks), nested as a full save of that era
+    nests them."""
+    saved = LAYOUTS[layout]
+    with torch.device("meta"):
+        model = _Transformer(shape, saved)
+    state = model.state_dict()
+    prefix = "model." if saved.nested else ""
+    return {prefix + k: (tuple(v.shape), v.dtype) for k, v in state.items()}
+
+
 def _freqs_cis(shape: ModelShape) -> torch.Tensor:
     hd = shape.head_dim
     inv = 1.0 / (_ROPE_THETA ** (torch.arange(0, hd, 2, dtype=torch.float32)[: hd // 2] / hd))

@@ -244,3 +244,29 @@ def test_the_sweep_summary_shows_the_step_and_the_warnings(tiny_checkpoint, tmp_
     assert re.search(r"^debug +converted +5 +", table, flags=re.M), table
     assert "debug warning: step-9 in" in table and "unfinished save" in table, table
     assert "debug warning: n_heads=4 and n_kv_heads=4 are taken from the config" in table, table
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tiny_checkpoint, tmp_path):
+    """The layout, each tensor with its source, what is left out, the size, and an estimate
+    from the last conversion measured here (none yet in a fresh cache folder); no file."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    args = [sys.executable, "convert.py", "experiment=debug", f"experiment.checkpoint_dir={tiny_checkpoint}",
+            f"experiment.output={tmp_path / 'out' / 'model.pt'}", f"hydra.run.dir={tmp_path / 'hydra'}",
+            *model_overrides(TINY)]  # fmt: skip
+    run = subprocess.run([*args, "dry_run=true"], cwd=REPO, capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "layout: llama3 #2937" in run.stdout, run.stdout
+    assert (
+        "layers.0.attention.wq.weight" in run.stdout
+        and "<- layers.0.attention.qkv_linear.wq.weight" in run.stdout
+    )
+    # tok_embeddings, norm, output, and nine weights per layer
+    assert f"{3 + 9 * TINY.n_layers} tensors" in run.stdout
+    assert "no conversion measured on this machine yet" in run.stdout
+    assert "nothing was written (dry_run=true)" in run.stdout
+    assert not (tmp_path / "out").exists()
+
+    assert subprocess.run(args, cwd=REPO, capture_output=True, env=env).returncode == 0
+    again = subprocess.run([*args, "dry_run=true", "force=true"], cwd=REPO, capture_output=True,
+                           text=True, env=env)  # fmt: skip
+    assert "at the last measured" in again.stdout and "MB/s (debug," in again.stdout, again.stdout

@@ -1,0 +1,165 @@
+"""The llama3 family's planner on synthetic tensor tables: every layout era, every naming, and
+the checks of stated fields against shapes, with no ranks and no files (seconds).
+
+The key tables come from the demo writer's modules, built on the meta device, not from the
+converter's own tables; the expected output names are written out here by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from converter.errors import ConversionError
+from converter.models.base import build_plan
+from converter.models.llama3 import Llama3, Llama3Config
+from converter.plan import RowOrder
+from demo import writer as demo
+
+GQA_TIED = demo.ModelShape(
+    dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=96, hidden_dim=160,
+    tied_embeddings=True,
+)  # fmt: skip
+MHA = demo.ModelShape(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=96, hidden_dim=160)
+OPTIMIZER = {
+    "optimizer.state.layers.0.attention.wq.weight.exp_avg": ((8, 8), torch.float32),
+    "lr_scheduler.last_epoch": ((), torch.int64),
+}
+
+
+# Each naming, and whether its format keeps a tied model's head (the Meta checkpointer pops it).
+NAMINGS = {"meta": True, "torchtune": False, "hf": False}
+
+
+def plan(shape: demo.ModelShape, layout: str, naming: str = "meta", **config):
+    tensors = {**demo.model_state_shapes(shape, layout), **OPTIMIZER}
+    stated = dict(
+        n_heads=shape.n_heads, n_kv_heads=shape.n_kv_heads, tied_embeddings=shape.tied_embeddings
+    )
+    return build_plan(
+        Llama3(),
+        Llama3Config(**{**stated, **config}),
+        tensors,
+        ["dataloader.dp_rank_0"],
+        naming,
+        NAMINGS[naming],
+        torch.bfloat16,
+        lambda key: torch.zeros(tensors[key][0]),
+        "step-1",
+    )
+
+
+META_LAYER = ["attention.wq", "attention.wk", "attention.wv", "attention.wo", "attention_norm",
+              "ffn_norm", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]  # fmt: skip
+HF_LAYER = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+            "input_layernorm", "post_attention_layernorm", "mlp.gate_proj", "mlp.down_proj",
+            "mlp.up_proj"]  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", list(demo.LAYOUTS))
+def test_every_era_plans_the_same_model(layout):
+    """Whatever the era, the same output: Meta's names, in order, every source key placed or
+    dropped with its reason, the tied head kept for the Meta checkpointer."""
+    p, arch = plan(GQA_TIED, layout)
+    layers = [f"layers.{i}.{n}.weight" for i in range(2) for n in META_LAYER]
+    assert [t.name for t in p.tensors] == [
+        "tok_embeddings.weight",
+        *layers,
+        "norm.weight",
+        "output.weight",
+    ]
+    assert p.layout == layout
+    assert (arch.dim, arch.n_layers, arch.vocab_size, arch.hidden_dim, arch.head_dim) == (
+        64, 2, 96, 160, 8,
+    )  # fmt: skip
+    shapes = {t.name: t.shape for t in p.tensors}
+    assert shapes["layers.0.attention.wq.weight"] == (64, 64)
+    assert shapes["layers.0.attention.wk.weight"] == (16, 64)
+    placed = {piece.source for t in p.tensors for piece in t.pieces}
+    dropped = {d.key for d in p.dropped}
+    tensors = demo.model_state_shapes(GQA_TIED, layout)
+    assert placed | dropped == set(tensors) | set(OPTIMIZER) | {"dataloader.dp_rank_0"}
+    assert p.tied and all(t.dtype == torch.bfloat16 for t in p.tensors)
+
+
+def test_fused_qkv_is_split_per_kv_group():
+    """[n_kv, n_heads/n_kv + 2, head_dim, dim]: group g's query heads, then its key and value."""
+    p, _ = plan(GQA_TIED, "#2937 fuse_qkv")
+    pieces = {t.name: t.pieces for t in p.tensors if t.name.startswith("layers.0.attention.w")}
+    hd, per_group = 8, 8 // 2 + 2
+    wq = [(x.src_start, x.src_stop, x.dst_start) for x in pieces["layers.0.attention.wq.weight"]]
+    assert wq == [(0, 4 * hd, 0), (per_group * hd, (per_group + 4) * hd, 4 * hd)]
+    wk = [(x.src_start, x.src_stop) for x in pieces["layers.0.attention.wk.weight"]]
+    assert wk == [(4 * hd, 5 * hd), ((per_group + 4) * hd, (per_group + 5) * hd)]
+
+
+@pytest.mark.parametrize("naming", ["torchtune", "hf"])
+def test_a_tied_head_is_left_out_where_the_consumer_ties_it(naming):
+    p, _ = plan(GQA_TIED, demo.TORCHTITAN_0_3, naming)
+    names = [t.name for t in p.tensors]
+    assert "output.weight" not in names and "lm_head.weight" not in names
+    assert [d.reason for d in p.dropped if d.key == "lm_head.weight"] == [
+        "tied embeddings: same values as tok_embeddings.weight"
+    ]
+
+
+def test_hf_names_and_reorders_q_and_k_per_head():
+    p, _ = plan(MHA, demo.TORCHTITAN_0_3, "hf")
+    by_name = {t.name: t for t in p.tensors}
+    layers = [f"model.layers.{i}.{n}.weight" for i in range(2) for n in HF_LAYER]
+    expected = ["model.embed_tokens.weight", *layers, "model.norm.weight", "lm_head.weight"]
+    assert list(by_name) == expected
+    for name, t in by_name.items():
+        reordered = {x.reorder for x in t.pieces}
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            assert {(r.order, r.block) for r in reordered} == {(RowOrder.rope_halves, 16)}
+        else:
+            assert reordered == {None}
+
+
+def test_rope_halves_is_torchtitans_permutation():
+    """The reordering equals torchtitan's ``Llama3StateDictAdapter._permute`` formula."""
+    n_heads, hd, dim = 3, 8, 5
+    w = torch.randn(n_heads * hd, dim)
+    theirs = w.view(n_heads, hd // 2, 2, dim).transpose(1, 2).reshape(n_heads * hd, dim)
+    ours = torch.empty_like(w)
+    RowOrder.rope_halves.copy(w, hd, ours)
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize(
+    "stated, said",
+    [
+        ({"dim": 32}, "dim=32 (the weights say 64)"),
+        ({"n_layers": 3}, "n_layers=3 (the weights say 2)"),
+        ({"vocab_size": 97}, "vocab_size=97 (the weights say 96)"),
+        ({"hidden_dim": 128}, "hidden_dim=128 (the weights say 160)"),
+        ({"head_dim": 16}, "head_dim=16 (the weights say 8)"),
+    ],
+)
+def test_stated_fields_are_checked_against_the_shapes(stated, said):
+    with pytest.raises(
+        ConversionError, match=rf"contradicts .*{said.replace('(', '.').replace(')', '.')}"
+    ):
+        plan(GQA_TIED, demo.TORCHTITAN_0_3, **stated)
+
+
+@pytest.mark.parametrize("layout", [demo.TORCHTITAN_0_3, "#2937 fuse_qkv"])
+def test_head_counts_that_contradict_the_shapes_fail(layout):
+    with pytest.raises(ConversionError, match="n_heads=3"):
+        plan(GQA_TIED, layout, n_heads=3, n_kv_heads=1)
+
+
+def test_unknown_and_missing_keys_fail_naming_them():
+    tensors = demo.model_state_shapes(MHA, demo.TORCHTITAN_0_3)
+
+    def run(table):
+        return build_plan(
+            Llama3(), Llama3Config(n_heads=4), table, [], "meta", True, None,
+            lambda k: torch.zeros(1), "step-1",
+        )  # fmt: skip
+
+    with pytest.raises(ConversionError, match="no known torchtitan layout.*vision.proj.weight"):
+        run({**tensors, "vision.proj.weight": ((4, 4), torch.float32)})
+    del tensors["layers.1.feed_forward.w2.weight"]
+    with pytest.raises(ConversionError, match="lacks model weights: layers.1.feed_forward.w2"):
+        run(tensors)
