@@ -250,9 +250,15 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tiny_checkpoint, tmp_path):
     """The layout, each tensor with its source, what is left out, the size, and an estimate
     from the last conversion measured here (none yet in a fresh cache folder); no file."""
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
-    args = [sys.executable, "convert.py", "experiment=debug", f"experiment.checkpoint_dir={tiny_checkpoint}",
-            f"experiment.output={tmp_path / 'out' / 'model.pt'}", f"hydra.run.dir={tmp_path / 'hydra'}",
-            *model_overrides(TINY)]  # fmt: skip
+    args = [
+        sys.executable,
+        "convert.py",
+        "experiment=debug",
+        f"experiment.checkpoint_dir={tiny_checkpoint}",
+        f"experiment.output={tmp_path / 'out' / 'model.pt'}",
+        f"hydra.run.dir={tmp_path / 'hydra'}",
+        *model_overrides(TINY),
+    ]
     run = subprocess.run([*args, "dry_run=true"], cwd=REPO, capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "layout: llama3 #2937" in run.stdout, run.stdout
