@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -64,6 +65,7 @@ def run(cfg: DictConfig) -> JobResult:
     start = time.perf_counter()
     name = str(cfg.experiment.get("name", "?"))
     slurm = _slurm_info()
+    _name_slurm_job(slurm, name)
     group = _task_group(slurm)
     result = JobResult(name, Status.failed, **_environment(slurm))
     warnings = _WarningsKept(result.warnings)
@@ -199,6 +201,24 @@ def _slurm_info() -> SlurmInfo | None:
         tasks=job.num_tasks,
         restart=int(os.environ.get("SLURM_RESTART_COUNT", "0")),
     )
+
+
+def _name_slurm_job(slurm: SlurmInfo | None, experiment: str) -> None:
+    """A sweep is one SLURM job array, all of whose elements carry the launcher's one job name;
+    each element renames itself for its experiment, so that squeue and sacct tell them apart.
+    Best effort: a cluster that refuses it only keeps the array's name."""
+    if slurm is None or slurm.task != 0:
+        return
+    name = f"titan2tune:{experiment}"
+    try:
+        subprocess.run(
+            ["scontrol", "update", f"JobId={slurm.job_id}", f"JobName={name}"],
+            capture_output=True,
+            timeout=30,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError) as e:
+        log.debug("Could not rename SLURM job %s to %s: %s", slurm.job_id, name, e)
 
 
 def _task_group(slurm: SlurmInfo | None) -> TaskGroup:

@@ -330,7 +330,15 @@ def test_three_experiments_on_slurm(demo_root):
         assert Path(slurm["stderr"]).parent == sweep_dir / ".submitit" / slurm["job_id"]
         assert f"{name}: wrote " in Path(slurm["stderr"]).read_text()
         ran_in.add(slurm["job_id"])
+        # Each element of the array renamed itself for its experiment (slurmctld keeps a
+        # finished job's record for MinJobAge, 300 s by default).
+        shown = slurm_cmd("scontrol", "show", "job", slurm["job_id"])
+        assert f"JobName=titan2tune:{name}" in shown, shown
     assert len(ran_in) == 3  # three jobs, not one job converting three experiments
+    # Without accounting, submitit's sacct warning is printed for its first poll only (its own
+    # handler and Hydra's each print that record), not for every poll.
+    polls = set(re.findall(r"Call #(\d+) - Bypassing sacct error", output))
+    assert polls <= {"1"}, output[-3000:]
 
     # What the profile asked SLURM for (sbatch script written by submitit).
     (script,) = sweep_dir.glob(".submitit/*/*_submission.sh")
