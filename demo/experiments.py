@@ -176,7 +176,7 @@ def write_demo(
                     weights[name] = tensors
                 saved[name][step] = tensors
                 ranks = ", ".join(
-                    f"{v:.0f}" for k, v in stats.items() if k.endswith("peak_rss_mib")
+                    f"{v:.0f}" for k, v in stats.items() if k.endswith("_peak_rss_mib")
                 )
                 dtype_name = str(spec.export_dtype).removeprefix("torch.")
                 print(

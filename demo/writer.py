@@ -413,18 +413,21 @@ def _rank_write(rank: int, job: dict[str, Any]) -> None:
     fully_shard(model, mesh=mesh)
     model.to_empty(device="cpu")
 
-    weights = torch.load(job["weights_file"], mmap=True, weights_only=True)
     params = dict(model.named_parameters())
     if sorted(params) != sorted(_param_names(shape, layout)):
         raise AssertionError(f"unexpected parameter names: {sorted(params)}")
     with torch.no_grad():
-        for name, param in params.items():
-            full = _full_param(weights, name, shape)
-            # src_data_rank=None: every rank slices its own chunk, no communication.
-            param.copy_(distribute_tensor(full, mesh, param.placements, src_data_rank=None))
+        if job["weights_file"] is None:
+            _seed_shards(params, rank)
+        else:
+            weights = torch.load(job["weights_file"], mmap=True, weights_only=True)
+            for name, param in params.items():
+                full = _full_param(weights, name, shape)
+                # src_data_rank=None: every rank slices its own chunk, no communication.
+                param.copy_(distribute_tensor(full, mesh, param.placements, src_data_rank=None))
+            del weights
         if layout.nested:
             model.freqs_cis.copy_(_freqs_cis(shape))
-    del weights
 
     step: int = job["step"]
     if kind == "full":
@@ -463,6 +466,21 @@ def _rank_write(rank: int, job: dict[str, Any]) -> None:
         torch.save(shards, work / f"shards_{rank}.pt")
         del shards
     (work / f"stats_{rank}.json").write_text(json.dumps({"peak_rss_mib": peak_rss_mib()}))
+
+
+def _seed_shards(params: dict[str, torch.Tensor], rank: int) -> None:
+    """Each rank fills its own shards with seeded values, with no full copy anywhere: for
+    checkpoints too large to hold twice (the benchmark's). Norms near 1, as reference_weights."""
+    from torch.distributed.tensor import DTensor
+
+    for name, param in params.items():
+        assert isinstance(param, DTensor)
+        local = param.to_local()
+        gen = torch.Generator().manual_seed(zlib.crc32(f"{name}:{rank}".encode()))
+        if local.dim() == 1:
+            local.normal_(1.0, 0.1, generator=gen)
+        else:
+            local.normal_(0.0, 0.02, generator=gen)
 
 
 def _full_state(
@@ -577,7 +595,7 @@ class StepSpec:
     """One step folder to write: see :func:`write_step` for the fields."""
 
     step_dir: Path
-    weights_file: Path
+    weights_file: Path | None  # None: each rank seeds its own shards (see _seed_shards)
     shape: ModelShape
     layout: str
     kind: str
@@ -617,7 +635,7 @@ def write_steps_from_files(
                     "optimizer_steps": spec.optimizer_steps,
                     "step": _step_number(Path(spec.step_dir), spec.optimizer_steps),
                     "step_dir": str(spec.step_dir),
-                    "weights_file": str(spec.weights_file),
+                    "weights_file": spec.weights_file and str(spec.weights_file),
                     "work_dir": str(work),
                     "port": port,
                 }
@@ -647,7 +665,7 @@ def _collect(
         raise RuntimeError(f"demo checkpoint writer: no .metadata in {step_dir}")
     stats = {"seconds": seconds}
     for r in range(world_size):
-        stats[f"rank{r}peak_rss_mib"] = json.loads((work / f"stats_{r}.json").read_text())[
+        stats[f"rank{r}_peak_rss_mib"] = json.loads((work / f"stats_{r}.json").read_text())[
             "peak_rss_mib"
         ]
     if spec.kind == "full":
@@ -660,6 +678,8 @@ def _collect(
         params = {name: torch.cat([s[name] for s in shards]) for name in shards[0]}
         del shards
         return _params_to_meta(params, shape), stats
+    if spec.weights_file is None:
+        return {}, stats
     weights = torch.load(spec.weights_file, mmap=True, weights_only=True)
     # copy=True: do not hand back tensors backed by a temporary mapped file.
     result = {k: weights[k].to(spec.export_dtype, copy=True) for k in meta_shapes(shape)}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -70,6 +71,9 @@ class TensorReader:
         """Rows ``[start, stop)`` of ``entry`` as a ``[rows, values]`` tensor of its stored
         dtype, laid over ``buffer`` (uint8, at least :meth:`buffer_bytes` long)."""
         width = entry.rows[1]
+        mapped = self._mapped(entry, start, stop)
+        if mapped is not None:
+            return mapped
         nbytes = (stop - start) * entry.row_bytes
         window = buffer[:nbytes].view(entry.dtype).view(stop - start, width)
         spare = buffer[nbytes:]
@@ -88,6 +92,28 @@ class TensorReader:
                 self._read_chunk_rows(entry, run.chunk, rows, part)
                 window[lo - start : hi - start, run.column : run.column + run.width].copy_(part)
         return window
+
+    def _mapped(self, entry: TensorEntry, start: int, stop: int) -> torch.Tensor | None:
+        """Rows ``[start, stop)`` as a view of the page cache, when one run of full rows of a
+        plainly stored chunk holds them all and the storage maps files: no copy at all."""
+        run = next((r for r in self.runs(entry) if r.row <= start < r.row + r.count), None)
+        if run is None or run.width != entry.rows[1] or stop > run.row + run.count:
+            return None
+        if start == stop or not entry.row_bytes:
+            return None
+        layout = self._layout(entry, run.chunk)
+        if not layout.contiguous:
+            return None
+        first = run.chunk_row + start - run.row
+        offset = run.chunk.offset + layout.data_start + first * entry.row_bytes
+        view = self.storage.map(run.chunk.file, offset, (stop - start) * entry.row_bytes)
+        if view is None:
+            return None
+        with warnings.catch_warnings():
+            # The mapping is read-only, and nothing writes to the tensor laid over it.
+            warnings.filterwarnings("ignore", "The given buffer is not writable")
+            rows = torch.frombuffer(view, dtype=entry.dtype)
+        return rows.view(stop - start, entry.rows[1])
 
     def read_tensor(self, entry: TensorEntry) -> torch.Tensor:
         """The whole tensor, in a buffer of its own (for checks on small tensors)."""

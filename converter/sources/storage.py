@@ -10,6 +10,8 @@ Needs no torch: the job finds the step folder before it imports torch.
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
 import posixpath
 from abc import ABC, abstractmethod
@@ -66,6 +68,11 @@ class Storage(ABC):
         """Reads up to ``len(into)`` bytes of ``path`` from ``offset`` into ``into``; returns how
         many it read (fewer only at the end of the file)."""
 
+    def map(self, path: str, offset: int, length: int) -> memoryview | None:
+        """``length`` bytes of ``path`` from ``offset`` without a copy (a mapping of the page
+        cache), or None where the storage cannot map (a remote store: then read_into)."""
+        return None
+
     def read(self, path: str, offset: int = 0, length: int | None = None) -> bytes:
         if length is None:
             info = self.info(path)
@@ -102,6 +109,32 @@ class LocalStorage(Storage):
         except OSError as e:
             raise read_error(folder, e) from e
         return [i for n in names if (i := self.info(os.path.join(folder, n))) is not None]
+
+    def map(self, path: str, offset: int, length: int) -> memoryview | None:
+        """A read-only mapping, populated at once: one call instead of a page fault per 4 KiB.
+        The file is checked to be long enough after mapping it: reading a mapped page past
+        the end of a file that shrank meanwhile would kill the process (SIGBUS)."""
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            raise read_error(path, e) from e
+        try:
+            mapping = mmap.mmap(
+                fd,
+                length + offset - start,
+                flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
+                prot=mmap.PROT_READ,
+                offset=start,
+            )
+            if os.fstat(fd).st_size < offset + length:
+                mapping.close()
+                raise OSError(errno.ESTALE, "the file shrank while it was read", path)
+        except OSError as e:
+            raise read_error(path, e) from e
+        finally:
+            os.close(fd)
+        return memoryview(mapping)[offset - start :]
 
     def read_into(self, path: str, offset: int, into: memoryview) -> int:
         view = into.cast("B") if into.format != "B" else into
