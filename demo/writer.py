@@ -380,12 +380,17 @@ def _rank_main(rank: int, jobs: list[dict[str, Any]]) -> None:
     (starting the ranks costs more than writing a small checkpoint)."""
     world_size: int = jobs[0]["world_size"]
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(jobs[0]["port"])
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(minutes=30))
+    # The rendezvous store is the driver's (see write_steps_from_files), not rank 0's: a store
+    # hosted by rank 0 goes away when rank 0 exits, possibly while another rank still talks to
+    # it on its way out, which aborted that rank ("terminate called without an active
+    # exception") in about one run in fifteen.
+    store = dist.TCPStore("127.0.0.1", jobs[0]["port"], is_master=False)
+    timeout = timedelta(minutes=30)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timeout)
     try:
         for job in jobs:
             _rank_write(rank, job)
+        dist.barrier()  # every rank is done before any tears its process group down
     finally:
         dist.destroy_process_group()
 
@@ -550,12 +555,6 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _prepare_step_dir(step_dir: Path) -> None:
     """Create ``step_dir``; an old DCP save there is replaced, anything else is refused."""
     if step_dir.exists():
@@ -619,7 +618,9 @@ def write_steps_from_files(
             raise ValueError(f"kind must be one of {KINDS}, got {spec.kind!r}")
         _prepare_step_dir(Path(spec.step_dir))
     start = time.perf_counter()
-    port = _free_port()
+    # The ranks' rendezvous store, hosted here: this process outlives every rank.
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    port = store.port
     with tempfile.TemporaryDirectory(prefix="titan2tune-demo-") as tmp:
         jobs = []
         for i, spec in enumerate(specs):
