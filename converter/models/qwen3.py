@@ -257,6 +257,13 @@ class Qwen3(ModelFamily):
         layers = sorted({int(k.split(".")[1]) for k in shapes if k.startswith("layers.")})
         moe = [i for i in layers if _GATE.format(i) in shapes]
         dense = [i for i in layers if _W1.format(i) in shapes]
+        if layers and not any(_Q_NORM.format(i) in shapes for i in layers):
+            raise ConversionError(
+                "The checkpoint's attention layers have no q_norm and k_norm weights, which "
+                "every torchtitan qwen3 layer has: it is not a qwen3 model. A llama3 "
+                "checkpoint's keys are these; convert it with a llama3 preset, "
+                "experiment/model=llama3/<flavor>."
+            )
         size = _Sizes(shapes, layers)
         vocab_size, dim = size.of(_EMBED)
         head_dim = size.of(_Q_NORM)[0]
