@@ -1,8 +1,8 @@
 """Qwen3 as torchtitan trains it (``torchtitan/models/qwen3``): dense, and mixture-of-experts.
 
 Canonical names are torchtitan 0.3.0's. Qwen3 came to torchtitan's core in #1860 (2025-10-12);
-its layout eras, newest first (a dense model's keys are those of the MoE ones without ``moe.``,
-so a dense checkpoint is named by the newest era its keys fit):
+its layout eras, newest first (the MoE renames left a dense model's keys alone, so a dense
+checkpoint is named by the newest era its keys fit):
 
 - #3859 (2026-07-16, torchtitan 0.3.0): stacked experts under
   ``moe.routed_experts.inner_experts.{w1_EFD,w2_EDF,w3_EFD}``. Since #3656 (2026-06-19) a
@@ -61,6 +61,9 @@ class Qwen3Config(ModelConfig):
     )
     n_kv_heads: int | None = field(
         default=None, metadata={"help": "key/value heads; checked (the weights give it)"}
+    )
+    head_dim: int | None = field(
+        default=None, metadata={"help": "per attention head; checked (q_norm's size)"}
     )
     hidden_dim: int | None = field(
         default=None,

@@ -42,6 +42,8 @@ Usage::
         [--compiled-attention] [--verbose]
 
 or ``write_checkpoints(dump, variant=..., export_dtype=...)`` from Python (same options).
+Other model families plug into the same job through :class:`ModelHooks` (``family=``, see
+``HOOKS``): ``tests/peers/qwen3_writer.py`` writes qwen3 with it.
 With the defaults: ``step-2`` full float32, ``step-3`` model-only in ``export_dtype``.
 
 Reference logits run torchtitan's flex attention and block-mask creation eagerly by
