@@ -357,6 +357,11 @@ def write_checkpoints(
         raise ValueError(f"expert_bias must be one of {EXPERT_BIAS}, got {expert_bias!r}")
     if unknown := set(eras) - set(ERAS):
         raise ValueError(f"unknown eras {sorted(unknown)}; choose from {list(ERAS)}")
+    if eras and not model_dims(model_config(variant))["fused_qkv"]:
+        raise ValueError(
+            f"the older layouts are written from a model with a fused QKV (torchtitan's own "
+            f"hooks fuse and split it), and {variant!r} has none"
+        )
     info = titan_writer.write_checkpoints(
         dump,
         variant=variant,
