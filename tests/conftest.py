@@ -1,6 +1,5 @@
 """Shared fixtures: the Hydra config as the entry point composes it, and real DCP checkpoints
-written by real two-rank FSDP2 saves (demo.writer, and torchtitan's own CheckpointManager
-through tests/peers/qwen3_writer.py), once per test session."""
+written by real two-rank FSDP2 saves (demo.writer), once per test session."""
 
 from __future__ import annotations
 
@@ -116,27 +115,3 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
                                            "export_dtype": torch.float32})]
     )  # fmt: skip
     return root
-
-
-@pytest.fixture(scope="session")
-def qwen3_run(tmp_path_factory):
-    """Real qwen3 checkpoints, written by torchtitan 0.3.0's CheckpointManager on two FSDP2
-    ranks (tests/peers/qwen3_writer.py) once per session for each set of arguments: a function
-    ``(variant, export_dtype, expert_bias, eras) -> (model.json's info, reference logits)``."""
-    from tests.peers import qwen3_writer, titan_writer
-
-    written: dict[tuple, tuple[dict, dict]] = {}
-
-    def run(
-        variant: str, export_dtype: str = "float32", expert_bias: str = "zero", eras=()
-    ) -> tuple[dict, dict]:
-        key = (variant, export_dtype, expert_bias, tuple(eras))
-        if key not in written:
-            dump = tmp_path_factory.mktemp(f"qwen3_{variant}_{expert_bias}")
-            info = qwen3_writer.write_checkpoints(
-                dump, variant, export_dtype, expert_bias=expert_bias, eras=tuple(eras)
-            )
-            written[key] = info, titan_writer.load_reference(dump)
-        return written[key]
-
-    return run

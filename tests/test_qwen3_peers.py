@@ -55,6 +55,28 @@ needs_hf = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(scope="session")
+def qwen3_run(tmp_path_factory):
+    """Real qwen3 checkpoints, written by torchtitan 0.3.0's CheckpointManager on two FSDP2
+    ranks (tests/peers/qwen3_writer.py) once per session for each set of arguments: a function
+    ``(variant, export_dtype, expert_bias, eras) -> (model.json's info, reference logits)``."""
+    written: dict[tuple, tuple[dict, dict]] = {}
+
+    def run(
+        variant: str, export_dtype: str = "float32", expert_bias: str = "zero", eras=()
+    ) -> tuple[dict, dict]:
+        key = (variant, export_dtype, expert_bias, tuple(eras))
+        if key not in written:
+            dump = tmp_path_factory.mktemp(f"qwen3_{variant}_{expert_bias}")
+            info = qwen3_writer.write_checkpoints(
+                dump, variant, export_dtype, expert_bias=expert_bias, eras=tuple(eras)
+            )
+            written[key] = info, titan_writer.load_reference(dump)
+        return written[key]
+
+    return run
+
+
 def layouts(info: dict) -> dict[str, str]:
     """The checkpoint folder of each layout in a run: torchtitan's own, then the older ones."""
     return {"0.3.0": f"{info['dump']}/checkpoint", **info["era_dirs"]}

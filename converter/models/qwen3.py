@@ -396,8 +396,13 @@ class Qwen3(ModelFamily):
 
     def hf_config(self, arch: Qwen3Config) -> dict[str, Any]:
         """``config.json`` for transformers' ``Qwen3ForCausalLM`` or, with experts,
-        ``Qwen3MoeForCausalLM``. ``head_dim`` is always written: Qwen3-MoE's config has no
-        such field and would take ``hidden_size / num_attention_heads`` without it."""
+        ``Qwen3MoeForCausalLM``, the MoE routing as torchtitan's (every layer but the dense
+        ones, top-k of a softmax, renormalised as ``route_norm`` says).
+
+        ``head_dim`` is always written: Qwen3-MoE's config has no such field and would take
+        ``hidden_size / num_attention_heads`` without it. RoPE is written as transformers 5
+        writes it (``rope_parameters``) and as transformers 4 reads it (``rope_theta``)."""
+        theta = float(arch.rope_theta)
         config: dict[str, Any] = {
             "architectures": ["Qwen3MoeForCausalLM" if arch.n_experts else "Qwen3ForCausalLM"],
             "model_type": "qwen3_moe" if arch.n_experts else "qwen3",
@@ -407,13 +412,16 @@ class Qwen3(ModelFamily):
             "head_dim": arch.head_dim,
             "num_hidden_layers": arch.n_layers,
             "vocab_size": arch.vocab_size,
-            "rms_norm_eps": arch.norm_eps,
-            "rope_theta": arch.rope_theta,
-            "max_position_embeddings": arch.max_seq_len,
+            "rms_norm_eps": float(arch.norm_eps),
+            "max_position_embeddings": int(arch.max_seq_len),
             "tie_word_embeddings": arch.tied_embeddings,
             "hidden_act": "silu",
             "attention_bias": False,
+            "attention_dropout": 0.0,
             "use_sliding_window": False,
+            "rope_parameters": {"rope_type": "default", "rope_theta": theta},
+            "rope_theta": theta,
+            "rope_scaling": None,
         }
         if arch.hidden_dim is not None:
             config["intermediate_size"] = arch.hidden_dim
@@ -423,7 +431,6 @@ class Qwen3(ModelFamily):
                 num_experts_per_tok=arch.top_k,
                 moe_intermediate_size=arch.moe_hidden_dim,
                 norm_topk_prob=arch.route_norm,
-                # Every layer is MoE but those listed (torchtitan picks per layer).
                 decoder_sparse_step=1,
                 mlp_only_layers=list(arch.dense_layers or ()),
             )
