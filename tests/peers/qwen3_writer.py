@@ -273,7 +273,7 @@ class Qwen3Hooks(titan_writer.ModelHooks):
         return model_dims(cfg)
 
     def after_build(self, model, optimizers, mesh) -> None:
-        self.model, self.mesh = model, mesh
+        self.model = model
         if self.job.options.get("expert_bias", "zero") != "trained":
             return
         from torchtitan.components.optimizer import register_moe_load_balancing_hook
