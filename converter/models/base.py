@@ -143,10 +143,17 @@ class ModelFamily(ABC):
         """The canonical templates that layer ``layer`` of a complete model has."""
 
     def split(
-        self, template: str, key: str, shape: tuple[int, ...], config: Any, source: str
+        self,
+        template: str,
+        key: str,
+        shape: tuple[int, ...],
+        config: Any,
+        source: str,
+        shapes: Mapping[str, tuple[int, ...]],
     ) -> dict[str, tuple[tuple[int, ...], list[Piece]]]:
         """A saved tensor that holds several canonical ones (``Era.split``): canonical
-        template -> (shape, row pieces of ``key``)."""
+        template -> (shape, row pieces of ``key``). ``shapes``: the model's saved tensors (by
+        their key within the model), for a split that its neighbours' shapes determine."""
         raise NotImplementedError(template)
 
     def check_values(self, source: Source, keys: Mapping[str, str], config: Any) -> list[Dropped]:
@@ -201,12 +208,6 @@ def build_plan(
     model (a copy of the embeddings). ``export_dtype``: floating tensors are cast to it (None:
     kept as saved). ``read`` loads a small saved tensor whole, for value checks. ``others``:
     the other families, named in the error when one of them explains the keys."""
-    if naming not in family.namings:
-        why = family.unsupported.get(naming, "")
-        raise ConversionError(
-            f"output_format={naming} cannot hold a {family.name} model{': ' + why if why else ''}"
-            f". Choose output_format={' or '.join(family.namings)}."
-        )
     dropped: list[Dropped] = []
     model: dict[str, str] = {}  # key within the model -> saved key
     nested = any(k.startswith(NESTED_PREFIX) for k in tensors)
@@ -231,6 +232,7 @@ def build_plan(
 
     canonical: dict[str, tuple[tuple[int, ...], list[Piece]]] = {}
     patterns = _patterns(era)
+    model_shapes = {inner: tensors[key][0] for inner, key in model.items()}
     for inner, key in model.items():
         found = _translate(inner, patterns)
         assert found is not _UNKNOWN
@@ -240,7 +242,7 @@ def build_plan(
             dropped.append(Dropped(key, era.dropped[template]))
         elif template in era.split:
             for part, (part_shape, pieces) in family.split(
-                template, key, shape, config, source_name
+                template, key, shape, config, source_name, model_shapes
             ).items():
                 canonical[_fill(part, layer)] = (part_shape, pieces)
         else:
@@ -265,6 +267,14 @@ def build_plan(
         canonical.pop(gone.key)
         dropped.append(Dropped(saved[gone.key], gone.reason))
 
+    # After the checks of the checkpoint itself, which hold whatever the format: a problem
+    # of the source is reported first, not after the user has changed the format.
+    if naming not in family.namings:
+        why = family.unsupported.get(naming, "")
+        raise ConversionError(
+            f"output_format={naming} cannot hold a {family.name} model{': ' + why if why else ''}"
+            f". Choose output_format={' or '.join(family.namings)}."
+        )
     names = family.namings[naming]
     plan = Plan(
         family=family.name,

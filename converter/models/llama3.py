@@ -27,6 +27,7 @@ from omegaconf import MISSING
 
 from converter.errors import ConversionError
 from converter.models.base import Era, ModelConfig, ModelFamily, Target, check_stated
+from converter.models.common import WK, WQ, WQKV, WV, split_fused_qkv
 from converter.plan import Piece, RowOrder
 
 
@@ -63,8 +64,7 @@ class Llama3Config(ModelConfig):
 
 
 _ATTENTION = "layers.{}.attention."
-_WQ, _WK, _WV = (f"{_ATTENTION}qkv_linear.{w}.weight" for w in ("wq", "wk", "wv"))
-_WQKV = f"{_ATTENTION}qkv_linear.wqkv.weight"
+_WQ, _WK, _WV, _WQKV = WQ, WK, WV, WQKV  # torchtitan's common attention module
 _LAYER_KEYS = (
     _WQ,
     _WK,
@@ -146,36 +146,27 @@ class Llama3(ModelFamily):
     namings = {"meta": _META, "torchtune": _TORCHTUNE, "hf": _HF}
 
     def split(
-        self, template: str, key: str, shape: tuple[int, ...], config: Any, source: str
+        self,
+        template: str,
+        key: str,
+        shape: tuple[int, ...],
+        config: Any,
+        source: str,
+        shapes: Mapping[str, tuple[int, ...]],
     ) -> dict[str, tuple[tuple[int, ...], list[Piece]]]:
-        """The fused QKV weight's rows are grouped per kv head, ``[n_kv_heads, n_heads /
-        n_kv_heads + 2, head_dim, dim]``: each group's query heads, then its key head, then its
-        value head (torchtitan's ``FusedQKVLinear``). Splitting needs the head counts."""
+        """The fused QKV weight (torchtitan's ``FusedQKVLinear``) split with the configured
+        head counts: its shape alone cannot give them."""
         assert template == _WQKV, template
         n_heads, n_kv = config.n_heads, config.kv_heads
-        rows, dims = shape[0], shape[1:]
-        per_group = n_heads // n_kv + 2
-        if rows % (n_kv * per_group):
+        rows = shape[0]
+        if rows % (n_heads + 2 * n_kv):
             raise ConversionError(
                 f"experiment.model.n_heads={n_heads} and n_kv_heads={config.n_kv_heads} "
                 f"contradict {key!r} of shape {shape} in {source}: its rows must be "
                 "(n_heads + 2 * n_kv_heads) * head_dim. Set the head counts of the model that "
                 "was trained."
             )
-        head_dim = rows // (n_kv * per_group)
-        q_heads = per_group - 2
-        q, k, v = [], [], []
-        for g in range(n_kv):
-            base = g * per_group * head_dim
-            q.append(Piece(key, base, base + q_heads * head_dim, g * q_heads * head_dim))
-            k_start = base + q_heads * head_dim
-            k.append(Piece(key, k_start, k_start + head_dim, g * head_dim))
-            v.append(Piece(key, k_start + head_dim, k_start + 2 * head_dim, g * head_dim))
-        return {
-            _WQ: ((n_heads * head_dim, *dims), q),
-            _WK: ((n_kv * head_dim, *dims), k),
-            _WV: ((n_kv * head_dim, *dims), v),
-        }
+        return split_fused_qkv(key, shape, n_heads, n_kv, rows // (n_heads + 2 * n_kv))
 
     def architecture(self, shapes: Mapping[str, tuple[int, ...]], config: Any) -> Llama3Config:
         vocab_size, dim = shapes["tok_embeddings.weight"]

@@ -42,6 +42,8 @@ Usage::
         [--compiled-attention] [--verbose]
 
 or ``write_checkpoints(dump, variant=..., export_dtype=...)`` from Python (same options).
+Other model families plug into the same job through :class:`ModelHooks` (``family=``, see
+``HOOKS``): ``tests/peers/qwen3_writer.py`` writes qwen3 with it.
 With the defaults: ``step-2`` full float32, ``step-3`` model-only in ``export_dtype``.
 
 Reference logits run torchtitan's flex attention and block-mask creation eagerly by
@@ -56,6 +58,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import importlib
 import json
 import logging
 import os
@@ -312,6 +315,47 @@ class WriterJob:
     rope_factor: float | None = None
     compiled_attention: bool = False
     verbose: bool = False
+    family: str = "llama3"
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class ModelHooks:
+    """What differs between the model families this writer trains, as hooks into one training
+    job; llama3's (no hook does anything) is the default. Another family's module subclasses
+    it (``tests/peers/qwen3_writer.py``) and is named in ``HOOKS``."""
+
+    def __init__(self, job: WriterJob) -> None:
+        self.job = job
+
+    def config(self):
+        """The torchtitan model config of ``job.variant`` (raises ValueError if unknown)."""
+        return model_config(self.job.variant, rope_factor=self.job.rope_factor)
+
+    def dims(self, cfg) -> dict[str, Any]:
+        """The model's dimensions for ``model.json``."""
+        return model_dims(cfg)
+
+    def after_build(self, model, optimizers, mesh) -> None:
+        """Once the sharded model and its optimizers exist (torchtitan's
+        ``post_optimizer_build_fn``)."""
+
+    def before_step(self, model, step: int, inputs: dict[str, torch.Tensor]) -> None:
+        """Before the optimizer step of training step ``step``."""
+
+    def after_save(self, step: int, checkpointer, last: bool) -> None:
+        """After torchtitan saved step ``step`` (collective: every rank calls it)."""
+
+
+# family -> (module, ModelHooks subclass), imported in the ranks.
+HOOKS = {
+    "llama3": (__name__, "ModelHooks"),
+    "qwen3": ("tests.peers.qwen3_writer", "Qwen3Hooks"),
+}
+
+
+def model_hooks(job: WriterJob) -> ModelHooks:
+    module, name = HOOKS[job.family]
+    return getattr(importlib.import_module(module), name)(job)
 
 
 class _TrainState:
@@ -418,7 +462,8 @@ def _train_and_save(rank: int, job: WriterJob) -> None:
         titan_logger.setLevel(logging.WARNING)
 
     _log(job, rank, "imports done")
-    cfg = model_config(job.variant, rope_factor=job.rope_factor)
+    hooks = model_hooks(job)
+    cfg = hooks.config()
     with torch.device("meta"):
         model = cfg.build()
     mesh = init_device_mesh("cpu", (WORLD_SIZE,), mesh_dim_names=("fsdp",))
@@ -434,6 +479,7 @@ def _train_and_save(rank: int, job: WriterJob) -> None:
     opt_cfg = default_adamw(lr=job.lr)
     opt_cfg.implementation = "foreach"  # "fused" is the CUDA default
     optimizers = opt_cfg.build(model_parts=[model])
+    hooks.after_build(model, optimizers, mesh)
     lr_schedulers = LRSchedulersContainer.Config(warmup_steps=1).build(
         optimizers=optimizers, training_steps=job.steps
     )
@@ -468,6 +514,7 @@ def _train_and_save(rank: int, job: WriterJob) -> None:
     for step in range(1, job.steps + 1):
         inputs, _labels = next(data_iter)
         train_state.ntokens_seen += inputs["input"].numel() * WORLD_SIZE
+        hooks.before_step(model, step, inputs)
         gen = torch.Generator().manual_seed(1000 * job.seed + step)
         for param in model.parameters():  # parameters() lists a tied weight once
             param.grad = _fake_grad(param, gen)
@@ -479,16 +526,19 @@ def _train_and_save(rank: int, job: WriterJob) -> None:
         saved = checkpointer.save(step, last_step=last)
         if saved:
             snapshots[step] = _full_state_dict(model)
+            hooks.after_save(step, checkpointer, last)
         _log(job, rank, f"step {step} done (saved: {saved})")
     checkpointer.close()
     dist.barrier()
 
-    _write_reference(rank, job, cfg, snapshots)
+    _write_reference(rank, job, cfg, hooks.dims(cfg), snapshots)
     _log(job, rank, "reference written")
     dist.barrier()
 
 
-def _write_reference(rank: int, job: WriterJob, cfg, snapshots: dict[int, dict]) -> None:
+def _write_reference(
+    rank: int, job: WriterJob, cfg, dims: dict[str, Any], snapshots: dict[int, dict]
+) -> None:
     """Check the saved weights and compute reference logits; both ranks share the forwards."""
     import torch.distributed as dist
 
@@ -551,8 +601,9 @@ def _write_reference(rank: int, job: WriterJob, cfg, snapshots: dict[int, dict])
     import torchtitan
 
     info = {
+        "family": job.family,
         "variant": job.variant,
-        **model_dims(cfg),
+        **dims,
         "torchtitan_version": getattr(torchtitan, "__version__", "unknown"),
         "export_dtype": job.export_dtype,
         "checkpoint_folder": CHECKPOINT_FOLDER,
@@ -583,6 +634,8 @@ def write_checkpoints(
     rope_factor: float | None = None,
     compiled_attention: bool = False,
     verbose: bool = False,
+    family: str = "llama3",
+    options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train ``steps`` steps on two gloo CPU ranks and save as torchtitan does.
 
@@ -592,8 +645,6 @@ def write_checkpoints(
     """
     import torch.multiprocessing as mp
 
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
     if export_dtype not in EXPORT_DTYPES:
         raise ValueError(f"unknown export dtype {export_dtype!r}; choose from {EXPORT_DTYPES}")
     if steps < 1 or interval < 1:
@@ -615,7 +666,10 @@ def write_checkpoints(
         rope_factor=rope_factor,
         compiled_attention=compiled_attention,
         verbose=verbose,
+        family=family,
+        options=dict(options or {}),
     )
+    model_hooks(job).config()  # an unknown variant fails here, not in the ranks
     mp.spawn(_worker, args=(job, _free_port()), nprocs=WORLD_SIZE, join=True)
     info = json.loads((dump / "model.json").read_text())
     info["dump"] = str(dump)
