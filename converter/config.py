@@ -111,6 +111,7 @@ class ConvertConfig:
         if self.workers <= 0:
             raise ValueError(f"workers must be positive, got {self.workers}")
         self.experiment.check()
+        self.output_format.check()
         FORMATS[self.output_format.name].check_output(self.experiment.output)
 
 
