@@ -90,18 +90,26 @@ class HfFormat(OutputFormat):
             )
 
     def files(self, plan: Plan, options: Any) -> dict[str, list[OutputTensor]]:
-        """Hugging Face's split: the tensors in the model's order fill a shard until the next
-        would take it past ``max_shard_size``; a tensor larger than that is a shard alone."""
+        """Hugging Face's split (huggingface_hub's ``split_torch_state_dict_into_shards``, which
+        transformers uses): the tensors, in the model's order, fill a shard until the next
+        would take it past ``max_shard_size``; a tensor larger than that is a shard of its own,
+        numbered where it comes, while the shard being filled stays open."""
         limit = shard_bytes(options.max_shard_size)
-        shards: list[list[OutputTensor]] = [[]]
+        shards: list[list[OutputTensor]] = []
+        current: list[OutputTensor] = []
         size = 0
         for tensor in plan.tensors:
             n = safetensors_file.nbytes(tensor)
-            if shards[-1] and size + n > limit:
-                shards.append([])
-                size = 0
-            shards[-1].append(tensor)
+            if n > limit:
+                shards.append([tensor])
+                continue
+            if size + n > limit:
+                shards.append(current)
+                current, size = [], 0
+            current.append(tensor)
             size += n
+        if current:
+            shards.append(current)
         if len(shards) == 1:
             return {SINGLE: safetensors_file.save_file_order(shards[0])}
         count = len(shards)
