@@ -573,9 +573,9 @@ def _as_hf(prepare: Prepare, **more: str) -> Prepare:
 
 
 def _hf_output_locked(root: Path, pristine: Path, cleanup: ExitStack) -> dict[str, str]:
-    copy_small(root, pristine)
+    overrides = _as_hf(_copy)(root, pristine, cleanup)
     hold_lock(root / "out" / f".{HF_OUT}.lock", cleanup)
-    return _as_hf(_copy)(root, pristine, cleanup)
+    return overrides
 
 
 def _hf_output_is_a_file(root: Path, pristine: Path, cleanup: ExitStack) -> dict[str, str]:
