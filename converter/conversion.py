@@ -563,5 +563,5 @@ def _differences(
 
 def _size(output: Path) -> int:
     if output.is_dir():
-        return sum(p.stat().st_size for p in output.iterdir() if p.is_file())
+        return sum(p.stat().st_size for p in output.rglob("*") if p.is_file())
     return output.stat().st_size
