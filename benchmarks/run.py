@@ -1,4 +1,6 @@
-"""Benchmark titan2tune's converter against ``dcp_to_torch`` and the I/O floor.
+"""Benchmark titan2tune's converter against ``dcp_to_torch`` and the I/O floor, and its Hugging
+Face export against what a user does today (``hf_baseline.py``: the DCP loaded into a state
+dict, torchtitan's ``to_hf``, ``safetensors.torch.save_file``).
 
     python benchmarks/run.py --work benchmarks/work --repeats 3
     python benchmarks/run.py --work benchmarks/work --report-only
@@ -30,9 +32,10 @@ from pathlib import Path
 
 import torch
 
-from converter.hashing import sha256_file
-from converter.manifest import manifest_path, read_manifest, torchtune_yaml_path
-from converter.source import DcpCheckpoint
+from converter.formats.torch_save import TORCHTUNE_SUFFIX
+from converter.manifest import file_xxh3, manifest_path, read_manifest
+from converter.sources.dcp import DcpIndex
+from converter.sources.storage import LocalStorage
 from demo import writer as demo
 
 HERE = Path(__file__).resolve().parent
@@ -113,7 +116,7 @@ def build_input(work: Path, name: str) -> None:
         input_step_dir(work, inp),
         weights,
         inp.shape,
-        generation="G4",
+        layout=demo.TORCHTITAN_0_3,
         kind=inp.kind,
         export_dtype=torch.float32,
     )
@@ -128,11 +131,17 @@ class Method:
     """One way of producing an output from a step folder."""
 
     label: str
-    kind: str  # ours | dcp | floor
+    kind: str  # ours | dcp | hf_baseline | floor
     verify: bool = False
     workers: int = 1
     tasks: int = 1  # > 1: processes, as submitit tasks of one job sharing the conversion
     fsync: bool = True
+    output_format: str = "meta"  # ours: meta (a .pt) or hf (a Hugging Face folder)
+
+    @property
+    def folder(self) -> bool:
+        """It writes a Hugging Face folder, not a .pt."""
+        return self.output_format == "hf" or self.kind == "hf_baseline"
 
     @property
     def slug(self) -> str:
@@ -151,6 +160,13 @@ OURS_TASKS_2 = Method(
 DCP = Method("dcp_to_torch", "dcp")
 FLOOR = Method("I/O floor (fsync)", "floor", fsync=True)
 FLOOR_NOSYNC = Method("I/O floor (no fsync)", "floor", fsync=False)
+# The Hugging Face export: titan2tune's folder against the state-dict path a user takes today.
+OURS_HF = Method("titan2tune hf verify=false workers=2", "ours", workers=2, output_format="hf")
+OURS_HF_VERIFY = Method(
+    "titan2tune hf verify=true workers=2", "ours", verify=True, workers=2, output_format="hf"
+)
+HF_BASELINE = Method("DCP state dict + to_hf + save_file", "hf_baseline")
+HF_METHODS = (OURS_HF, OURS_HF_VERIFY, HF_BASELINE)
 METHODS = (
     OURS_FAST,
     OURS_FAST_2,
@@ -160,9 +176,10 @@ METHODS = (
     DCP,
     FLOOR,
     FLOOR_NOSYNC,
+    *HF_METHODS,
 )
 CGROUP_METHODS = (OURS_FAST, OURS_FAST_2, OURS_DEFAULT, DCP)
-JOB_ORDER = ("plan", "convert", "verify", "sha256", "source_sha256_wait")  # as conversion.py runs
+JOB_ORDER = ("plan", "convert", "verify", "digest", "other_tasks_wait")  # as conversion.py runs
 TARGETS = {"weights_only": 0.6, "full": 0.35}  # wall time vs dcp_to_torch
 RSS_TARGET, FLOOR_TARGET = 0.15, 1.5
 CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
@@ -179,7 +196,8 @@ class Case:
     model_bytes: int  # bytes of the shard ranges holding the output's tensors
     all_bytes: int  # every file of the step folder
     out_bytes: int  # the converter's output
-    out_sha256: str = ""  # of the reference (untimed, verified) conversion's output
+    # Each file's XXH3-128 in the reference (untimed, verified) conversion, per output format.
+    out_xxh3: dict[str, dict[str, str]] = field(default_factory=dict)
     runs: dict[str, list[dict]] = field(default_factory=dict)
 
     def src_bytes(self, method: Method) -> int:
@@ -187,7 +205,9 @@ class Case:
         return self.all_bytes if method.kind == "dcp" else self.model_bytes
 
 
-def converter_argv(case: Case, out: Path, verify: bool, workers: int, tasks: int = 1) -> list[str]:
+def converter_argv(
+    case: Case, out: Path, verify: bool, workers: int, tasks: int = 1, output_format: str = "meta"
+) -> list[str]:
     """``convert.py`` on ``case`` to ``out``, the model's sizes given as they were saved; with
     ``tasks`` > 1, as a one-job sweep of that many local submitit tasks."""
     s = case.inp.shape
@@ -210,6 +230,7 @@ def converter_argv(case: Case, out: Path, verify: bool, workers: int, tasks: int
         f"experiment.name={case.inp.name}",
         f"experiment.checkpoint_dir={case.step_dir.parent}",
         f"experiment.output={out}",
+        f"output_format={output_format}",
         "experiment.export_dtype=bfloat16",
         f"experiment.model.n_heads={s.n_heads}",
         f"experiment.model.n_kv_heads={s.n_kv_heads}",
@@ -225,8 +246,21 @@ def converter_argv(case: Case, out: Path, verify: bool, workers: int, tasks: int
 
 def command(method: Method, case: Case, out: Path) -> list[str]:
     """The command line with which ``method`` converts ``case`` to ``out``."""
+    s = case.inp.shape
     if method.kind == "ours":
-        return converter_argv(case, out, method.verify, method.workers, method.tasks)
+        return converter_argv(
+            case, out, method.verify, method.workers, method.tasks, method.output_format
+        )
+    if method.kind == "hf_baseline":
+        return [
+            sys.executable,
+            str(HERE / "hf_baseline.py"),
+            str(case.step_dir),
+            str(out),
+            *(f"--{k}={v}" for k, v in _dims(s).items()),
+            *(["--tied"] if s.tied_embeddings else []),
+            "--export-dtype=bfloat16",
+        ]
     if method.kind == "dcp":
         return [
             sys.executable,
@@ -251,21 +285,56 @@ def run_child(argv: list[str], log: Path, cgroup: Path | None = None) -> dict:
     return json.loads(done.stdout)
 
 
+def _dims(s: demo.ModelShape) -> dict[str, int]:
+    return {
+        "dim": s.dim,
+        "n-layers": s.n_layers,
+        "n-heads": s.n_heads,
+        "n-kv-heads": s.n_kv_heads,
+        "vocab-size": s.vocab_size,
+        "hidden-dim": s.hidden_dim,
+    }
+
+
+def output_path(case: Case, method: Method, prefix: str = "") -> Path:
+    """Where ``method`` writes: a .pt, or a folder."""
+    return case.out_dir / f"{prefix}{method.slug}{'' if method.folder else '.pt'}"
+
+
 def remove_outputs(out: Path) -> None:
-    """An output and the converter's manifest and recipe snippet beside it."""
-    for path in (out, manifest_path(out), torchtune_yaml_path(out)):
+    """An output: a .pt with the converter's manifest and recipe snippet beside it, or a
+    folder."""
+    if out.is_dir():
+        shutil.rmtree(out)
+        return
+    for path in (out, manifest_path(out, False), out.with_name(out.name + TORCHTUNE_SUFFIX)):
         path.unlink(missing_ok=True)
 
 
+def tensor_files(out: Path) -> dict[str, str]:
+    """The XXH3-128 of each file that holds tensors: the .pt, or the folder's safetensors."""
+    if out.is_dir():
+        return {p.name: file_xxh3(p) for p in sorted(out.glob("*.safetensors"))}
+    return {"": file_xxh3(out)}
+
+
 def check_output(method: Method, case: Case, out: Path) -> None:
-    """A timed conversion must have written the very bytes of the reference conversion: a
-    fast wrong output is not a result."""
-    digest = sha256_file(out)
-    if digest != case.out_sha256:
+    """A timed conversion must have written the very bytes of the reference conversion (for
+    the Hugging Face baseline: of titan2tune's hf folder): a fast wrong output is not a
+    result."""
+    digests = tensor_files(out)
+    expected = case.out_xxh3["hf" if method.folder else "meta"]
+    if digests != expected:
         raise RuntimeError(
-            f"{method.label} wrote {out} with sha256 {digest}, but the reference conversion "
-            f"of {case.inp.name} has {case.out_sha256}: the benchmark stops here."
+            f"{method.label} wrote {out} with XXH3-128 {digests}, but the reference conversion "
+            f"of {case.inp.name} has {expected}: the benchmark stops here."
         )
+
+
+def output_bytes(out: Path) -> int:
+    if out.is_dir():
+        return sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+    return out.stat().st_size
 
 
 def load1() -> float:
@@ -275,7 +344,7 @@ def load1() -> float:
 
 def measure(method: Method, case: Case, logs: Path) -> dict:
     """One timed run of ``method``; its output is removed and the disk settled around it."""
-    out = case.out_dir / f"{method.slug}.pt"
+    out = output_path(case, method)
     remove_outputs(out)
     os.sync()
     load = load1()
@@ -285,9 +354,10 @@ def measure(method: Method, case: Case, logs: Path) -> dict:
     os.sync()  # what a method left to write back (dcp_to_torch and the no-fsync floor)
     record |= {"flush": time.perf_counter() - start, "load1": load}
     if record["code"] == 0:
-        record["out_bytes"] = out.stat().st_size
+        record["out_bytes"] = output_bytes(out)
         if method.kind == "ours":
-            record["durations"] = read_manifest(out)["durations_s"]
+            record["durations"] = read_manifest(manifest_path(out, method.folder))["durations_s"]
+        if method.kind in ("ours", "hf_baseline"):
             check_output(method, case, out)
     else:
         record["log"] = str(log)
@@ -310,22 +380,25 @@ def prepare(inp: Input, work: Path, logs: Path) -> Case:
     step_dir = input_step_dir(work, inp)
     out_dir = work / "out"
     out_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = DcpCheckpoint(step_dir)
-    probe = out_dir / f"{inp.name}-probe.pt"
-    remove_outputs(probe)
+    checkpoint = DcpIndex(LocalStorage(str(step_dir.parent)), str(step_dir))
     case = Case(inp, step_dir, out_dir, work / f"{inp.name}-floor.json", 0, 0, 0)
-    log = logs / f"{inp.name}-probe.log"
-    code = run_child(converter_argv(case, probe, verify=True, workers=1), log)["code"]
-    if code:
-        raise RuntimeError(f"the probe conversion of {inp.name} exited {code}; see {log}")
-    manifest = read_manifest(probe)
-    remove_outputs(probe)
+    for output_format in ("hf", "meta"):  # the .pt's manifest last: the floor reads its keys
+        folder = output_format == "hf"
+        probe = out_dir / f"{inp.name}-probe{'_hf' if folder else '.pt'}"
+        remove_outputs(probe)
+        log = logs / f"{inp.name}-probe-{output_format}.log"
+        argv = converter_argv(case, probe, verify=True, workers=1, output_format=output_format)
+        code = run_child(argv, log)["code"]
+        if code:
+            raise RuntimeError(f"the probe conversion of {inp.name} exited {code}; see {log}")
+        manifest = read_manifest(manifest_path(probe, folder))
+        case.out_xxh3[output_format] = tensor_files(probe)
+        remove_outputs(probe)
     keys = sorted({k for sources in manifest["converted"].values() for k in sources})
     reads = sorted(
-        (str(c.path), c.offset, c.length) for k in keys for c in checkpoint.tensors[k].chunks
+        (str(c.file), c.offset, c.length) for k in keys for c in checkpoint.tensors[k].chunks
     )
     case.out_bytes = manifest["output"]["bytes"]
-    case.out_sha256 = manifest["output"]["sha256"]
     case.model_bytes = sum(length for _, _, length in reads)
     case.all_bytes = sum(p.stat().st_size for p in step_dir.iterdir())
     case.floor_plan.write_text(json.dumps({"reads": reads, "out_bytes": case.out_bytes}))
@@ -355,7 +428,7 @@ def benchmark(case: Case, repeats: int, logs: Path) -> None:
 def in_cgroup(method: Method, case: Case, limit: int, logs: Path) -> dict:
     """Runs ``method`` once inside a fresh cgroup v1 memory cgroup capped at ``limit`` bytes."""
     cgroup = CGROUP_ROOT / f"titan2tune-bench-{os.getpid()}"
-    out = case.out_dir / f"cgroup-{method.slug}.pt"
+    out = output_path(case, method, "cgroup-")
     remove_outputs(out)
     warm(case.step_dir)
     os.sync()
@@ -670,7 +743,7 @@ def source_version() -> str:
 
 def _ok(case: Case, method: Method) -> list[dict]:
     """The runs of ``method`` that succeeded."""
-    return [r for r in case.runs[method.label] if r["code"] == 0]
+    return [r for r in case.runs.get(method.label, []) if r["code"] == 0]
 
 
 def _median(case: Case, method: Method, key: str) -> float:
@@ -711,7 +784,7 @@ def results_table(case: Case) -> list[str]:
     ]
     for m in METHODS:
         runs = _ok(case, m)
-        if len(runs) < len(case.runs[m.label]):
+        if len(runs) < len(case.runs.get(m.label, [])):
             rows.append(f"| {m.label} | {_failures(case, m)} |" + " |" * 10)
         if not runs:
             continue
@@ -763,7 +836,7 @@ def targets_table(cases: list[Case], cgroup: dict[str, dict]) -> list[str]:
         dcp_wall, dcp_rss = _median(case, DCP, "wall"), _median(case, DCP, "rss_mb")
         floor_wall, target = _median(case, FLOOR, "wall"), TARGETS[case.inp.kind]
         for m in METHODS:
-            if m.kind != "ours":
+            if m.kind != "ours" or m.folder:  # the targets are the .pt's
                 continue
             label = f"{m.label}{' (alongside)' if m.verify else ''}"
             if len(_ok(case, m)) < len(case.runs[m.label]):
@@ -781,6 +854,30 @@ def targets_table(cases: list[Case], cgroup: dict[str, dict]) -> list[str]:
         + ", ".join(f"{k}: {v}" for k, v in ours.items())
         + f"; dcp_to_torch: {cgroup[DCP.label]['status']}.",
     ]
+    return rows
+
+
+def hf_table(cases: list[Case]) -> list[str]:
+    """titan2tune's Hugging Face folder against the state-dict path, on the same input."""
+    rows = [
+        "| input | method | wall s | CPU s | peak RSS MB | output MB | wall / baseline | "
+        "RSS / baseline |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for case in cases:
+        base_wall, base_rss = (
+            _median(case, HF_BASELINE, "wall"),
+            _median(case, HF_BASELINE, "rss_mb"),
+        )
+        for m in HF_METHODS:
+            if not _ok(case, m):
+                continue
+            wall, rss = _median(case, m, "wall"), _median(case, m, "rss_mb")
+            rows.append(
+                f"| {case.inp.name} | {m.label} | {wall:.2f} | {_median(case, m, 'cpu'):.1f} | "
+                f"{rss:.0f} | {_median(case, m, 'out_bytes') / MB:.0f} | "
+                f"{wall / base_wall:.2f} | {rss / base_rss:.3f} |"
+            )
     return rows
 
 
@@ -871,6 +968,15 @@ def results_markdown(cases: list[Case], results: dict) -> str:
         "",
         *split_table(cases),
         "",
+        "## Hugging Face export",
+        "",
+        "`output_format=hf` (float32 -> bfloat16, one `model.safetensors` with config.json and "
+        "the rest) against what a user does today, `benchmarks/hf_baseline.py`: the model's "
+        "entries of the DCP loaded into a state dict, torchtitan's `to_hf`, the cast, "
+        "`safetensors.torch.save_file`. Both write the same bytes (checked on every run).",
+        "",
+        *hf_table(cases),
+        "",
         f"## In a {results['cgroup_mb']} MiB memory cgroup ({cases[0].inp.name})",
         "",
         "One run each, cgroup v1 `memory.limit_in_bytes`; the cgroup's peak counts page cache "
@@ -903,7 +1009,8 @@ def chart(cases: list[Case], path: Path) -> None:
     for col, case in enumerate(cases):
         done = [m for m in METHODS if _ok(case, m)]
         labels = [m.label for m in done]
-        colors = ["C0" if m.kind == "ours" else "C3" if m.kind == "dcp" else "C7" for m in done]
+        palette = {"ours": "C0", "dcp": "C3", "hf_baseline": "C1"}
+        colors = [palette.get(m.kind, "C7") for m in done]
         walls = [_median(case, m, "wall") for m in done]
         spans = [[r["wall"] for r in _ok(case, m)] for m in done]
         err = [

@@ -114,6 +114,7 @@ class ConvertConfig:
         if self.workers <= 0:
             raise ValueError(f"workers must be positive, got {self.workers}")
         self.experiment.check()
+        self.output_format.check()
         FORMATS[self.output_format.name].check_output(self.experiment.output)
 
 
@@ -151,7 +152,8 @@ def settings_help(schema: type = ConvertConfig, prefix: str = "") -> list[str]:
 
 
 _HELP_TEMPLATE = """titan2tune: convert torchtitan DCP checkpoints (sharded PyTorch Distributed
-Checkpoints) into one consolidated .pt per run that torchtune loads as it is.
+Checkpoints) into one consolidated .pt per run that torchtune loads as it is, or a Hugging Face
+folder (output_format=hf).
 
   python convert.py experiment=debug [key=value ...]
   python convert.py -m experiment=debug,500M,debug_pretrained [hydra/launcher=slurm]

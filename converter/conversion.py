@@ -40,6 +40,7 @@ from converter.formats.base import Described, OutputFormat
 from converter.manifest import (
     build_manifest,
     describes,
+    file_xxh3,
     manifest_path,
     package_versions,
     read_manifest,
@@ -52,7 +53,7 @@ from converter.sources.dcp import DcpIndex
 from converter.sources.reader import TensorReader
 from converter.sources.storage import LocalStorage, Storage
 from converter.tasks import SlurmInfo, TaskGroup, check_answers
-from converter.verify import Staged, read_back
+from converter.verify import Staged, digests, read_back
 
 log = logging.getLogger("titan2tune")
 
@@ -82,6 +83,8 @@ class _Planned:
     plan: Plan
     arch: Any
     output: Path
+    tokenizer_dir: Path | None
+    assets: dict[str, Path]  # files the output copies in (name in it -> file)
 
     @property
     def name(self) -> str:
@@ -131,9 +134,16 @@ def _plan(
     fmt = FORMATS[conf.output_format.name]
     given = local_path(exp.output)
     output = given.resolve()
+    tokenizer_dir = local_path(exp.tokenizer_dir).resolve() if exp.tokenizer_dir else None
     if isinstance(storage, LocalStorage):
         _check_not_source(given, output, index)
     _check_not_folders(output, fmt)
+    if fmt.folder and tokenizer_dir and tokenizer_dir.is_relative_to(output):
+        raise ConversionError(
+            f"experiment.output {output} holds experiment.tokenizer_dir {tokenizer_dir}: "
+            "replacing the output would delete the tokenizer files it copies. Choose another "
+            "output folder."
+        )
     family = family_of(exp.model)
     plan, arch = build_plan(
         family,
@@ -164,7 +174,10 @@ def _plan(
         )
         for assumption in plan.assumptions:
             log.warning("%s: %s", exp.name, assumption)
-    return _Planned(conf, step, index, reader, family, fmt, plan, arch, output)
+    assets = fmt.assets(tokenizer_dir, arch)
+    return _Planned(
+        conf, step, index, reader, family, fmt, plan, arch, output, tokenizer_dir, assets
+    )
 
 
 def _torch_dtype(export: ExportDtype) -> torch.dtype | None:
@@ -237,8 +250,13 @@ def _lead(
             planned.arch,
             planned.plan,
             conf.output_format,
-            local_path(conf.experiment.tokenizer_dir) if conf.experiment.tokenizer_dir else None,
+            planned.tokenizer_dir,
+            planned.assets,
         )
+        texts = _describing_files(fmt.describe(described), output, fmt)
+        if fmt.folder:  # files of the output: in the manifest with their digests, as the shards
+            texts = {n: _bytes(c) for n, c in texts.items()}
+            files |= {str(n): digests(c, conf.sha256) for n, c in texts.items()}
         missing = fmt.missing(described)
         for what in missing:
             log.warning("%s: %s", planned.name, what)
@@ -257,7 +275,6 @@ def _lead(
             fingerprint=print_,
             slurm=dataclasses.asdict(slurm) if slurm else None,
         )
-        texts = _describing_files(fmt.describe(described), output, fmt)
         # The manifest last: it is what marks the output as this conversion's.
         texts[_described_name(manifest_path(output, fmt.folder), output, fmt)] = (
             json.dumps(manifest, indent=2) + "\n"
@@ -352,6 +369,13 @@ def _record_rate(planned: _Planned, seconds: float) -> None:
         write_atomic(_rate_file(), json.dumps(rate) + "\n")
     except OSError as e:
         log.debug("Cannot record the conversion rate in %s: %s", _rate_file(), e)
+
+
+def _bytes(content: str | bytes | Path) -> bytes:
+    """A describing file's bytes: what is written is what its digests are taken of."""
+    if isinstance(content, Path):
+        return content.read_bytes()
+    return content.encode() if isinstance(content, str) else content
 
 
 def _sidecars(planned: _Planned) -> tuple[Path, ...]:
@@ -474,6 +498,12 @@ def fingerprint(planned: _Planned) -> dict[str, Any]:
         "export_dtype": str(conf.experiment.export_dtype),
         "model": _plain(conf.experiment.model),
         "converter": package_versions()["titan2tune"],
+        # The files copied in (tokenizer), by content: only for a format that copies any.
+        **(
+            {"assets": {n: file_xxh3(p) for n, p in planned.assets.items()}}
+            if planned.assets
+            else {}
+        ),
     }
 
 
@@ -524,6 +554,11 @@ def _check_not_source(given: Path, output: Path, index: DcpIndex) -> None:
             f"experiment.output {given} lies inside the source step folder {step_dir}; the "
             "converter never writes into a source checkpoint. Choose another output path."
         )
+    if step_dir.is_relative_to(output):
+        raise ConversionError(
+            f"experiment.output {given} holds the source step folder {step_dir}; replacing "
+            "the output would delete the checkpoint. Choose another output path."
+        )
 
 
 def _check_not_folders(output: Path, fmt: OutputFormat) -> None:
@@ -559,8 +594,8 @@ def _already_done(planned: _Planned, print_: dict[str, Any]) -> bool:
     """True if the output holds this very conversion (and ``force`` is off); raises if it
     holds another and may not be replaced, saying what differs."""
     output, conf, folder = planned.output, planned.conf, planned.fmt.folder
-    if not output.exists():
-        return False
+    if not output.exists() or (folder and output.is_dir() and not any(output.iterdir())):
+        return False  # nothing there, or an empty folder: nothing to lose
     previous = read_manifest(manifest_path(output, folder))
     # The files themselves are checked too: an old manifest beside replaced bytes does not count.
     if previous and previous.get("fingerprint") == print_ and describes(previous, output, folder):
@@ -594,6 +629,11 @@ def _differences(
     for key in ("output_format", "export_dtype", "model"):
         if old.get(key) != print_[key]:
             found.append(f"its {key} was {old.get(key)}, this run's is {print_[key]}")
+    if old.get("assets") != print_.get("assets"):
+        found.append(
+            f"its tokenizer files were {old.get('assets') or 'none'}, this run's are "
+            f"{print_.get('assets') or 'none'} (experiment.tokenizer_dir)"
+        )
     if old.get("step_dir") == print_["step_dir"]:
         changed = sorted(
             name for name, seen in print_["files"].items() if old.get("files", {}).get(name) != seen
@@ -611,5 +651,5 @@ def _differences(
 
 def _size(output: Path) -> int:
     if output.is_dir():
-        return sum(p.stat().st_size for p in output.iterdir() if p.is_file())
+        return sum(p.stat().st_size for p in output.rglob("*") if p.is_file())
     return output.stat().st_size

@@ -40,11 +40,15 @@ def read_manifest(path: Path) -> dict[str, Any] | None:
 
 def describes(manifest: dict[str, Any] | None, output: Path, folder: bool) -> bool:
     """Whether ``manifest`` was written for the output now at ``output``: every file of it
-    has the size and the XXH3-128 digest recorded."""
+    has the size and the XXH3-128 digest recorded (and a folder holds no other file)."""
     try:
         files = manifest["output"]["files"] if manifest else None
         if not files:
             return False
+        if folder:  # no file added since: torchtitan's reader loads every *.safetensors there
+            present = {p.relative_to(output).as_posix() for p in output.rglob("*") if p.is_file()}
+            if present != {*files, FOLDER_MANIFEST}:
+                return False
         for name, recorded in files.items():
             path = output / name if folder else output
             if path.stat().st_size != recorded["bytes"] or file_xxh3(path) != recorded["xxh3_128"]:

@@ -32,6 +32,8 @@ from converter.filler import Filler
 
 log = logging.getLogger(__name__)
 
+Content = str | bytes | Path  # a describing file: its text, its bytes, or a file to copy
+
 
 class Output:
     """One output under construction; use as a context manager around the whole write."""
@@ -101,6 +103,10 @@ class Output:
             except OSError as e:
                 raise output_error(self.path, e) from e
             path = self.partial / name
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)  # a file in a subfolder
+            except OSError as e:
+                raise output_error(self.path, e) from e
         self._staged[name] = path
         return path
 
@@ -110,9 +116,9 @@ class Output:
         self._filler = Filler(dict(self._staged), offsets, self.path)
         return self._filler
 
-    def publish(self, described: dict[Path, str | Path] | None = None) -> None:
+    def publish(self, described: dict[Path, Content] | None = None) -> None:
         """Gives the filled and synced output its final name in one atomic step, with the
-        files that describe it: name -> text, or a file to copy. For a one-file output they
+        files that describe it: name -> text, bytes, or a file to copy. For a one-file output they
         are sidecars (paths beside it, named up front), renamed after it; for a folder, files
         inside it (relative paths), published with it.
 
@@ -129,7 +135,7 @@ class Output:
         except OSError as e:
             raise output_error(self.path, e) from e
 
-    def _publish_file(self, described: dict[Path, str | Path]) -> None:
+    def _publish_file(self, described: dict[Path, Content]) -> None:
         assert set(described) <= set(self.sidecars), "publish only the sidecars named up front"
         staged: list[tuple[Path, Path]] = []
         published: list[Path] = []
@@ -149,10 +155,12 @@ class Output:
                 tmp.unlink(missing_ok=True)
             raise
 
-    def _publish_folder(self, described: dict[Path, str | Path]) -> None:
+    def _publish_folder(self, described: dict[Path, Content]) -> None:
         for name, content in described.items():
             _write_synced(self.staging(str(name)), content)
-        fsync_dir(self.partial)
+        # Every folder in it, so that each file's name is as durable as its bytes.
+        for folder in sorted({p.parent for p in self._staged.values()}, reverse=True):
+            fsync_dir(folder)
         moved_aside = False
         if self.path.is_dir():
             os.replace(self.path, self.replaced)
@@ -252,11 +260,13 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def _write_synced(path: Path, content: str | Path) -> Path:
-    """Writes ``content`` (text, or a file to copy) to ``path`` and syncs it."""
+def _write_synced(path: Path, content: Content) -> Path:
+    """Writes ``content`` (text, bytes, or a file to copy) to ``path`` and syncs it."""
     try:
         if isinstance(content, Path):
             shutil.copyfile(content, path)
+        elif isinstance(content, bytes):
+            path.write_bytes(content)
         else:
             path.write_text(content)
         fd = os.open(path, os.O_RDONLY)

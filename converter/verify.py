@@ -136,6 +136,18 @@ def _scan(path: Path, spans: list[_Span], sha256: bool) -> dict[str, str | int]:
     return digests
 
 
+def digests(content: bytes, sha256: bool) -> dict[str, str | int]:
+    """Size and digests of a small file's bytes, as :func:`read_back` gives them for a file
+    it reads (a describing file of a folder output, written from these bytes)."""
+    found: dict[str, str | int] = {
+        "bytes": len(content),
+        "xxh3_128": xxhash.xxh3_128_hexdigest(content),
+    }
+    if sha256:
+        found["sha256"] = hashlib.sha256(content).hexdigest()
+    return found
+
+
 def _check_tied(plan: Plan, files: list[Staged], reader: TensorReader) -> None:
     """With ``tied_embeddings=true``, a head saved beside the embeddings must hold their values
     (after the cast): the consumer ties the two on load, so a file that left out (or kept) a

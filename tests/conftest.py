@@ -3,6 +3,7 @@ written by real two-rank FSDP2 saves (demo.writer), once per test session."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import NoReturn
@@ -100,6 +101,23 @@ def model_overrides(shape) -> list[str]:
     ]
 
 
+def titan_overrides(info: dict) -> list[str]:
+    """The model settings of a torchtitan run (its ``model.json``), as the command line
+    gives them."""
+    return [
+        f"experiment.model.n_heads={info['n_heads']}",
+        f"experiment.model.n_kv_heads={info['n_kv_heads']}",
+        f"experiment.model.tied_embeddings={str(info['tied']).lower()}",
+        f"experiment.model.dim={info['dim']}",
+        f"experiment.model.n_layers={info['n_layers']}",
+        f"experiment.model.vocab_size={info['vocab_size']}",
+        f"experiment.model.hidden_dim={info['hidden_dim']}",
+        f"experiment.model.norm_eps={info['norm_eps']}",
+        f"experiment.model.rope_theta={info['rope_theta']}",
+        f"experiment.model.max_seq_len={info['max_seq_len']}",
+    ]
+
+
 # A one-layer model, for the tests of a user's mistakes: converting it takes a second.
 TINY = demo.ModelShape(dim=32, n_layers=1, n_heads=4, n_kv_heads=4, vocab_size=64, hidden_dim=96)
 
@@ -115,3 +133,44 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
                                            "export_dtype": torch.float32})]
     )  # fmt: skip
     return root
+
+
+@pytest.fixture(scope="session", params=[("debugmodel", "bfloat16"), ("gqa_tied", "float32")])
+def titan_run(request, tmp_path_factory):
+    """torchtitan 0.3.0's own CheckpointManager on two gloo ranks with FSDP2: a full float32
+    checkpoint at step 2 and a model-only export at step 3. Once per session and variant:
+    every test of the real peers shares it. Returns (model.json, reference logits)."""
+    from tests.peers import titan_writer
+
+    variant, export = request.param
+    dump = tmp_path_factory.mktemp(f"titan_{variant}")
+    info = titan_writer.write_checkpoints(dump, variant=variant, export_dtype=export)
+    return info, titan_writer.load_reference(dump)
+
+
+SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|pad|>")
+
+
+def make_tokenizer(folder: Path, vocab_size: int) -> dict[str, int]:
+    """A real Hugging Face tokenizer folder (``tokenizer.json`` built with the tokenizers
+    library, ``tokenizer_config.json``) of ``vocab_size - 5`` words and three special tokens,
+    as torchtitan's hf_assets_path holds one; returns the special tokens' ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    words = {f"w{i}": i for i in range(vocab_size - 5)}
+    tokenizer = Tokenizer(models.WordLevel(words, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+    tokenizer.save(str(folder / "tokenizer.json"))
+    bos, eos, pad = SPECIAL_TOKENS
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": bos,
+        "eos_token": eos,
+        "pad_token": pad,
+        "model_max_length": 131072,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    first = len(words)
+    return {"bos_token_id": first, "eos_token_id": first + 1, "pad_token_id": first + 2}

@@ -517,6 +517,105 @@ def _check_small(root: Path, weights: dict[str, torch.Tensor]) -> None:
     assert_matches(root / "out" / "model.pt", weights, torch.bfloat16)
 
 
+# --------------------------------------------------------------------------------------------
+# The same faults into a Hugging Face folder (output_format=hf)
+# --------------------------------------------------------------------------------------------
+
+HF_OUT = "model_hf"
+HF_DESCRIBING = {
+    "config.json",
+    "generation_config.json",
+    "titan2tune.torchtune.yaml",
+    "titan2tune.manifest.json",
+}
+
+
+def assert_matches_hf(
+    folder: Path, weights: dict[str, torch.Tensor], shape: demo.ModelShape, dtype: torch.dtype
+) -> None:
+    """The folder's shards, as safetensors loads them, hold exactly torchtitan 0.3.0's to_hf of
+    the weights, cast; nothing else but the files that describe them is in the folder."""
+    from safetensors.torch import load_file
+
+    from tests.peers import titan_writer
+
+    cfg = titan_writer.dims_config(
+        dim=shape.dim,
+        n_layers=shape.n_layers,
+        n_heads=shape.n_heads,
+        n_kv_heads=shape.n_kv_heads,
+        vocab_size=shape.vocab_size,
+        hidden_dim=shape.hidden_dim,
+        tied=shape.tied_embeddings,
+    )
+    expected = titan_writer.titan_to_hf(cfg, titan_writer.meta_to_titan(weights))
+    shards = sorted(folder.glob("*.safetensors"))
+    index = {"model.safetensors.index.json"} if len(shards) > 1 else set()
+    assert {p.name for p in folder.iterdir()} == {*(p.name for p in shards), *index, *HF_DESCRIBING}
+    found: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        found |= load_file(shard)
+    assert sorted(found) == sorted(expected)
+    for key, tensor in expected.items():
+        assert torch.equal(found[key], tensor.to(dtype)), key
+
+
+def _as_hf(prepare: Prepare, **more: str) -> Prepare:
+    """The same case, converted into a Hugging Face folder ``model_hf`` where the ``.pt`` was
+    to go."""
+
+    def prepare_hf(root: Path, pristine: Path, cleanup: ExitStack) -> dict[str, str]:
+        overrides = prepare(root, pristine, cleanup)
+        output = Path(overrides["experiment.output"]).with_name(HF_OUT)
+        return {**overrides, "output_format": "hf", "experiment.output": str(output), **more}
+
+    return prepare_hf
+
+
+def _hf_output_locked(root: Path, pristine: Path, cleanup: ExitStack) -> dict[str, str]:
+    overrides = _as_hf(_copy)(root, pristine, cleanup)
+    hold_lock(root / "out" / f".{HF_OUT}.lock", cleanup)
+    return overrides
+
+
+def _hf_output_is_a_file(root: Path, pristine: Path, cleanup: ExitStack) -> dict[str, str]:
+    (root / "out").mkdir()
+    (root / "out" / HF_OUT).write_text("keep me\n")
+    return _as_hf(_copy, overwrite="true")(root, pristine, cleanup)
+
+
+def _hf_output_holds_the_checkpoint(
+    root: Path, pristine: Path, cleanup: ExitStack
+) -> dict[str, str]:
+    """experiment.output names the checkpoint folder itself: replacing it would delete it."""
+    overrides = _as_hf(_copy, overwrite="true")(root, pristine, cleanup)
+    return {**overrides, "experiment.output": str(root / "checkpoint")}
+
+
+def _hf_tokenizer_missing(root: Path, pristine: Path, cleanup: ExitStack) -> dict[str, str]:
+    more = {"experiment.tokenizer_dir": str(root / "no_such_assets")}
+    return _as_hf(_copy, **more)(root, pristine, cleanup)
+
+
+def _hf_many_shards(root: Path, pristine: Path, cleanup: ExitStack) -> dict[str, str]:
+    """Every tensor a shard of its own, or nearly: more files than the run has descriptors
+    to spare if it held them all, and the read-back on two threads."""
+    return _as_hf(_copy, workers="2", **{"output_format.max_shard_size": "9KB"})(
+        root, pristine, cleanup
+    )
+
+
+def _check_small_hf(root: Path, weights: dict[str, torch.Tensor]) -> None:
+    folders = [p for p in (root / "out").rglob(HF_OUT)]
+    assert len(folders) == 1 and sorted(p.name for p in folders[0].parent.iterdir()) == [HF_OUT]
+    assert_matches_hf(folders[0], weights, SMALL, torch.bfloat16)
+
+
+def _check_many_shards(root: Path, weights: dict[str, torch.Tensor]) -> None:
+    _check_small_hf(root, weights)
+    assert len(list((root / "out" / HF_OUT).glob("model-*-of-*.safetensors"))) > 12
+
+
 CASES: dict[str, Case] = {
     "checkpoint_folder_missing": Case(
         _missing_folder, ("no_such_folder", "does not exist", "Set experiment.checkpoint_dir")
@@ -654,6 +753,42 @@ CASES: dict[str, Case] = {
     ),
     "low_fd_limit_completes": Case(
         _only(workers="2"), ("wrote",), ok=True, prlimit=("--nofile=64",), check=_check_small
+    ),
+    "hf_output_folder_missing_is_made": Case(
+        _as_hf(_output_folder_missing), ("wrote",), ok=True, check=_check_small_hf
+    ),
+    "hf_many_shards_low_fd_limit_completes": Case(
+        _hf_many_shards, ("wrote",), ok=True, prlimit=("--nofile=64",), check=_check_many_shards
+    ),
+    "hf_shard_bytes_overwritten": Case(
+        _as_hf(_shard_overwritten), (repr(VICTIM), "16 NaN/Inf values", "allow_nonfinite=true")
+    ),
+    "hf_output_folder_read_only": Case(_as_hf(_output_read_only), (f"out/{HF_OUT}", "read-only")),
+    "hf_output_disk_full": Case(_as_hf(_disk_full), (f"out/{HF_OUT}", "the disk is full")),
+    "hf_output_file_size_limit": Case(
+        _as_hf(_copy), (f"out/{HF_OUT}", "file size limit"), prlimit=("--fsize=65536",)
+    ),
+    "hf_output_inside_step_folder": Case(
+        _as_hf(_output_in_step_folder), (f"step-{STEP}/{HF_OUT}", "inside the source step folder")
+    ),
+    "hf_output_holds_the_checkpoint": Case(
+        _hf_output_holds_the_checkpoint,
+        ("holds the source step folder", "replacing the output would delete the checkpoint"),
+    ),
+    "hf_output_is_a_file": Case(
+        _hf_output_is_a_file,
+        (f"out/{HF_OUT} is a file", "writes a folder", "remove the file"),
+        absent=("Replacing",),
+    ),
+    "hf_output_locked_by_another_run": Case(
+        _hf_output_locked, ("Another conversion is writing", f"out/.{HF_OUT}.lock")
+    ),
+    "hf_tokenizer_dir_missing": Case(
+        _hf_tokenizer_missing, ("experiment.tokenizer_dir=", "no_such_assets", "does not exist")
+    ),
+    "hf_untied_head_with_tied_embeddings_unverified": Case(
+        _as_hf(_copy, **{"experiment.model.tied_embeddings": "true", "verify": "false"}),
+        ("tied_embeddings=true", "differs from the embeddings", "tied_embeddings=false"),
     ),
 }
 
@@ -962,6 +1097,79 @@ def test_sigkill_between_output_and_manifest_is_repaired_by_the_next_run(
     assert snapshot(tmp_path / "checkpoint") == sources
 
 
+def _hf_run(
+    overrides: dict[str, str], hydra: Path, *kill_after: Path
+) -> subprocess.CompletedProcess:
+    """A run into a Hugging Face folder; SIGKILLed right after the rename to ``kill_after``,
+    if given."""
+    argv = command(overrides, hydra)
+    if kill_after:
+        argv = [sys.executable, "-c", KILLED_AFTER_RENAME, str(kill_after[0]), *argv[2:]]
+    return subprocess.run(
+        argv, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT
+    )
+
+
+@pytest.mark.parametrize("renamed", [f".{HF_OUT}.replaced", HF_OUT])
+def test_sigkill_while_a_folder_is_replaced_is_repaired_by_the_next_run(small, tmp_path, renamed):
+    """A float32 folder is replaced (overwrite=true) by a bfloat16 one, and the run is killed
+    right after the old folder is moved aside (``.model_hf.replaced``), or right after the new
+    one is renamed into place, before the old one is removed. Either way the output's name
+    holds one complete folder or none, never a mix; the next run puts the old folder back and
+    replaces it, or finds the new one up to date; nothing is left beside it."""
+    pristine, weights = small
+    out = tmp_path / "out"
+    folder = out / HF_OUT
+    overrides = _as_hf(_copy)(tmp_path, pristine, ExitStack()) | {"overwrite": "true"}
+    old = _hf_run({**overrides, "experiment.export_dtype": "float32"}, tmp_path / "hydra0")
+    assert old.returncode == 0, old.stderr
+    assert_matches_hf(folder, weights, SMALL, torch.float32)
+    sources = snapshot(tmp_path / "checkpoint")
+
+    killed = _hf_run(overrides, tmp_path / "hydra1", out / renamed)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    aside = out / f".{HF_OUT}.replaced"
+    assert_matches_hf(aside, weights, SMALL, torch.float32)  # the old folder, whole
+    if renamed == HF_OUT:
+        assert_matches_hf(folder, weights, SMALL, torch.bfloat16)  # the new one, whole
+    else:
+        assert not folder.exists()
+
+    rerun = _hf_run(overrides, tmp_path / "hydra2")
+    said = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0, said
+    if renamed == HF_OUT:
+        assert "is up to date with this source and settings; skipped" in said, said
+    else:
+        assert f"Put {folder} back in place" in said and f"wrote {folder}" in said, said
+    assert sorted(p.name for p in out.iterdir()) == [HF_OUT]
+    assert_matches_hf(folder, weights, SMALL, torch.bfloat16)
+    assert snapshot(tmp_path / "checkpoint") == sources
+
+
+def test_a_folder_whose_describing_files_fill_the_disk_publishes_nothing(tmp_path):
+    """The disk fills while config.json and the rest are written, after the shards are
+    complete: no folder is published, and the folder it was to replace is left as it was."""
+    from converter.formats.safetensors_file import create as create_shard
+
+    with tmpfs(tmp_path / "fs", "96k") as fs:
+        (fs / HF_OUT).mkdir()
+        (fs / HF_OUT / "notes.txt").write_text("keep me\n")
+        texts = {Path(name): "x" * (40 << 10) for name in ("config.json", "generation_config.json")}
+        with (
+            pytest.raises(ConversionError, match="the disk is full"),
+            Output(fs / HF_OUT, folder=True) as out,
+        ):
+            path = out.staging("model.safetensors")
+            tensor = OutputTensor("t", (64, 64), torch.float32, ())
+            offsets = create_shard(path, [tensor])
+            filler = out.filler({"t": ("model.safetensors", offsets["t"])})
+            filler.write("t", 0, torch.ones(64, 64))
+            filler.sync()
+            out.publish(texts)
+        assert snapshot(fs) == {HF_OUT: "dir", f"{HF_OUT}/notes.txt": _sha_text("keep me\n")}
+
+
 def _sha_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -972,10 +1180,16 @@ def _sha_text(text: str) -> str:
 
 
 def _allocated_fraction(path: Path) -> float:
-    """How much of the sparse partial file has been written (its structure comes first, with
-    holes where the tensor bytes go). Without sparse files this is 1 at once."""
-    st = path.stat()
-    return min(1.0, st.st_blocks * 512 / st.st_size) if st.st_size else 0.0
+    """How much of the sparse partial file, or of the files of a partial folder, has been
+    written (their structure comes first, with holes where the tensor bytes go). Without sparse
+    files this is 1 at once."""
+    try:
+        files = [p for p in path.iterdir() if p.is_file()] if path.is_dir() else [path]
+        stats = [f.stat() for f in files]
+    except FileNotFoundError:  # published meanwhile
+        return 0.0
+    size = sum(st.st_size for st in stats)
+    return min(1.0, sum(st.st_blocks for st in stats) * 512 / size) if size else 0.0
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
@@ -986,14 +1200,44 @@ def _identity(path: Path) -> tuple[int, int] | None:
     return st.st_ino, st.st_ctime_ns
 
 
-def test_sigkill_during_write_leaves_no_output_and_next_run_succeeds(big, tmp_path):
+@dataclass(frozen=True)
+class BigOutput:
+    """A conversion of the big checkpoint into a .pt, or into a folder of several shards."""
+
+    name: str
+    settings: dict[str, str]
+
+    def overrides(self, checkpoint: Path, out: Path, **more: str) -> dict[str, str]:
+        return big_overrides(checkpoint, out / self.name, **self.settings, **more)
+
+    def published(self, out: Path) -> set[str]:
+        return set(OUT) if self.name == "model.pt" else {self.name}
+
+    def check(self, out: Path, weights: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+        if self.name == "model.pt":
+            assert_matches(out / self.name, weights, dtype)
+        else:
+            assert len(list((out / self.name).glob("model-*.safetensors"))) > 2
+            assert_matches_hf(out / self.name, weights, BIG, dtype)
+
+
+BIG_OUTPUTS = {
+    "pt": BigOutput("model.pt", {}),
+    "hf": BigOutput(HF_OUT, {"output_format": "hf", "output_format.max_shard_size": "100MB"}),
+}
+
+
+@pytest.mark.parametrize("kind", list(BIG_OUTPUTS))
+def test_sigkill_during_write_leaves_no_output_and_next_run_succeeds(big, tmp_path, kind):
     """SIGKILL cannot be caught: what is left is what the design leaves. Killed while the
-    structure is written, half-way through the tensors, and while the file is verified, a run
-    leaves only its hidden partial (and lock) file; the next run removes them and succeeds."""
+    structure is written, half-way through the tensors, and while the output is verified, a run
+    leaves only its hidden partial (file or folder) and lock file; the next run removes them and
+    succeeds."""
     checkpoint, weights, sources = big
+    target = BIG_OUTPUTS[kind]
     out = tmp_path / "out"
-    cmd = command(big_overrides(checkpoint, out / "model.pt", batch_mb="32"), tmp_path / "hydra")
-    partial = out / ".model.pt.partial"
+    cmd = command(target.overrides(checkpoint, out, batch_mb="32"), tmp_path / "hydra")
+    partial = out / f".{target.name}.partial"
     kill_points: dict[str, Callable[[], bool]] = {
         "writing the structure": lambda: True,
         "half the tensors written": lambda: _allocated_fraction(partial) >= 0.5,
@@ -1013,15 +1257,16 @@ def test_sigkill_during_write_leaves_no_output_and_next_run_succeeds(big, tmp_pa
         finally:
             _, stderr = proc.communicate(timeout=120)
         assert proc.returncode == -signal.SIGKILL, f"finished before {point}: {stderr}"
-        assert not (out / "model.pt").exists(), point
-        assert {p.name for p in out.iterdir()} <= {".model.pt.partial", ".model.pt.lock"}, point
+        assert not (out / target.name).exists(), point
+        left = {p.name for p in out.iterdir()}
+        assert left <= {f".{target.name}.partial", f".{target.name}.lock"}, (point, left)
 
     run = subprocess.run(
         cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600
     )
     assert run.returncode == 0, run.stderr
-    assert sorted(p.name for p in out.iterdir()) == sorted(OUT)  # partial and lock gone
-    assert_matches(out / "model.pt", weights, torch.bfloat16)
+    assert {p.name for p in out.iterdir()} == target.published(out)  # partial and lock gone
+    target.check(out, weights, torch.bfloat16)
     assert snapshot(checkpoint) == sources
 
 
@@ -1049,15 +1294,17 @@ def test_ctrl_c_prints_one_line_leaves_nothing_and_exits_130(big, tmp_path):
     assert snapshot(checkpoint) == sources
 
 
-def test_two_runs_to_one_output_never_interleave(big, tmp_path):
+@pytest.mark.parametrize("kind", list(BIG_OUTPUTS))
+def test_two_runs_to_one_output_never_interleave(big, tmp_path, kind):
     """Started together, one run converts and the other fails at once, naming the lock; the
-    file is the one complete conversion."""
+    output is the one complete conversion."""
     checkpoint, weights, sources = big
+    target = BIG_OUTPUTS[kind]
     out = tmp_path / "out"
     procs = [
         subprocess.Popen(
             command(
-                big_overrides(checkpoint, out / "model.pt", **{
+                target.overrides(checkpoint, out, **{
                     "experiment.export_dtype": "float32", "batch_mb": "32",
                 }),
                 tmp_path / f"hydra{i}",
@@ -1073,10 +1320,10 @@ def test_two_runs_to_one_output_never_interleave(big, tmp_path):
     codes = sorted(code for code, _ in results)
     assert codes[0] == 0 and codes[1] != 0, f"expected one winner and one loser: {results}"
     loser = next(err for code, err in results if code != 0)
-    assert "Another conversion is writing" in loser and ".model.pt.lock" in loser, loser
+    assert "Another conversion is writing" in loser and f".{target.name}.lock" in loser, loser
     assert "Traceback" not in loser
-    assert sorted(p.name for p in out.iterdir()) == sorted(OUT)
-    assert_matches(out / "model.pt", weights, torch.float32)
+    assert {p.name for p in out.iterdir()} == target.published(out)
+    target.check(out, weights, torch.float32)
     assert snapshot(checkpoint) == sources
 
 

@@ -15,6 +15,7 @@ from converter import job
 from converter.engine import convert_tensors
 from converter.errors import ConversionError
 from converter.formats import FORMATS
+from converter.formats.hf import HfOptions
 from converter.manifest import file_xxh3
 from converter.models.base import build_plan
 from converter.models.llama3 import Llama3, Llama3Config
@@ -93,14 +94,15 @@ def test_a_file_not_ours_at_the_output_is_replaced_as_the_error_advises(
 
 
 @contextmanager
-def converted(layout_checkpoints, tmp_path: Path, workers: int, budget_bytes: int):
-    """torchtitan 0.3.0's full save converted in-process into a synced partial file, before
-    publishing: yields (the staged file, plan, reader, regions written)."""
+def converted(layout_checkpoints, tmp_path: Path, workers: int, budget_bytes: int, fmt_name: str):
+    """torchtitan 0.3.0's full save converted in-process into synced partial files (one .pt,
+    or the shards of a Hugging Face folder), before publishing: yields (the staged files, plan,
+    reader, regions written)."""
     root, shape, _ = layout_checkpoints[TORCHTITAN_0_3, "mha"]
     index = DcpIndex(LocalStorage(str(root)), str(root / f"step-{FULL_STEP}"))
     reader = TensorReader(index)
     model = Llama3Config(n_heads=shape.n_heads, n_kv_heads=shape.n_kv_heads)
-    fmt = FORMATS["meta"]
+    fmt = FORMATS[fmt_name]
     plan, _ = build_plan(
         Llama3(),
         model,
@@ -112,10 +114,13 @@ def converted(layout_checkpoints, tmp_path: Path, workers: int, budget_bytes: in
         lambda key: reader.read_tensor(index.tensors[key]),
         "source",
     )
-    with Output(tmp_path / "model.pt", folder=False) as out:
-        path = out.staging("")
-        offsets = fmt.create(path, plan.tensors)
-        filler = out.filler({n: ("", o) for n, o in offsets.items()})
+    options = HfOptions(max_shard_size="40KB") if fmt.folder else fmt.options()
+    with Output(tmp_path / ("model_hf" if fmt.folder else "model.pt"), fmt.folder) as out:
+        staged = []
+        for name, tensors in fmt.files(plan, options).items():
+            path = out.staging(name)
+            staged.append(Staged(name, path, tensors, fmt.create(path, tensors)))
+        filler = out.filler({n: (f.name, o) for f in staged for n, o in f.offsets.items()})
         filled = convert_tensors(
             reader,
             plan,
@@ -126,29 +131,38 @@ def converted(layout_checkpoints, tmp_path: Path, workers: int, budget_bytes: in
             progress=lambda n: None,
         )
         filler.sync()
-        yield Staged("", path, plan.tensors, offsets), plan, reader, filled.regions
+        yield staged, plan, reader, filled.regions
 
 
-def _read_back(staged, plan, reader, regions):
-    return read_back(FORMATS["meta"], [staged], plan, reader, regions, sha256=True, workers=1)[""]
+def _read_back(fmt_name, staged, plan, reader, regions):
+    return read_back(FORMATS[fmt_name], staged, plan, reader, regions, sha256=True, workers=2)
 
 
-def test_verify_rejects_a_changed_byte(layout_checkpoints, tmp_path):
-    with converted(layout_checkpoints, tmp_path, 2, 1 << 20) as (staged, plan, reader, regions):
-        # Intact: passes, and the one pass gives the file's digests.
-        digests = _read_back(staged, plan, reader, regions)
-        assert digests["sha256"] == _sha(staged.path)
-        assert digests["xxh3_128"] == file_xxh3(staged.path)
+@pytest.mark.parametrize("fmt_name", ["meta", "hf"])
+def test_verify_rejects_a_changed_byte(layout_checkpoints, tmp_path, fmt_name):
+    with converted(layout_checkpoints, tmp_path, 2, 1 << 20, fmt_name) as (
+        staged,
+        plan,
+        reader,
+        regions,
+    ):
+        assert len(staged) == (1 if fmt_name == "meta" else 7)
+        # Intact: passes, and the one pass gives each file's digests.
+        digests = _read_back(fmt_name, staged, plan, reader, regions)
+        for file in staged:
+            assert digests[file.name]["sha256"] == _sha(file.path)
+            assert digests[file.name]["xxh3_128"] == file_xxh3(file.path)
         victim = plan.tensors[3].name
-        fd = os.open(staged.path, os.O_RDWR)
+        [file] = [f for f in staged if victim in f.offsets]
+        fd = os.open(file.path, os.O_RDWR)
         try:
-            offset = staged.offsets[victim] + 5
+            offset = file.offsets[victim] + 5
             byte = os.pread(fd, 1, offset)
             os.pwrite(fd, bytes([byte[0] ^ 0x01]), offset)
         finally:
             os.close(fd)
         with pytest.raises(ConversionError, match=f"Verification of .* failed: .*{victim}"):
-            _read_back(staged, plan, reader, regions)
+            _read_back(fmt_name, staged, plan, reader, regions)
 
 
 def _drop_a_region(plan, regions):
@@ -169,6 +183,7 @@ def _reshape_a_tensor(plan, regions):
     return dataclasses.replace(plan, tensors=[reshaped, *plan.tensors[1:]]), regions
 
 
+@pytest.mark.parametrize("fmt_name", ["meta", "hf"])
 @pytest.mark.parametrize(
     "tamper, match",
     [
@@ -178,13 +193,21 @@ def _reshape_a_tensor(plan, regions):
     ],
     ids=["missing_region", "wrong_key", "wrong_shape"],
 )
-def test_verify_rejects_a_file_that_is_not_the_plan(layout_checkpoints, tmp_path, tamper, match):
-    """Each check of the read-back on an intact file whose plan or record of writes disagrees
-    with it: a region never written, a tensor under another name, another shape."""
+def test_verify_rejects_a_file_that_is_not_the_plan(
+    layout_checkpoints, tmp_path, tamper, match, fmt_name
+):
+    """Each check of the read-back on intact files whose plan or record of writes disagrees
+    with them: a region never written, a tensor under another name, another shape."""
     # Small windows: every tensor is written as several regions.
-    with converted(layout_checkpoints, tmp_path, 1, 1 << 12) as (staged, plan, reader, regions):
-        assert _read_back(staged, plan, reader, regions)
+    with converted(layout_checkpoints, tmp_path, 1, 1 << 12, fmt_name) as (
+        staged,
+        plan,
+        reader,
+        regions,
+    ):
+        assert _read_back(fmt_name, staged, plan, reader, regions)
         bad_plan, bad_regions = tamper(plan, regions)
-        bad = dataclasses.replace(staged, tensors=bad_plan.tensors)
+        changed = dict(zip((t.name for t in plan.tensors), bad_plan.tensors, strict=True))
+        bad = [dataclasses.replace(f, tensors=[changed[t.name] for t in f.tensors]) for f in staged]
         with pytest.raises(ConversionError, match=f"Verification of .* failed: .*{match}"):
-            _read_back(bad, bad_plan, reader, bad_regions)
+            _read_back(fmt_name, bad, bad_plan, reader, bad_regions)

@@ -14,39 +14,13 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pytest
 import torch
 
 from demo import writer as demo
-from tests.conftest import REPO
+from tests.conftest import REPO, titan_overrides
 from tests.peers import titan_writer, tune_loader
 
 FP32_TOL = 1e-4
-
-
-@pytest.fixture(scope="module", params=[("debugmodel", "bfloat16"), ("gqa_tied", "float32")])
-def titan_run(request, tmp_path_factory):
-    """torchtitan 0.3.0's own CheckpointManager on two gloo ranks with FSDP2: a full float32
-    checkpoint at step 2 and a model-only export at step 3."""
-    variant, export = request.param
-    dump = tmp_path_factory.mktemp(f"titan_{variant}")
-    info = titan_writer.write_checkpoints(dump, variant=variant, export_dtype=export)
-    return info, titan_writer.load_reference(dump)
-
-
-def model_overrides(info: dict) -> list[str]:
-    return [
-        f"experiment.model.n_heads={info['n_heads']}",
-        f"experiment.model.n_kv_heads={info['n_kv_heads']}",
-        f"experiment.model.tied_embeddings={str(info['tied']).lower()}",
-        f"experiment.model.dim={info['dim']}",
-        f"experiment.model.n_layers={info['n_layers']}",
-        f"experiment.model.vocab_size={info['vocab_size']}",
-        f"experiment.model.hidden_dim={info['hidden_dim']}",
-        f"experiment.model.norm_eps={info['norm_eps']}",
-        f"experiment.model.rope_theta={info['rope_theta']}",
-        f"experiment.model.max_seq_len={info['max_seq_len']}",
-    ]
 
 
 def convert_sweep(checkpoint_dirs: list[str], out_root, info: dict, *sweep: str) -> None:
@@ -61,7 +35,7 @@ def convert_sweep(checkpoint_dirs: list[str], out_root, info: dict, *sweep: str)
             "experiment.export_dtype=keep",
             "output_format=meta,torchtune",
             f"experiment.output={out_root}/${{hydra:job.num}}_${{output_format.name}}/model.pt",
-            *model_overrides(info),
+            *titan_overrides(info),
             *sweep,
         ],
         cwd=out_root,
@@ -152,7 +126,7 @@ def test_older_layouts_from_the_same_weights(titan_run, tmp_path):
         assert len(paths) == len(older)
         for path in paths:
             source = _manifest(path)["source"]["checkpoint_dir"]
-            as_saved = _meta_to_titan(weights[source])
+            as_saved = titan_writer.meta_to_titan(weights[source])
             expected = titan_writer.titan_logits(titan_model, as_saved, ref["tokens"])
             logits = tune_logits_of(path, fmt, info, tmp_path)
             diff = (logits - expected).abs().max().item()
@@ -168,14 +142,3 @@ def _manifest(path) -> dict:
 
 def _step_of(path) -> int:
     return _manifest(path)["source"]["step"]
-
-
-def _meta_to_titan(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Meta-style names back to torchtitan 0.3.0's module names, written out by hand here so
-    the check does not lean on the converter's own key tables."""
-    out = {}
-    for key, value in weights.items():
-        for proj in ("wq", "wk", "wv"):
-            key = key.replace(f".attention.{proj}.", f".attention.qkv_linear.{proj}.")
-        out["lm_head.weight" if key == "output.weight" else key] = value
-    return out

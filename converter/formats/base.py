@@ -18,6 +18,7 @@ them inside; either is built under a hidden partial name and published by one re
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -40,6 +41,9 @@ class FormatConfig:
         },
     )
 
+    def check(self) -> None:
+        """Value checks a type cannot express; raises ValueError."""
+
 
 @dataclass(frozen=True)
 class Described:
@@ -52,6 +56,7 @@ class Described:
     plan: Plan
     options: FormatConfig
     tokenizer_dir: Path | None
+    assets: Mapping[str, Path]  # files copied in (name in the output -> file), see assets()
 
 
 class OutputFormat(ABC):
@@ -82,6 +87,12 @@ class OutputFormat(ABC):
         """Loads the finished file at ``path`` as its consumer does, checks that it holds
         ``tensors`` (names, order where it matters, shapes, dtypes), and returns where each
         tensor's bytes lie. Raises ValueError with what differs."""
+
+    def assets(self, tokenizer_dir: Path | None, arch: Any) -> dict[str, Path]:
+        """The files the output copies in from ``tokenizer_dir`` (name in the output ->
+        file), known before any work so that the fingerprint covers them. Raises
+        ConversionError if they cannot serve the model ``arch``."""
+        return {}
 
     def describe(self, described: Described) -> dict[str, str | Path]:
         """The describing files: name -> text, or a file to copy (a tokenizer's). For a

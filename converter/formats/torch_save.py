@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-import yaml
 
 from converter.formats.base import Described, FormatConfig, OutputFormat
+from converter.formats.recipe import torchtune_recipe
 from converter.plan import OutputTensor, Plan
 from converter.torch_archive import storage_records
 
@@ -88,28 +88,11 @@ class TorchSaveFormat(OutputFormat):
         return [output.name + TORCHTUNE_SUFFIX]
 
     def recipe_snippet(self, d: Described) -> str:
-        """A ``checkpointer:`` and a ``model:`` section to paste into a torchtune recipe
-        config, or to instantiate with ``torchtune.config.instantiate``."""
         output = d.output
-        checkpointer = {
-            "_component_": self.checkpointer,
-            "checkpoint_dir": str(output.parent),
-            "checkpoint_files": [output.name],
-            # torchtune refuses an output_dir inside checkpoint_dir (check_outdir_not_in_ckptdir),
-            # so it goes in a sibling folder, one subfolder per output: two outputs converted
-            # into one folder do not share where torchtune saves.
-            "output_dir": str(
-                output.parent.with_name(f"{output.parent.name}_torchtune") / output.stem
-            ),
-            "model_type": d.family.torchtune_model_type(d.arch),
-        }
-        doc = {"checkpointer": checkpointer, "model": d.family.torchtune_model(d.arch)}
-        header = (
-            f"# torchtune recipe sections for {output.name} (experiment {d.experiment}),\n"
-            "# written by titan2tune. Paste them into a recipe config, or instantiate them with\n"
-            "# torchtune.config.instantiate. output_dir is where torchtune writes its own saves.\n"
-        )
-        return header + yaml.safe_dump(doc, sort_keys=False)
+        # One output_dir per output, in a sibling of the checkpoint folder: two outputs
+        # converted into one folder do not share where torchtune saves.
+        output_dir = output.parent.with_name(f"{output.parent.name}_torchtune") / output.stem
+        return torchtune_recipe(d, self.checkpointer, output.parent, [output.name], output_dir)
 
 
 def record_offsets(path: Path, loaded: dict[str, torch.Tensor] | None = None) -> dict[str, int]:

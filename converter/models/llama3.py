@@ -217,8 +217,23 @@ class Llama3(ModelFamily):
     # ---------------------------------------------------------------- what formats write
 
     def hf_config(self, arch: Llama3Config) -> dict[str, Any]:
-        """``config.json`` for transformers' ``LlamaForCausalLM``."""
-        config: dict[str, Any] = {
+        """``config.json`` for transformers' ``LlamaForCausalLM``.
+
+        RoPE is written twice, with the same values: as transformers 5 writes it
+        (``rope_parameters``, the base frequency inside) and as transformers 4 and other
+        readers want it (``rope_theta``, ``rope_scaling``); a reader of either finds every key,
+        where one missing would silently fall back to another theta or context length."""
+        theta = float(arch.rope_theta)
+        scaling = None
+        if arch.rope_scaling:
+            scaling = {
+                "rope_type": "llama3",
+                "factor": float(arch.rope_scaling_factor),
+                "low_freq_factor": float(arch.rope_low_freq_factor),
+                "high_freq_factor": float(arch.rope_high_freq_factor),
+                "original_max_position_embeddings": int(arch.rope_original_max_seq_len),
+            }
+        return {
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
             "hidden_size": arch.dim,
@@ -228,23 +243,17 @@ class Llama3(ModelFamily):
             "head_dim": arch.head_dim,
             "num_hidden_layers": arch.n_layers,
             "vocab_size": arch.vocab_size,
-            "rms_norm_eps": arch.norm_eps,
-            "rope_theta": arch.rope_theta,
-            "max_position_embeddings": arch.max_seq_len,
+            "rms_norm_eps": float(arch.norm_eps),
+            "max_position_embeddings": int(arch.max_seq_len),
             "tie_word_embeddings": arch.tied_embeddings,
             "hidden_act": "silu",
             "attention_bias": False,
+            "attention_dropout": 0.0,
             "mlp_bias": False,
+            "rope_parameters": {**(scaling or {"rope_type": "default"}), "rope_theta": theta},
+            "rope_theta": theta,
+            "rope_scaling": scaling,
         }
-        if arch.rope_scaling:
-            config["rope_scaling"] = {
-                "rope_type": "llama3",
-                "factor": arch.rope_scaling_factor,
-                "low_freq_factor": arch.rope_low_freq_factor,
-                "high_freq_factor": arch.rope_high_freq_factor,
-                "original_max_position_embeddings": arch.rope_original_max_seq_len,
-            }
-        return config
 
     def torchtune_model(self, arch: Llama3Config) -> dict[str, Any]:
         """torchtune's llama3-family component builder with the model's dimensions."""

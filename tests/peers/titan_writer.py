@@ -113,50 +113,87 @@ def _variant_config(variant: str, attn_backend: str):
         return llama3_configs["debugmodel"](attn_backend=attn_backend)
     if variant == "gqa_tied":
         # torchtitan's own helpers, the same path its 1B/3B (tied, GQA) configs take.
-        from torchtitan.models.common import (
-            ComplexRoPE,
-            Embedding,
-            Linear,
-            RMSNorm,
-            compute_ffn_hidden_dim,
-        )
-        from torchtitan.models.llama3 import (
-            _EMBEDDING_SKIP_INIT,
-            _NORM_INIT,
-            Llama3Model,
-            _build_llama3_layers,
-            _output_linear_init,
-        )
+        from torchtitan.models.common import compute_ffn_hidden_dim
 
-        dim, n_heads, n_kv_heads, n_layers, vocab_size = 256, 8, 2, 3, 3072
-        return Llama3Model.Config(
-            dim=dim,
-            vocab_size=vocab_size,
-            enable_weight_tying=True,
-            tok_embeddings=Embedding.Config(
-                num_embeddings=vocab_size, embedding_dim=dim, param_init=_EMBEDDING_SKIP_INIT
-            ),
-            norm=RMSNorm.Config(normalized_shape=dim, param_init=_NORM_INIT),
-            lm_head=Linear.Config(
-                in_features=dim, out_features=vocab_size, param_init=_output_linear_init(dim)
-            ),
-            layers=_build_llama3_layers(
-                fuse_qkv=True,
-                n_layers=n_layers,
-                dim=dim,
-                n_heads=n_heads,
-                n_kv_heads=n_kv_heads,
-                hidden_dim=compute_ffn_hidden_dim(dim, multiple_of=256, ffn_dim_multiplier=1.5),
-                rope=ComplexRoPE.Config(
-                    dim=dim // n_heads,
-                    max_seq_len=131072,
-                    theta=500000,
-                    scaling="llama",  # factor 8 (default), as torchtitan's 1B/3B
-                ),
-                attn_backend=attn_backend,
-            ),
+        return dims_config(
+            dim=256,
+            n_layers=3,
+            n_heads=8,
+            n_kv_heads=2,
+            vocab_size=3072,
+            hidden_dim=compute_ffn_hidden_dim(256, multiple_of=256, ffn_dim_multiplier=1.5),
+            tied=True,
+            attn_backend=attn_backend,
         )
     raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
+
+
+def dims_config(
+    *,
+    dim: int,
+    n_layers: int,
+    n_heads: int,
+    n_kv_heads: int,
+    vocab_size: int,
+    hidden_dim: int,
+    tied: bool,
+    attn_backend: str = "flex",
+):
+    """A torchtitan ``Llama3Model.Config`` of these dimensions, built with torchtitan's own
+    helpers as its 1B/3B configs are: RoPE theta 500000 with llama scaling (factor 8, as
+    torchtitan's 1B/3B; Meta's Llama 3.2 and torchtune's ``llama3_2`` default use 32)."""
+    from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm
+    from torchtitan.models.llama3 import (
+        _EMBEDDING_SKIP_INIT,
+        _NORM_INIT,
+        Llama3Model,
+        _build_llama3_layers,
+        _output_linear_init,
+    )
+
+    return Llama3Model.Config(
+        dim=dim,
+        vocab_size=vocab_size,
+        enable_weight_tying=tied,
+        tok_embeddings=Embedding.Config(
+            num_embeddings=vocab_size, embedding_dim=dim, param_init=_EMBEDDING_SKIP_INIT
+        ),
+        norm=RMSNorm.Config(normalized_shape=dim, param_init=_NORM_INIT),
+        lm_head=Linear.Config(
+            in_features=dim, out_features=vocab_size, param_init=_output_linear_init(dim)
+        ),
+        layers=_build_llama3_layers(
+            fuse_qkv=True,
+            n_layers=n_layers,
+            dim=dim,
+            n_heads=n_heads,
+            n_kv_heads=n_kv_heads,
+            hidden_dim=hidden_dim,
+            rope=ComplexRoPE.Config(
+                dim=dim // n_heads, max_seq_len=131072, theta=500000, scaling="llama"
+            ),
+            attn_backend=attn_backend,
+        ),
+    )
+
+
+def titan_to_hf(cfg, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What torchtitan 0.3.0's own ``Llama3StateDictAdapter.to_hf`` makes of a model state
+    dict with torchtitan 0.3.0's keys, for the model ``cfg`` (offline, no process group)."""
+    from torchtitan.models.llama3.state_dict_adapter import Llama3StateDictAdapter
+
+    return Llama3StateDictAdapter(cfg, None).to_hf(dict(state_dict))
+
+
+def meta_to_titan(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Meta-style names back to torchtitan 0.3.0's module names, written out by hand here so
+    the checks do not lean on the converter's own key tables."""
+    out = {}
+    for key, value in weights.items():
+        for proj in ("wq", "wk", "wv"):
+            key = key.replace(f".attention.{proj}.", f".attention.qkv_linear.{proj}.")
+        out["lm_head.weight" if key == "output.weight" else key] = value
+    return out
 
 
 def model_dims(cfg) -> dict[str, Any]:

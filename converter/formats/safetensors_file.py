@@ -1,0 +1,150 @@
+"""One safetensors file, written as the engine needs it: its header first, its bytes later.
+
+A safetensors file is an 8-byte little-endian length ``N``, ``N`` bytes of JSON header, then the
+tensors' bytes back to back; the header gives each tensor's dtype, shape and byte range from
+the start of the data. The header is written as ``safetensors.torch.save_file`` writes it
+(compact JSON, ``__metadata__`` first, the tensors in the order given, padded with spaces to a
+multiple of 8), and the Hugging Face format gives the tensors in save_file's order (widest dtype
+first, then by name): a filled file is then byte for byte what save_file writes from the same
+tensors, and every tensor starts aligned. The file is extended to its full size at once; its data
+is a hole until the engine writes it.
+
+Reading back goes through safetensors' own ``safe_open``, as transformers, torchtune and
+torchtitan's ``HuggingFaceStorageReader`` read the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import torch
+
+from converter.plan import OutputTensor
+
+METADATA = {"format": "pt"}  # what transformers' save_pretrained writes, and expects
+_LENGTH = struct.Struct("<Q")
+_ALIGN = 8
+# The dtypes safetensors knows for torch tensors, by their name in the header, in the order of
+# its Rust ``Dtype`` enum: ``save_file`` writes the tensors of later dtypes first.
+DTYPES: dict[torch.dtype, str] = {
+    torch.bool: "BOOL",
+    torch.uint8: "U8",
+    torch.int8: "I8",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.int16: "I16",
+    torch.uint16: "U16",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int32: "I32",
+    torch.uint32: "U32",
+    torch.float32: "F32",
+    torch.complex64: "C64",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.uint64: "U64",
+}
+_RANK = {dtype: i for i, dtype in enumerate(DTYPES)}
+
+
+def nbytes(tensor: OutputTensor) -> int:
+    n = tensor.dtype.itemsize
+    for s in tensor.shape:
+        n *= s
+    return n
+
+
+def save_file_order(tensors: list[OutputTensor]) -> list[OutputTensor]:
+    """``tensors`` in the order ``safetensors.torch.save_file`` puts them in a file."""
+    return sorted(tensors, key=lambda t: (-_RANK[t.dtype], t.name))
+
+
+def header(tensors: list[OutputTensor]) -> tuple[bytes, dict[str, int]]:
+    """The file's first bytes (length and padded JSON header) for ``tensors`` in this order,
+    and the byte offset in the file of each tensor's data."""
+    entries: dict[str, object] = {"__metadata__": METADATA}
+    begin = 0
+    ranges = {}
+    for t in tensors:
+        end = begin + nbytes(t)
+        entries[t.name] = {
+            "dtype": DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [begin, end],
+        }
+        ranges[t.name] = begin
+        begin = end
+    text = json.dumps(entries, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % _ALIGN)
+    start = _LENGTH.size + len(text)
+    return _LENGTH.pack(len(text)) + text, {name: start + b for name, b in ranges.items()}
+
+
+def create(path: Path, tensors: list[OutputTensor]) -> dict[str, int]:
+    """Writes the header of a file of ``tensors`` (in this order) at ``path`` and extends the
+    file to its full size; returns where each tensor's bytes go."""
+    head, offsets = header(tensors)
+    with open(path, "wb") as f:
+        f.write(head)
+        f.truncate(len(head) + sum(nbytes(t) for t in tensors))
+    return offsets
+
+
+def read_back(path: Path, tensors: list[OutputTensor]) -> dict[str, int]:
+    """Opens the file with ``safe_open`` as its consumers do, checks that it holds ``tensors``
+    (names, dtypes, shapes, metadata), and returns where each tensor's bytes lie in the file as
+    safe_open maps it. Raises ValueError with what differs."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata()
+            names = set(f.keys())
+            # Views into safe_open's mapping of the file: no byte is read here.
+            loaded = {t.name: f.get_tensor(t.name) for t in tensors if t.name in names}
+    except Exception as e:
+        raise ValueError(f"it does not open with safetensors' safe_open: {e}") from e
+    if metadata != METADATA:
+        raise ValueError(f"its header metadata is {metadata}, expected {METADATA}")
+    planned = {t.name for t in tensors}
+    if names != planned:
+        raise ValueError(
+            "its keys differ from the planned ones: missing "
+            f"{sorted(planned - names)}, unexpected {sorted(names - planned)}"
+        )
+    for spec in tensors:
+        tensor = loaded[spec.name]
+        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+            raise ValueError(
+                f"{spec.name!r} is {tensor.dtype}{tuple(tensor.shape)}, "
+                f"expected {spec.dtype}{spec.shape}"
+            )
+    return _offsets(path, loaded)
+
+
+def _offsets(path: Path, loaded: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Each tensor's offset in the file, from where safe_open's mapping puts its data.
+
+    The tensors are views into one mapping of the whole file, so their data pointers differ as
+    their offsets do; safetensors requires the data to cover the end of the file exactly, which
+    places the first. The offsets are checked against the header as written, too."""
+    placed = sorted((t.data_ptr(), t.nbytes, name) for name, t in loaded.items() if t.nbytes)
+    total = sum(n for _, n, _ in placed)
+    start = os.path.getsize(path) - total
+    offsets = {name: start for name in loaded}
+    for ptr, _, name in placed:
+        offsets[name] = start + ptr - placed[0][0]
+    for (ptr, n, name), (nxt, _, _) in zip(placed, placed[1:], strict=False):
+        if nxt != ptr + n:
+            raise ValueError(f"the bytes of {name!r} are not followed by the next tensor's")
+    with open(path, "rb") as f:
+        (length,) = _LENGTH.unpack(f.read(_LENGTH.size))
+        entries = json.loads(f.read(length))
+    data = _LENGTH.size + length
+    for name, offset in offsets.items():
+        if loaded[name].nbytes and data + entries[name]["data_offsets"][0] != offset:
+            raise ValueError(f"safe_open places {name!r} elsewhere than its header says")
+    return offsets
