@@ -21,7 +21,6 @@ import pickle
 import re
 import resource
 import shutil
-import socket
 import tempfile
 import time
 import zlib
