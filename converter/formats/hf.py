@@ -137,10 +137,11 @@ class HfFormat(OutputFormat):
             described[hf_assets.GENERATION_CONFIG] = hf_assets.generation_config(ids)
         if len(shards) > 1:
             described[INDEX] = _json(_index(shards))
-        output_dir = d.output.with_name(f"{d.output.name}_torchtune")
-        described[RECIPE] = torchtune_recipe(
-            d, "torchtune.training.FullModelHFCheckpointer", d.output, list(shards), output_dir
-        )
+        if d.family.torchtune_model(d.arch) is not None:  # torchtune builds this model
+            output_dir = d.output.with_name(f"{d.output.name}_torchtune")
+            described[RECIPE] = torchtune_recipe(
+                d, "torchtune.training.FullModelHFCheckpointer", d.output, list(shards), output_dir
+            )
         return {**described, **d.assets}
 
     def config(self, d: Described, ids: hf_assets.TokenIds) -> dict[str, Any]:

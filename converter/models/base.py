@@ -169,6 +169,15 @@ class ModelFamily(ABC):
         """The rows a ``Target.reorder`` works on at a time: one attention head's."""
         return arch.head_dim
 
+    def torchtune_model(self, arch: Any) -> dict[str, Any] | None:
+        """torchtune's builder of this model (a ``model:`` section), for the recipe snippet
+        written with an output; None where torchtune has none."""
+        return None
+
+    def torchtune_model_type(self, arch: Any) -> str | None:
+        """The ``model_type`` torchtune's checkpointers take for this model."""
+        return None
+
     def presets(self) -> str:
         return f"experiment/model={self.name}/<flavor> (conf/experiment/model/{self.name}/)"
 
