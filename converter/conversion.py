@@ -29,7 +29,7 @@ import xxhash
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from converter.config import ConvertConfig, ExportDtype, local_path
+from converter.config import ConvertConfig, ExportDtype, local_path, redacted
 from converter.engine import Filled, Region, convert_tensors
 from converter.errors import ConversionError, output_error
 from converter.filler import Filler
@@ -242,7 +242,7 @@ def _lead(
             files=files,
             missing=missing,
             durations=times,
-            config=_plain(conf),
+            config=_config_record(conf),
             fingerprint=print_,
             slurm=dataclasses.asdict(slurm) if slurm else None,
         )
@@ -405,6 +405,10 @@ def _source_record(planned: _Planned, filled: Filled) -> dict[str, Any]:
             for path, info in index.files.items()
         },
         "bytes_read": sum(index.tensors[k].nbytes for k in filled.source_digests),
+        # How the files are identified (mtime_ns locally; ETags in an object store, whose
+        # objects are not hashed, as they are not downloaded whole) and, for an object store,
+        # the bytes downloaded by this process.
+        "storage": storage.describe(),
         # DCP keeps no checksums: the XXH3-128 of each tensor's bytes as read (row-major, the
         # dtype as saved) names any tensor whose bytes change later.
         "tensors": {
@@ -412,6 +416,13 @@ def _source_record(planned: _Planned, filled: Filled) -> dict[str, Any]:
             for key, digest in sorted(filled.source_digests.items())
         },
     }
+
+
+def _config_record(conf: ConvertConfig) -> dict[str, Any]:
+    """The resolved config for the manifest, without the secrets of storage_options."""
+    plain = _plain(conf)
+    plain["experiment"]["storage_options"] = redacted(plain["experiment"]["storage_options"])
+    return plain
 
 
 def _plain(node: Any) -> Any:
