@@ -58,9 +58,9 @@ class ExperimentConfig:
     storage_options: dict[str, Any] = field(
         default_factory=dict,
         metadata={
-            "help": "for a URL checkpoint_dir: options passed to fsspec's backend "
-            "(e.g. {endpoint_url: ..., anon: true} for S3); credentials best from the "
-            "environment"
+            "help": "for a URL checkpoint_dir: options for fsspec's backend, e.g. "
+            "+experiment.storage_options.endpoint_url=http://... (credentials are best left "
+            "to the environment: AWS_PROFILE, ...)"
         },
     )
     # OmegaConf reads typing.Union, not `|`.
@@ -174,6 +174,8 @@ def settings_help(schema: type = ConvertConfig, prefix: str = "") -> list[str]:
         if f.name in ("family", "name") and kind is str and f.default is not MISSING:
             continue  # fixed by the family or format chosen
         value = f.default.value if isinstance(f.default, Enum) else f.default
+        if f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
         if isinstance(value, bool) or value is None:
             value = {True: "true", False: "false", None: "null"}[value]
         default = "required" if f.default is MISSING else f"default {value}"

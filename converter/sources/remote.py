@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from converter.config import redacted
@@ -39,10 +40,13 @@ for _name in ("botocore", "aiobotocore", "s3fs"):
     if logging.getLogger(_name).level == logging.NOTSET:
         logging.getLogger(_name).setLevel(logging.WARNING)
 
-#: The largest ranged request: parts this size keep a window's reads in flight side by side.
+#: The largest ranged request on S3: a window's reads go out as parts this size, side by side.
 PART_BYTES = 8 << 20
+#: The same for other backends, whose reads return a ``bytes`` per request before it is
+#: copied into place: small parts bound that transient memory to IN_FLIGHT x this.
+GENERIC_PART_BYTES = 2 << 20
 #: Ranged requests in flight at most, across all workers.
-IN_FLIGHT = 8
+IN_FLIGHT = 16
 #: Attempts per request on S3 (the first and five retries), and the first backoff.
 ATTEMPTS = 6
 _BACKOFF_S = 0.1
@@ -85,6 +89,32 @@ class _ShortRead(Exception):
     """The store sent another number of bytes than a ranged request asked for."""
 
 
+@dataclass
+class _Part:
+    """One ranged request: bytes ``[start, end)`` of ``path``, into ``views`` in turn."""
+
+    path: str
+    start: int
+    views: list[memoryview]
+
+    @property
+    def length(self) -> int:
+        return sum(len(v) for v in self.views)
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+    def after(self, skip: int) -> list[memoryview]:
+        """The buffers from the part's byte ``skip`` on."""
+        out = []
+        for view in self.views:
+            if skip < len(view):
+                out.append(view[skip:])
+            skip = max(0, skip - len(view))
+        return out
+
+
 class FsspecStorage(Storage):
     """An object store reached through fsspec: ``root`` is the URL's path without protocol."""
 
@@ -101,6 +131,7 @@ class FsspecStorage(Storage):
         if self._s3:
             self.fs.retries = 1  # s3fs's own loop; ours is the one that retries
         self._attempts = ATTEMPTS if self._s3 else 1
+        self._part_bytes = PART_BYTES if self._s3 else GENERIC_PART_BYTES
         self._listed: dict[str, FileInfo] = {}
         self._pool = ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="fetch")
         self._lock = threading.Lock()
@@ -127,15 +158,31 @@ class FsspecStorage(Storage):
 
     def read_batch(self, reads: Sequence[tuple[str, int, memoryview]]) -> list[int]:
         """Every read split into parts, all of them in flight together (at most IN_FLIGHT at
-        once); each read ends where its object ends, as the listing gives its size."""
-        counts, futures = [], []
+        once); reads that follow each other in an object share a part (a chunk's archive
+        ends where the next one's begins); each read ends where its object ends, as listed."""
+        counts = []
+        parts: list[_Part] = []
         for path, offset, into in reads:
             view = into.cast("B") if into.format != "B" else into
             n = max(0, min(len(view), self._size(path) - offset))
             counts.append(n)
-            for lo in range(0, n, PART_BYTES):
-                part = view[lo : min(n, lo + PART_BYTES)]
-                futures.append(self._pool.submit(self._fetch, path, offset + lo, part))
+            for lo in range(0, n, self._part_bytes):
+                piece = view[lo : min(n, lo + self._part_bytes)]
+                parts.append(_Part(path, offset + lo, [piece]))
+        parts.sort(key=lambda p: (p.path, p.start))
+        merged: list[_Part] = []
+        for part in parts:
+            last = merged[-1] if merged else None
+            if (
+                last is not None
+                and last.path == part.path
+                and last.end == part.start
+                and last.length + part.length <= self._part_bytes
+            ):
+                last.views += part.views
+            else:
+                merged.append(part)
+        futures = [self._pool.submit(self._fetch, part) for part in merged]
         done, pending = wait(futures, return_when=FIRST_EXCEPTION)
         failed = [f for f in done if f.exception() is not None]
         if failed:
@@ -201,9 +248,9 @@ class FsspecStorage(Storage):
 
     # ---------------------------------------------------------------- reading
 
-    def _fetch(self, path: str, start: int, into: memoryview) -> None:
-        """Fills ``into`` with bytes ``[start, start + len(into))`` of ``path``, exactly: a
-        retry asks only for the bytes not yet received."""
+    def _fetch(self, part: _Part) -> None:
+        """Fills the part's buffers with its bytes, exactly: a retry asks only for the bytes
+        not yet received."""
         filled = [0]
 
         def got(n: int) -> None:
@@ -212,55 +259,66 @@ class FsspecStorage(Storage):
                 self.bytes_downloaded += n
 
         def attempt() -> None:
-            lo = filled[0]
+            start, views = part.start + filled[0], part.after(filled[0])
             if self._s3:
-                self._get_s3(path, start + lo, into[lo:], got)
+                self._get_s3(part.path, start, views, got)
             else:
-                self._get(path, start + lo, into[lo:], got)
-            if filled[0] != len(into):
-                raise _ShortRead(f"the store sent {filled[0]} bytes")
+                self._get(part.path, start, views, got)
+            if filled[0] != part.length:
+                raise _ShortRead(f"the store sent {filled[0]} of {part.length} bytes")
 
-        self._call(path, (start, start + len(into)), attempt)
+        self._call(part.path, (part.start, part.end), attempt)
 
-    def _get(self, path: str, start: int, into: memoryview, got: Callable[[int], None]) -> None:
-        """Any fsspec backend: the part as one ``bytes``, copied in."""
-        data = self.fs.cat_file(path, start=start, end=start + len(into))
-        if len(data) > len(into):
-            raise _ShortRead(f"the store sent {len(data)} bytes")
-        into[: len(data)] = data
+    def _get(
+        self, path: str, start: int, views: list[memoryview], got: Callable[[int], None]
+    ) -> None:
+        """Any fsspec backend: the bytes as one ``bytes`` (of a part at most), copied in."""
+        length = sum(len(v) for v in views)
+        data = memoryview(self.fs.cat_file(path, start=start, end=start + length))
+        if len(data) > length:
+            raise _ShortRead(f"the store sent {len(data)} bytes, {length} were asked for")
+        at = 0
+        for view in views:
+            n = min(len(view), len(data) - at)
+            view[:n] = data[at : at + n]
+            at += n
         got(len(data))
 
-    def _get_s3(self, path: str, start: int, into: memoryview, got: Callable[[int], None]) -> None:
-        """S3: the response body streamed into ``into`` (no copy the size of the part); the
-        request pinned to the ETag listed, so an object replaced meanwhile is an error, not a
-        mix of two versions."""
+    def _get_s3(
+        self, path: str, start: int, views: list[memoryview], got: Callable[[int], None]
+    ) -> None:
+        """S3: the response body streamed into the buffers (no copy the size of the part);
+        the request pinned to the ETag listed, so an object replaced meanwhile is an error,
+        not a mix of two versions."""
         from fsspec.asyn import sync
 
         bucket, key, _ = self.fs.split_path(path)
         entry = self._listed.get(path)
         pin = {"IfMatch": f'"{entry.version}"'} if entry and entry.version else {}
+        length = sum(len(v) for v in views)
 
         async def fill() -> None:
             response = await self.fs._call_s3(
                 "get_object",
                 Bucket=bucket,
                 Key=key,
-                Range=f"bytes={start}-{start + len(into) - 1}",
+                Range=f"bytes={start}-{start + length - 1}",
                 **pin,
             )
             body = response["Body"]
             try:
-                filled = 0
-                while filled < len(into):
-                    n = await body.readinto(into[filled:])
-                    if not n:
-                        break
-                    filled += n
-                    got(n)
+                for view in views:
+                    filled = 0
+                    while filled < len(view):
+                        n = await body.readinto(view[filled:])
+                        if not n:
+                            return  # short: the caller names it
+                        filled += n
+                        got(n)
                 # Reading on at the end checks the body's length (and the checksum, for a
                 # whole object); a byte more than asked is a store's error.
-                if filled == len(into) and await body.readinto(bytearray(1)):
-                    raise _ShortRead("the store sent more bytes than asked")
+                if await body.readinto(bytearray(1)):
+                    raise _ShortRead("the store sent more bytes than asked for")
             finally:
                 body.close()
 
