@@ -13,6 +13,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 # moto accepts any key pair; a region is needed by boto3. The config files point nowhere, so
@@ -34,9 +35,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass(frozen=True)
+class Server:
+    endpoint: str  # http://127.0.0.1:<port>
+    pid: int
+
+    def cpu_seconds(self) -> float:
+        """CPU time the server has used so far (user + system), from /proc."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextmanager
-def moto_server(timeout: float = 60.0) -> Iterator[str]:
-    """Runs ``moto_server`` until the block ends; yields its endpoint URL."""
+def moto_server(timeout: float = 60.0) -> Iterator[Server]:
+    """Runs ``moto_server`` until the block ends."""
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     exe = shutil.which("moto_server") or shutil.which(
@@ -61,7 +73,7 @@ def moto_server(timeout: float = 60.0) -> Iterator[str]:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"moto_server did not answer on {endpoint}") from None
                 time.sleep(0.1)
-        yield endpoint
+        yield Server(endpoint, proc.pid)
     finally:
         proc.terminate()
         try:

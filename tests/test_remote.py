@@ -59,7 +59,8 @@ def s3(tiny_checkpoint, layout_checkpoints):
     except ImportError as e:
         unavailable(f"the object-storage tests need moto[server] and s3fs ({e}): pip install "
                     "-e '.[test]'")  # fmt: skip
-    with moto_server() as endpoint:
+    with moto_server() as server:
+        endpoint = server.endpoint
         upload_folder(endpoint, tiny_checkpoint, BUCKET, "tiny/checkpoint")
         upload_folder(endpoint, layout_checkpoints[FULL_CASE][0], BUCKET, "full/checkpoint")
         upload_folder(endpoint, layout_checkpoints[TIED_CASE][0], BUCKET, "tied/checkpoint")
@@ -180,8 +181,9 @@ def test_full_checkpoint_downloads_the_model_and_no_optimizer_state(
     assert downloaded <= needed_bytes + metadata + 8192 * chunks
     print(
         f"\nfull checkpoint, step-{FULL_STEP}: downloaded {downloaded} of {checkpoint} bytes "
-        f"({100 * downloaded / checkpoint:.1f}%); model chunks {needed_bytes} B, optimizer and "
-        f"other state {other_bytes} B (none read); {storage['requests']} requests"
+        f"({100 * downloaded / checkpoint:.1f}%): the model's {chunks} chunks {needed_bytes} B, "
+        f".metadata {metadata} B, archive ends {downloaded - needed_bytes - metadata} B; "
+        f"optimizer and other state {other_bytes} B, none read; {storage['requests']} requests"
     )
     # Each object identified by its size and ETag as the store lists them, and said so.
     s3c = client(s3)
