@@ -122,7 +122,6 @@ class FsspecStorage(Storage):
     remote = True
 
     def __init__(self, url: str, options: dict[str, Any]) -> None:
-        self.url = url
         self.protocol = url.split("://", 1)[0].lower()
         self.options = options
         self.fs, self.root = _filesystem(url, self.protocol, options)
