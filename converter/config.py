@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import typing
+import urllib.parse
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -53,6 +55,14 @@ class ExperimentConfig:
     checkpoint_dir: str = _doc(
         MISSING, "the folder holding the step-<N> folders: a path, or an fsspec URL (s3://...)"
     )
+    storage_options: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={
+            "help": "for a URL checkpoint_dir: options for fsspec's backend, e.g. "
+            "+experiment.storage_options.endpoint_url=http://... (credentials are best left "
+            "to the environment: AWS_PROFILE, ...)"
+        },
+    )
     # OmegaConf reads typing.Union, not `|`.
     step: Union[int, str] = _doc("latest", "a step number, or latest (newest complete)")  # noqa: UP007
     export_dtype: ExportDtype = _doc(ExportDtype.bfloat16, "dtype of the weights written")
@@ -77,13 +87,16 @@ class ExperimentConfig:
             )
         if isinstance(self.step, int) and self.step < 0:
             raise ValueError(f"experiment.step must be >= 0 or 'latest', got {self.step}")
-        for key in ("checkpoint_dir", "output", "tokenizer_dir"):
+        # The checkpoint may lie in object storage; what is written, and read beside it,
+        # stays local, where torchtune and the Hugging Face loaders read it.
+        for key in ("output", "tokenizer_dir"):
             value = getattr(self, key)
             if value is not None and "://" in value and not value.startswith("file://"):
                 raise ValueError(
-                    f"experiment.{key}={value!r} is a URL, but this converter reads "
-                    "and writes local paths only: copy the step folder to a local or mounted "
-                    "file system first, and write the output to one"
+                    f"experiment.{key}={value!r} is a URL, but the converter writes its output "
+                    "and reads the tokenizer on a local or mounted file system, where "
+                    "torchtune and the Hugging Face loaders read them: set it to a local path "
+                    "(with a URL checkpoint_dir the output has no default beside it)"
                 )
         self.model.check()
 
@@ -118,6 +131,29 @@ class ConvertConfig:
         FORMATS[self.output_format.name].check_output(self.experiment.output)
 
 
+# Option names that carry a secret (s3fs's key/secret/token, client_kwargs'
+# aws_secret_access_key, Azure's account_key, sas_token, connection_string, ...).
+_SECRET = re.compile(r"key|secret|token|password|passwd|credential|sas|connection_string", re.I)
+
+
+def redacted(options: Any) -> Any:
+    """``experiment.storage_options`` without its secrets, for the manifest: the values of
+    keys that name a secret, and the user:password of a URL, are replaced by ``<redacted>``."""
+    if isinstance(options, dict):
+        return {
+            k: "<redacted>" if _SECRET.search(str(k)) else redacted(v) for k, v in options.items()
+        }
+    if isinstance(options, list | tuple):
+        return [redacted(v) for v in options]
+    if isinstance(options, str) and "@" in options and "://" in options:
+        parts = urllib.parse.urlsplit(options)
+        if parts.password or parts.username:
+            host = parts.hostname or ""
+            netloc = f"<redacted>@{host}" + (f":{parts.port}" if parts.port else "")
+            return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    return options
+
+
 def local_path(value: str) -> Path:
     """A path setting as the job uses it: ``~`` expanded, then relative to where the user ran
     the command (Hydra changes the working folder of a job)."""
@@ -142,6 +178,8 @@ def settings_help(schema: type = ConvertConfig, prefix: str = "") -> list[str]:
         if f.name in ("family", "name") and kind is str and f.default is not MISSING:
             continue  # fixed by the family or format chosen
         value = f.default.value if isinstance(f.default, Enum) else f.default
+        if f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
         if isinstance(value, bool) or value is None:
             value = {True: "true", False: "false", None: "null"}[value]
         default = "required" if f.default is MISSING else f"default {value}"
@@ -177,7 +215,8 @@ def resolved_step(*, _root_: Any) -> int:
     from converter.sources.steps import find_step_dir
 
     experiment = _root_.experiment
-    with open_storage(experiment.checkpoint_dir) as storage:
+    options = OmegaConf.to_container(experiment.storage_options, resolve=True)
+    with open_storage(experiment.checkpoint_dir, options) as storage:
         return find_step_dir(storage, experiment.step)[0]
 
 

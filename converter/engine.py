@@ -168,6 +168,9 @@ def convert_tensors(
             digests[key] = digest.hexdigest()
 
     sources = sorted(consumers, key=lambda k: -index.tensors[k].nbytes)
+    # Every chunk's layout up front, in batches: a remote store answers those small reads
+    # side by side instead of one round trip per chunk as the workers reach it.
+    reader.prefetch(sources)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="convert") as pool_exec:
         futures = [pool_exec.submit(convert_source, key) for key in sources]
         try:

@@ -74,7 +74,8 @@ def run(cfg: DictConfig) -> JobResult:
         with group.running():
             conf = _checked(cfg)
             result.output = str(local_path(conf.experiment.output).resolve())
-            with open_storage(conf.experiment.checkpoint_dir) as storage:
+            exp = conf.experiment
+            with open_storage(exp.checkpoint_dir, exp.storage_options) as storage:
                 step, step_dir = find_step_dir(storage, conf.experiment.step)
                 result.step = step
                 result.status, result.bytes = convert(conf, storage, step, step_dir, slurm, group)

@@ -22,7 +22,17 @@ import xxhash
 
 MANIFEST_SUFFIX = ".manifest.json"
 FOLDER_MANIFEST = "titan2tune.manifest.json"
-_PACKAGES = ("titan2tune", "torch", "hydra-core", "omegaconf", "submitit", "safetensors", "fsspec")
+_PACKAGES = (
+    "titan2tune",
+    "torch",
+    "hydra-core",
+    "omegaconf",
+    "submitit",
+    "safetensors",
+    "fsspec",
+    "s3fs",  # the object-store backends a remote source is read through
+    "gcsfs",
+)
 
 
 def manifest_path(output: Path, folder: bool) -> Path:

@@ -61,6 +61,23 @@ def test_rows_of_a_stored_chunk(tmp_path, stored):
     assert torch.equal(_windows(reader, "w", 8, 3), stored)
 
 
+def test_a_damaged_chunk_archive_is_named(tmp_path):
+    """A chunk's archive whose end (the zip directory its layout is read from) was overwritten:
+    the error names the chunk, the key and the shard file, as damaged."""
+    step = tmp_path / "step-1"
+    dcp.save({"w": torch.arange(48.0).reshape(8, 6)}, checkpoint_id=step, no_dist=True)
+    index = _index(step)
+    [chunk] = index.tensors["w"].chunks
+    with open(chunk.file, "r+b") as f:
+        f.seek(chunk.offset + chunk.length - 64)
+        f.write(bytes(64))
+    reader = TensorReader(index)
+    with pytest.raises(ConversionError, match=r"Cannot read chunk \(0, 0\) of 'w' from .*distcp"):
+        reader.prefetch(["w"])
+    with pytest.raises(ConversionError, match="The shard file is damaged"):
+        reader.read_tensor(index.tensors["w"])
+
+
 def _save_chunks(step, full: torch.Tensor, dim: int, parts: int) -> None:
     """One DCP save whose index splits ``full`` along ``dim`` into ``parts`` chunks, as ranks
     of tensor (dim 1) or expert parallelism (dim 0) store it: written by one process, each

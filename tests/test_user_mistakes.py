@@ -54,13 +54,37 @@ def test_mistake_is_an_error(tiny_checkpoint, tmp_path, override, expected):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("key", ["experiment.output", "experiment.checkpoint_dir"])
+@pytest.mark.parametrize("key", ["experiment.output", "experiment.tokenizer_dir"])
 def test_a_url_where_a_local_path_is_needed_is_an_error(tiny_checkpoint, tmp_path, key):
+    """The checkpoint may lie in object storage; the output, and the tokenizer copied into it,
+    stay local."""
     url = "s3://bucket/run7/model.pt" if key == "experiment.output" else "s3://bucket/run7"
     run = convert(tiny_checkpoint, tmp_path, f"{key}={url}")
     assert run.returncode == 1, run.stderr[-2000:]
     assert f"{key}='{url}' is a URL" in run.stderr, run.stderr[-2000:]
     assert not (REPO / "s3:").exists() and not (tmp_path / "s3:").exists()
+
+
+def test_a_remote_checkpoint_needs_a_local_output(tmp_path):
+    """Left at its default, the output would lie beside a checkpoint in a bucket: refused
+    before anything is read, saying where to set it."""
+    run = subprocess.run(
+        [
+            sys.executable,
+            "convert.py",
+            "experiment=debug",
+            "experiment.checkpoint_dir=s3://bucket/run7",
+            f"hydra.run.dir={tmp_path / 'hydra'}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert "experiment.output='s3://bucket/run7/final_model.pt' is a URL" in run.stderr
+    assert "set it to a local path" in run.stderr, run.stderr[-2000:]
+    assert not (REPO / "s3:").exists()
 
 
 def test_the_same_run_without_a_mistake_converts(tiny_checkpoint, tmp_path):

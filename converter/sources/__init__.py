@@ -15,9 +15,17 @@ from converter.sources.storage import LocalStorage, Storage
 
 @contextmanager
 def open_storage(location: str, options: dict[str, Any] | None = None) -> Iterator[Storage]:
-    """The storage of ``experiment.checkpoint_dir``: a local path (``~`` expanded, relative
-    to where the user ran the command)."""
-    storage: Storage = LocalStorage(to_absolute_path(os.path.expanduser(location)))
+    """The storage of ``experiment.checkpoint_dir``: an fsspec URL (``s3://...``, reached
+    with ``experiment.storage_options``), or a local path (``~`` expanded, relative to where
+    the user ran the command)."""
+    storage: Storage
+    if "://" in location and not location.startswith("file://"):
+        from converter.sources.remote import FsspecStorage  # fsspec only for a URL
+
+        storage = FsspecStorage(location, dict(options or {}))
+    else:
+        local = os.path.expanduser(location.removeprefix("file://"))
+        storage = LocalStorage(to_absolute_path(local))
     try:
         yield storage
     finally:

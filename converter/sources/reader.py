@@ -15,16 +15,29 @@ import io
 import math
 import os
 import warnings
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
 
 from converter.errors import ConversionError, environment_error
 from converter.sources.dcp import Chunk, DcpIndex, TensorEntry
+from converter.sources.storage import Storage
 from converter.torch_archive import NotATensorArchive, StoredTensor, stored_tensor
 
 # An archive's layout lies in its first and last few KiB (the pickle and the central directory).
 _ARCHIVE_END_BYTES = 4096
+# Chunks whose archives' ends are read in one batch: bounds that batch's memory (8 KiB each).
+_PREFETCH_CHUNKS = 1024
+
+
+@dataclass(frozen=True)
+class _Read:
+    """Bytes of ``chunk``'s shard file from ``offset``, to read into ``into``."""
+
+    chunk: Chunk
+    offset: int
+    into: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -69,14 +82,17 @@ class TensorReader:
         self, entry: TensorEntry, start: int, stop: int, buffer: torch.Tensor
     ) -> torch.Tensor:
         """Rows ``[start, stop)`` of ``entry`` as a ``[rows, values]`` tensor of its stored
-        dtype, laid over ``buffer`` (uint8, at least :meth:`buffer_bytes` long)."""
+        dtype, laid over ``buffer`` (uint8, at least :meth:`buffer_bytes` long). The reads of
+        all the chunks the window spans go to the storage as one batch."""
         width = entry.rows[1]
         mapped = self._mapped(entry, start, stop)
         if mapped is not None:
             return mapped
         nbytes = (stop - start) * entry.row_bytes
         window = buffer[:nbytes].view(entry.dtype).view(stop - start, width)
-        spare = buffer[nbytes:]
+        spare, used = buffer[nbytes:], 0
+        reads: list[_Read] = []
+        staged: list[tuple[torch.Tensor, int, int, _Run]] = []
         for run in self.runs(entry):
             if run.row >= stop:
                 break
@@ -85,12 +101,18 @@ class TensorReader:
                 continue
             rows = (run.chunk_row + lo - run.row, run.chunk_row + hi - run.row)
             if run.width == width:
-                self._read_chunk_rows(entry, run.chunk, rows, window[lo - start : hi - start])
-            else:
-                staged = spare[: (hi - lo) * run.width * entry.dtype.itemsize]
-                part = staged.view(entry.dtype).view(hi - lo, run.width)
-                self._read_chunk_rows(entry, run.chunk, rows, part)
-                window[lo - start : hi - start, run.column : run.column + run.width].copy_(part)
+                target = window[lo - start : hi - start]
+            else:  # some columns: read into the spare half, copied into place below
+                size = (hi - lo) * run.width * entry.dtype.itemsize
+                target = spare[used : used + size].view(entry.dtype).view(hi - lo, run.width)
+                used += size
+                staged.append((target, lo, hi, run))
+            read = self._chunk_rows(entry, run.chunk, rows, target)
+            if read is not None:
+                reads.append(read)
+        self._read(entry, reads)
+        for part, lo, hi, run in staged:
+            window[lo - start : hi - start, run.column : run.column + run.width].copy_(part)
         return window
 
     def _mapped(self, entry: TensorEntry, start: int, stop: int) -> torch.Tensor | None:
@@ -121,10 +143,27 @@ class TensorReader:
         buffer = torch.empty(self.buffer_bytes(entry, rows), dtype=torch.uint8)
         return self.read_rows(entry, 0, rows, buffer).view(entry.shape)
 
-    def _read_chunk_rows(
+    def prefetch(self, keys: Collection[str]) -> None:
+        """Learns the layout of every chunk of ``keys``, a batch of chunks at a time: on a
+        remote store the requests for their archives' first and last KiB are then in flight
+        together, not one round trip after another as the workers come to each chunk."""
+        todo = [
+            (entry, chunk)
+            for entry in (self.index.tensors[k] for k in keys)
+            for chunk in entry.chunks
+            if chunk not in self._layouts
+        ]
+        for i in range(0, len(todo), _PREFETCH_CHUNKS):
+            group = todo[i : i + _PREFETCH_CHUNKS]
+            ends = self._archive_ends([chunk for _, chunk in group])
+            for (entry, chunk), found in zip(group, ends, strict=True):
+                self._layout(entry, chunk, found)
+
+    def _chunk_rows(
         self, entry: TensorEntry, chunk: Chunk, rows: tuple[int, int], into: torch.Tensor
-    ) -> None:
-        """Reads rows ``[rows)`` of ``chunk``'s own row view into ``into`` (contiguous)."""
+    ) -> _Read | None:
+        """The read of rows ``[rows)`` of ``chunk``'s own row view into ``into`` (contiguous);
+        None if they were read here already."""
         layout = self._layout(entry, chunk)
         if not layout.contiguous:
             # A chunk stored as a view (strided, or at an offset in a larger storage): rare;
@@ -132,36 +171,58 @@ class TensorReader:
             whole = self._read_storage(entry, chunk, layout)
             flat = whole.reshape(-1, into.shape[1])
             into.copy_(flat[rows[0] : rows[1]])
-            return
+            return None
         row_bytes = into.shape[1] * entry.dtype.itemsize
         start = chunk.offset + layout.data_start + rows[0] * row_bytes
-        self._read(entry, chunk, start, into)
+        return _Read(chunk, start, into)
 
     def _read_storage(self, entry: TensorEntry, chunk: Chunk, layout: StoredTensor) -> torch.Tensor:
         storage = torch.empty(layout.data_length, dtype=torch.uint8)
-        self._read(entry, chunk, chunk.offset + layout.data_start, storage)
+        self._read(entry, [_Read(chunk, chunk.offset + layout.data_start, storage)])
         return storage.view(layout.dtype).as_strided(
             layout.shape, layout.stride, layout.storage_offset
         )
 
-    def _read(self, entry: TensorEntry, chunk: Chunk, offset: int, into: torch.Tensor) -> None:
-        try:
-            view = memoryview(into.view(torch.uint8).reshape(-1).numpy())
-        except (ImportError, RuntimeError, MemoryError) as e:  # torch without numpy
-            raise environment_error(
-                f"Reading {entry.key!r} from {self.storage.display(chunk.file)}", e
-            ) from e
-        got = self.storage.read_into(chunk.file, offset, view)
-        if got != len(view):
-            raise self._damaged(entry, chunk, EOFError("the storage record ends early"))
+    def _read(self, entry: TensorEntry, reads: list[_Read]) -> None:
+        views = []
+        for read in reads:
+            try:
+                views.append(memoryview(read.into.view(torch.uint8).reshape(-1).numpy()))
+            except (ImportError, RuntimeError, MemoryError) as e:  # torch without numpy
+                raise environment_error(
+                    f"Reading {entry.key!r} from {self.storage.display(read.chunk.file)}", e
+                ) from e
+        got = self.storage.read_batch(
+            [(r.chunk.file, r.offset, v) for r, v in zip(reads, views, strict=True)]
+        )
+        for read, view, n in zip(reads, views, got, strict=True):
+            if n != len(view):
+                raise self._damaged(entry, read.chunk, EOFError("the storage record ends early"))
 
-    def _layout(self, entry: TensorEntry, chunk: Chunk) -> StoredTensor:
+    def _archive_ends(self, chunks: list[Chunk]) -> list[tuple[bytes, bytes]]:
+        """The first and last few KiB of each chunk's archive (all of it, if that small), as
+        read (short at the end of a file): one batch for all."""
+        reads = []
+        for chunk in chunks:
+            head, tail = _end_sizes(chunk.length)
+            reads.append((chunk.file, chunk.offset, memoryview(bytearray(head))))
+            reads.append(
+                (chunk.file, chunk.offset + chunk.length - tail, memoryview(bytearray(tail)))
+            )
+        got = self.storage.read_batch(reads)
+        parts = [view[:n].tobytes() for (_, _, view), n in zip(reads, got, strict=True)]
+        return list(zip(parts[0::2], parts[1::2], strict=True))
+
+    def _layout(
+        self, entry: TensorEntry, chunk: Chunk, ends: tuple[bytes, bytes] | None = None
+    ) -> StoredTensor:
         """What the chunk's archive says it holds, checked against the index (read once)."""
         layout = self._layouts.get(chunk)
         if layout is not None:
             return layout
         try:
-            layout = stored_tensor(_ArchiveView(self.storage, chunk))
+            head, tail = ends or self._archive_ends([chunk])[0]
+            layout = stored_tensor(_ArchiveView(self.storage, chunk, head, tail))
         except ConversionError:
             raise
         except (ImportError, MemoryError) as e:
@@ -221,20 +282,25 @@ def _indices(sizes: tuple[int, ...]) -> list[tuple[int, ...]]:
     return out
 
 
+def _end_sizes(length: int) -> tuple[int, int]:
+    """The bytes of an archive of ``length`` bytes to read from its start and from its end."""
+    if length <= 2 * _ARCHIVE_END_BYTES:
+        return length, 0
+    return _ARCHIVE_END_BYTES, _ARCHIVE_END_BYTES
+
+
 class _ArchiveView(io.RawIOBase):
     """A chunk's ``torch.save`` archive as a read-only file, for ``zipfile``: its first and
-    last few KiB are fetched once, which is all that reading its layout takes."""
+    last few KiB, read beforehand, are all that reading its layout takes (anything else is
+    read when asked for)."""
 
-    def __init__(self, storage, chunk: Chunk) -> None:  # noqa: ANN001 (a Storage)
+    def __init__(self, storage: Storage, chunk: Chunk, head: bytes, tail: bytes) -> None:
         self._storage = storage
         self._chunk = chunk
         self._pos = 0
-        n = chunk.length
-        head = min(n, _ARCHIVE_END_BYTES if n > 2 * _ARCHIVE_END_BYTES else n)
-        self._head = storage.read(chunk.file, chunk.offset, head)
-        self._tail_start = max(head, n - _ARCHIVE_END_BYTES)
-        self._tail = storage.read(chunk.file, chunk.offset + self._tail_start, n - self._tail_start)
-        if len(self._head) + len(self._tail) != head + n - self._tail_start:
+        self._head, self._tail = head, tail
+        self._tail_start = chunk.length - len(tail)
+        if (len(head), len(tail)) != _end_sizes(chunk.length):
             raise EOFError("the shard file ends inside the chunk's archive")
 
     def readable(self) -> bool:

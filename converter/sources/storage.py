@@ -15,7 +15,9 @@ import mmap
 import os
 import posixpath
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from converter.errors import ConversionError
 
@@ -37,7 +39,7 @@ class Storage(ABC):
     root: str
     #: What ``FileInfo.version`` holds, for the manifest ("mtime_ns", "etag").
     version_kind: str
-    #: Whether reads cost a request each (a remote store): the reader then batches them.
+    #: Whether reads cost a request each (a remote store), which the reader batches.
     remote: bool = False
 
     def join(self, folder: str, *names: str) -> str:
@@ -73,6 +75,12 @@ class Storage(ABC):
         cache), or None where the storage cannot map (a remote store: then read_into)."""
         return None
 
+    def read_batch(self, reads: Sequence[tuple[str, int, memoryview]]) -> list[int]:
+        """Several ``read_into`` at once, ``(path, offset, into)`` each; returns what each
+        read. A remote store has them in flight together, so a window whose rows lie in
+        several chunks costs one round trip, not one per chunk."""
+        return [self.read_into(path, offset, into) for path, offset, into in reads]
+
     def read(self, path: str, offset: int = 0, length: int | None = None) -> bytes:
         if length is None:
             info = self.info(path)
@@ -80,6 +88,11 @@ class Storage(ABC):
         buffer = bytearray(length)
         got = self.read_into(path, offset, memoryview(buffer))
         return bytes(buffer[:got])
+
+    @abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """What the manifest says of this storage: what identifies its files and, for a
+        remote store, what was downloaded."""
 
     def close(self) -> None:  # noqa: B027 (nothing to release, locally)
         """Releases connections or caches."""
@@ -135,6 +148,9 @@ class LocalStorage(Storage):
         finally:
             os.close(fd)
         return memoryview(mapping)[offset - start :]
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "local", "files_identified_by": "each file's size and mtime_ns"}
 
     def read_into(self, path: str, offset: int, into: memoryview) -> int:
         view = into.cast("B") if into.format != "B" else into
