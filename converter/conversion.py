@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from converter.config import ConvertConfig, ExportDtype, local_path, redacted
 from converter.engine import Filled, Region, convert_tensors
-from converter.errors import ConversionError, output_error
+from converter.errors import ConversionError, environment_error, output_error
 from converter.filler import Filler
 from converter.formats import FORMATS
 from converter.formats.base import Described, OutputFormat
@@ -113,6 +113,7 @@ def convert(
     """Converts ``step_dir`` as ``conf`` says; returns whether it was converted or skipped,
     and the output's size. With a shared ``group``, the lead (task 0) does that and the other
     tasks fill their share of the tensors."""
+    _check_environment()
     times: dict[str, float] = {}
     t = time.perf_counter()
     planned = _plan(conf, storage, step, step_dir, group)
@@ -123,6 +124,16 @@ def convert(
     if not group.lead:
         return _fill_share(planned, group)
     return _lead(planned, slurm, group, times)
+
+
+def _check_environment() -> None:
+    """torch's bridge to numpy gives the byte views that every read, digest and write goes
+    through (numpy is a declared dependency, but a virtualenv can still lack it): checked
+    before any work, so that its absence is named as the environment's, not blamed on a shard."""
+    try:
+        torch.empty(1).numpy()
+    except (ImportError, RuntimeError) as e:
+        raise environment_error("Viewing tensors as bytes (torch's bridge to numpy)", e) from e
 
 
 # -------------------------------------------------------------------- plan

@@ -428,3 +428,45 @@ def test_accept_expert_bias_converts_and_records_each_layers_bias(qwen3_run, tmp
         key = f"layers.{layer}.moe.expert_bias_E"
         largest = saved[key].float().abs().max().item()
         assert f"max |bias| {largest:.6g} in this layer" in dropped[key]
+
+
+def test_stacked_experts_larger_than_the_budget_stream_in_windows(qwen3_run, tmp_path, monkeypatch):
+    """Each stacked expert tensor (64 x 512 x 64 float32, 8 MiB) is eight times batch_mb=1:
+    the engine's own pool never holds more than the budget, it lends many windows per stacked
+    tensor, and the folder is still torchtitan's to_hf bit for bit."""
+    from converter import engine, job
+    from tests.conftest import compose
+    from tests.test_memory import _CountingPool
+
+    info, _ = qwen3_run(variant="moe_wide")
+    stacked = info["n_experts"] * info["moe_hidden_dim"] * info["dim"] * 4
+    assert stacked >= 8 << 20
+    monkeypatch.setattr(engine, "BufferPool", _CountingPool)
+    _CountingPool.instances.clear()
+    output = tmp_path / "out"
+    cfg = compose(
+        [
+            "experiment=debug",
+            f"experiment.checkpoint_dir={layouts(info)['0.3.0']}",
+            f"experiment.output={output}",
+            "experiment.step=3",
+            "experiment.export_dtype=keep",
+            "output_format=hf",
+            "batch_mb=1",
+            "workers=2",
+            *model_overrides(info),
+        ]
+    )
+    result = job.run(cfg)
+    assert result.status == "converted", result.error
+    (pool,) = _CountingPool.instances
+    assert 0 < pool.peak <= pool.budget == 1 << 20
+    # 3 stacked tensors a layer, each in windows of at most a third of a worker's share.
+    window = pool.budget // (3 * 2)
+    assert pool.loans >= 3 * info["n_layers"] * stacked // window
+    expected = hf_loader.titan_to_hf(
+        qwen3_writer.model_config(info["variant"]), saved_weights(info["step_dirs"]["step-3"])
+    )
+    ours = hf_loader.hf_tensors(output)
+    assert sorted(ours) == sorted(expected)
+    assert all(torch.equal(ours[name], tensor) for name, tensor in expected.items())

@@ -184,14 +184,7 @@ class TensorReader:
         )
 
     def _read(self, entry: TensorEntry, reads: list[_Read]) -> None:
-        views = []
-        for read in reads:
-            try:
-                views.append(memoryview(read.into.view(torch.uint8).reshape(-1).numpy()))
-            except (ImportError, RuntimeError, MemoryError) as e:  # torch without numpy
-                raise environment_error(
-                    f"Reading {entry.key!r} from {self.storage.display(read.chunk.file)}", e
-                ) from e
+        views = [memoryview(read.into.view(torch.uint8).reshape(-1).numpy()) for read in reads]
         got = self.storage.read_batch(
             [(r.chunk.file, r.offset, v) for r, v in zip(reads, views, strict=True)]
         )

@@ -18,6 +18,8 @@ Variants (torchtitan's own config builders, small enough to write in seconds):
 * ``moe``: the same attention, 16 experts of width 48 in both layers, top-4, untied;
 * ``moe_mixed``: a MoE layer, then a dense one (torchtitan picks per layer; Hugging Face's
   ``mlp_only_layers``);
+* ``moe_wide``: as ``moe`` with 64 experts of width 512: each stacked expert tensor is 8 MiB
+  in float32, larger than the smallest ``batch_mb`` many times over;
 * any flavor torchtitan registers (``debugmodel``, ``debugmodel_moe``, ...): the MoE
   debugmodel's full checkpoint is 3.6 GB and takes minutes.
 
@@ -48,11 +50,13 @@ import torch
 
 from tests.peers import titan_writer
 
-VARIANTS = ("dense_tied", "moe", "moe_mixed")
+VARIANTS = ("dense_tied", "moe", "moe_mixed", "moe_wide")
 EXPERT_BIAS = ("zero", "trained")
 # The tiny variants' sizes.
 _DIM, _LAYERS, _HEADS, _KV_HEADS, _HEAD_DIM, _VOCAB = 64, 2, 4, 2, 32, 128
 _HIDDEN, _EXPERTS, _TOP_K, _MOE_HIDDEN = 160, 16, 4, 48
+# moe_wide: stacked expert tensors of 8 MiB each in float32, eight times a 1 MB batch_mb.
+_WIDE_EXPERTS, _WIDE_MOE_HIDDEN = 64, 512
 _THETA, _MAX_SEQ_LEN = 1000000.0, 256
 
 
@@ -203,7 +207,15 @@ def model_config(variant: str, attn_backend: str = "flex"):
         moe_comm_backend="standard",
         **attention,
     )
-    layers = {"dense_tied": dense, "moe": moe, "moe_mixed": [moe[0], dense[1]]}[variant]
+    wide = _build_qwen3_moe_layers(
+        moe_hidden_dim=_WIDE_MOE_HIDDEN,
+        num_experts=_WIDE_EXPERTS,
+        top_k=_TOP_K,
+        moe_comm_backend="standard",
+        **attention,
+    )
+    layers = {"dense_tied": dense, "moe": moe, "moe_mixed": [moe[0], dense[1]], "moe_wide": wide}
+    layers = layers[variant]
     tied = variant == "dense_tied"
     return Qwen3Model.Config(
         vocab_size=_VOCAB,
