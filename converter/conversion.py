@@ -20,7 +20,8 @@ import logging
 import math
 import os
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
+from concurrent.futures import Future
 from dataclasses import astuple, dataclass
 from enum import Enum
 from pathlib import Path
@@ -218,17 +219,9 @@ def _lead(
     print_ = fingerprint(planned)
     group.clear_earlier_runs()
     existed = output.exists()
-    mine = group.share_of({k: planned.index.tensors[k].nbytes for k in planned.plan.sources})
     sidecars = () if fmt.folder else _sidecars(planned)
-
-    def staged_manifest_describes(staged: dict[Path, Path]) -> bool:
-        manifest = manifest_path(output, False)
-        return manifest in staged and describes(
-            read_manifest(staging_path(manifest)), output, False
-        )
-
     # Decided under the output's lock, once an interrupted publish is finished.
-    with Output(output, fmt.folder, sidecars, staged_manifest_describes) as out:
+    with Output(output, fmt.folder, sidecars, _staged_manifest_describes(output)) as out:
         if _already_done(planned, print_):
             if existed:
                 log.info("%s: %s is up to date with this source and settings; skipped.",
@@ -238,71 +231,10 @@ def _lead(
             group.announce({"status": "skipped"})
             group.answers()
             return Status.skipped, _size(output)
-        t = time.perf_counter()
-        staged, filler = _create(out, planned)
-        group.announce(
-            {
-                "status": "fill",
-                "files": {name: str(path) for name, path in filler.files.items()},
-                "inodes": {name: path.stat().st_ino for name, path in filler.files.items()},
-                "offsets": filler.offsets,
-            }
-        )
-        filled = _fill(planned, filler, mine, group)
-        times["convert"] = time.perf_counter() - t
-        if group.shared:
-            t = time.perf_counter()
-            filled = _with_answers(filled, group)
-            times["other_tasks_wait"] = time.perf_counter() - t
-        t = time.perf_counter()
-        conf = planned.conf
-        files = read_back(
-            fmt,
-            staged,
-            planned.plan,
-            planned.reader,
-            filled.regions if conf.verify else None,
-            conf.sha256,
-            conf.workers,
-        )
-        times["verify" if conf.verify else "digest"] = time.perf_counter() - t
-        described = Described(
-            output,
-            planned.name,
-            planned.family,
-            planned.arch,
-            planned.plan,
-            conf.output_format,
-            planned.tokenizer_dir,
-            planned.assets,
-        )
-        texts = _describing_files(fmt.describe(described), output, fmt)
-        if fmt.folder:  # files of the output: in the manifest with their digests, as the shards
-            texts = {n: _bytes(c) for n, c in texts.items()}
-            files |= {str(n): digests(c, conf.sha256) for n, c in texts.items()}
-        missing = fmt.missing(described)
-        for what in missing:
-            log.warning("%s: %s", planned.name, what)
-        manifest = build_manifest(
-            experiment=planned.name,
-            source=_source_record(planned, filled),
-            plan=planned.plan,
-            output=output,
-            output_format=fmt.name,
-            loads_with=fmt.loads_with,
-            export_dtype=str(conf.experiment.export_dtype),
-            files=files,
-            missing=missing,
-            durations=times,
-            config=_config_record(conf),
-            fingerprint=print_,
-            slurm=dataclasses.asdict(slurm) if slurm else None,
-        )
-        # The manifest last: it is what marks the output as this conversion's.
-        texts[_described_name(manifest_path(output, fmt.folder), output, fmt)] = (
-            json.dumps(manifest, indent=2) + "\n"
-        )
-        out.publish(texts)
+        staged, filled, syncing = _convert_into(out, planned, group, times)
+        files = _read_back(planned, staged, filled, syncing, times)
+        manifest, described = _describe(planned, filled, files, times, print_, slurm)
+        out.publish(described)
 
     log.info(
         "%s: wrote %s (%.1f MB, %d tensors, %d parameters) in %.1f s%s.",
@@ -316,6 +248,120 @@ def _lead(
     )
     _record_rate(planned, sum(times.values()))
     return Status.converted, manifest["output"]["bytes"]
+
+
+def _staged_manifest_describes(output: Path) -> Callable[[dict[Path, Path]], bool]:
+    """Whether the sidecars a killed run left staged beside a one-file output describe it."""
+
+    def describes_output(staged: dict[Path, Path]) -> bool:
+        manifest = manifest_path(output, False)
+        return manifest in staged and describes(
+            read_manifest(staging_path(manifest)), output, False
+        )
+
+    return describes_output
+
+
+def _convert_into(
+    out: Output, planned: _Planned, group: TaskGroup, times: dict[str, float]
+) -> tuple[list[Staged], Filled, Future[None]]:
+    """The format's files created and filled (by every task of a shared group); returns
+    them, what was written and read, and the sync of the files, under way."""
+    t = time.perf_counter()
+    staged, filler = _create(out, planned)
+    group.announce(
+        {
+            "status": "fill",
+            "files": {name: str(path) for name, path in filler.files.items()},
+            "inodes": {name: path.stat().st_ino for name, path in filler.files.items()},
+            "offsets": filler.offsets,
+        }
+    )
+    mine = group.share_of({k: planned.index.tensors[k].nbytes for k in planned.plan.sources})
+    filled = _fill(planned, filler, mine, group)
+    syncing = filler.sync_behind()
+    times["convert"] = time.perf_counter() - t
+    if group.shared:
+        t = time.perf_counter()
+        filled = _with_answers(filled, group)
+        times["other_tasks_wait"] = time.perf_counter() - t
+    return staged, filled, syncing
+
+
+def _read_back(
+    planned: _Planned,
+    staged: list[Staged],
+    filled: Filled,
+    syncing: Future[None],
+    times: dict[str, float],
+) -> dict[str, dict[str, Any]]:
+    """Each file's size and digests, every written byte checked with ``verify=true``; read
+    while the files are synced, which this waits for."""
+    conf = planned.conf
+    t = time.perf_counter()
+    files = read_back(
+        planned.fmt,
+        staged,
+        planned.plan,
+        planned.reader,
+        filled.regions if conf.verify else None,
+        conf.sha256,
+        conf.workers,
+    )
+    times["verify" if conf.verify else "digest"] = time.perf_counter() - t
+    t = time.perf_counter()
+    syncing.result()
+    times["sync_wait"] = time.perf_counter() - t
+    return files
+
+
+def _describe(
+    planned: _Planned,
+    filled: Filled,
+    files: dict[str, dict[str, Any]],
+    times: dict[str, float],
+    print_: dict[str, Any],
+    slurm: SlurmInfo | None,
+) -> tuple[dict[str, Any], dict[Path, str | bytes | Path]]:
+    """The manifest, and every describing file to publish with the output (the manifest
+    last: it is what marks the output as this conversion's)."""
+    conf, fmt, output = planned.conf, planned.fmt, planned.output
+    described = Described(
+        output,
+        planned.name,
+        planned.family,
+        planned.arch,
+        planned.plan,
+        conf.output_format,
+        planned.tokenizer_dir,
+        planned.assets,
+    )
+    texts = _describing_files(fmt.describe(described), output, fmt)
+    if fmt.folder:  # files of the output: in the manifest with their digests, as the shards
+        texts = {n: _bytes(c) for n, c in texts.items()}
+        files |= {str(n): digests(c, conf.sha256) for n, c in texts.items()}
+    missing = fmt.missing(described)
+    for what in missing:
+        log.warning("%s: %s", planned.name, what)
+    manifest = build_manifest(
+        experiment=planned.name,
+        source=_source_record(planned, filled),
+        plan=planned.plan,
+        output=output,
+        output_format=fmt.name,
+        loads_with=fmt.loads_with,
+        export_dtype=str(conf.experiment.export_dtype),
+        files=files,
+        missing=missing,
+        durations=times,
+        config=_config_record(conf),
+        fingerprint=print_,
+        slurm=dataclasses.asdict(slurm) if slurm else None,
+    )
+    texts[_described_name(manifest_path(output, fmt.folder), output, fmt)] = (
+        json.dumps(manifest, indent=2) + "\n"
+    )
+    return manifest, texts
 
 
 def describe_plan(planned: _Planned) -> str:
@@ -433,7 +479,7 @@ def _create(out: Output, planned: _Planned) -> tuple[list[Staged], Filler]:
 
 
 def _fill(planned: _Planned, filler: Filler, sources: Collection[str], group: TaskGroup) -> Filled:
-    """Converts the source tensors ``sources`` into ``filler`` and syncs it."""
+    """Converts the source tensors ``sources`` into ``filler``."""
     conf = planned.conf
     desc = planned.name if not group.shared else f"{planned.name} ({group})"
     with tqdm(
@@ -450,7 +496,6 @@ def _fill(planned: _Planned, filler: Filler, sources: Collection[str], group: Ta
             only=set(sources),
             stopped=group.stopped if group.shared and not group.lead else lambda: False,
         )
-    filler.sync()
     return filled
 
 
@@ -485,6 +530,7 @@ def _fill_share(planned: _Planned, group: TaskGroup) -> tuple[Status, int]:
     filler = Filler(files, offsets, planned.output)
     try:
         filled = _fill(planned, filler, mine, group)
+        filler.sync()
     finally:
         filler.close()
     group.answer(

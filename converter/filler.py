@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+from concurrent.futures import Future, wait
 from pathlib import Path
 
 import torch
@@ -33,6 +34,7 @@ class Filler:
         self.offsets = offsets
         self._output = output
         self._fds: dict[str, int] = {}
+        self._syncing: Future[None] | None = None
         try:
             for name, path in files.items():
                 self._fds[name] = os.open(path, os.O_WRONLY)
@@ -64,18 +66,43 @@ class Filler:
 
     def sync(self) -> None:
         """Makes what was written durable, and closes the files."""
-        assert self._fds, "closed"
+        self.sync_behind().result()
+
+    def sync_behind(self) -> Future[None]:
+        """Starts making what was written durable, on a thread of its own, and closes the files
+        when it is done; the future raises what the sync met. The output can be read back
+        meanwhile: the bytes the read-back checks are the page cache's, synced or not, and the
+        disk's last writes no longer wait for it."""
+        assert self._fds and self._syncing is None, "closed, or syncing already"
+        self._syncing = Future()
+        threading.Thread(target=self._sync, name="fsync", daemon=True).start()
+        return self._syncing
+
+    def _sync(self) -> None:
+        assert self._syncing is not None
+        error: BaseException | None = None
         try:
             self._flusher.close()
             self._flusher.check()
             for fd in self._fds.values():
                 os.fsync(fd)
         except OSError as e:
-            raise output_error(self._output, e) from e
-        finally:
-            self.close()
+            error = output_error(self._output, e)
+        except BaseException as e:
+            error = e
+        self._close_files()  # before the future says it is done: then the files are closed
+        if error is None:
+            self._syncing.set_result(None)
+        else:
+            self._syncing.set_exception(error)
 
     def close(self) -> None:
+        """Closes the files (once a sync under way has ended)."""
+        if self._syncing is not None:
+            wait([self._syncing])
+        self._close_files()
+
+    def _close_files(self) -> None:
         if hasattr(self, "_flusher"):
             self._flusher.close()
         for fd in self._fds.values():
