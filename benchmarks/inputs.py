@@ -134,6 +134,7 @@ class Qwen3Input:
             "experiment/model=qwen3",
             f"experiment.model.tied_embeddings={str(m['tied']).lower()}",
             f"experiment.model.top_k={m['top_k']}",
+            f"experiment.model.route_norm={str(m['route_norm']).lower()}",
             f"experiment.model.norm_eps={m['norm_eps']}",
             f"experiment.model.rope_theta={m['rope_theta']}",
             f"experiment.model.max_seq_len={m['max_seq_len']}",

@@ -164,7 +164,8 @@ class Case:
     @property
     def formats(self) -> list[str]:
         """The output formats its methods write ("hf" for the baseline, compared with ours)."""
-        fmts = {"hf" if m.folder else "meta" for m in self.methods if m.kind != "dcp"}
+        kinds = ("ours", "hf_baseline")
+        fmts = {"hf" if m.folder else "meta" for m in self.methods if m.kind in kinds}
         return sorted(fmts, key=lambda f: f != "meta")  # meta first: the floor's plan is its
 
     def record(self) -> dict:

@@ -169,9 +169,12 @@ def main() -> None:
         return
     (work / "logs").mkdir(parents=True, exist_ok=True)
     results_file = work / "results.json"
-    if results_file.exists():
-        results = json.loads(results_file.read_text())
-    else:
+    results = json.loads(results_file.read_text()) if results_file.exists() else {}
+    if args.report_only and not results.get("cases"):
+        parser.error(f"no results to report in {results_file}")
+    if "runs" not in results:  # none yet, or the old benchmark's (which had no run ids)
+        if results_file.exists():
+            results_file.rename(results_file.with_name("results-old.json"))
         results = {"small": args.small, "runs": {}, "build": {}, "cases": {}, "cgroup": {}}
     if not args.report_only:
         run_all(args, work, results)
