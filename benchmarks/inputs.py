@@ -49,13 +49,18 @@ class LlamaInput:
     def step_dir(self, work: Path) -> Path:
         return self.folder(work) / CHECKPOINT / f"step-{self.step}"
 
+    def built(self, work: Path) -> bool:
+        """A complete save: DCP writes ``.metadata`` last."""
+        return (self.step_dir(work) / ".metadata").is_file()
+
     def build(self, work: Path) -> None:
         """One DCP save by ``ranks`` processes (the writer replaces an incomplete one)."""
         spec = demo.StepSpec(self.step_dir(work), None, self.shape, demo.TORCHTITAN_0_3, self.kind)
         demo.write_steps_from_files([spec], self.ranks)
 
     def model_overrides(self, work: Path) -> list[str]:
-        """The converter's model settings, as the shape was saved."""
+        """The converter's model settings, as the shape was saved (``work``: unused, the
+        shape is known before the save)."""
         s = self.shape
         return [
             f"experiment.model.n_heads={s.n_heads}",
@@ -109,6 +114,10 @@ class Qwen3Input:
 
     def step_dir(self, work: Path) -> Path:
         return self.folder(work) / CHECKPOINT / f"step-{self.step}"
+
+    def built(self, work: Path) -> bool:
+        """The writer's job is over: it writes ``model.json`` after its checkpoints."""
+        return (self.folder(work) / "model.json").is_file()
 
     def build(self, work: Path) -> None:
         from tests.peers import qwen3_writer
@@ -183,7 +192,7 @@ INPUTS: tuple[Input, ...] = (
         LARGE, "weights_only", 4, 1000, "~9.3 GB",
         dim=2560, n_layers=24, n_heads=20, n_kv_heads=4, vocab_size=128256, hidden_dim=6912,
     ),
-    Qwen3Input(MOE, "debugmodel_moe", "~1.2 GB, 64 experts"),
+    Qwen3Input(MOE, "debugmodel_moe", "~1.3 GB, 64 experts"),
 )  # fmt: skip
 TINY_180M_SHAPE = dict(
     dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1024, hidden_dim=256
@@ -211,12 +220,6 @@ def select(small: bool, names: list[str] | None = None) -> tuple[Input, ...]:
 
 def by_name(small: bool, name: str) -> Input:
     return next(i for i in select(small) if i.name == name)
-
-
-def built(inp: Input, work: Path) -> bool:
-    """A complete save: DCP writes ``.metadata`` last (the qwen3 writer, ``model.json``)."""
-    done = inp.step_dir(work) / ".metadata"
-    return done.is_file() and (inp.family != "qwen3" or (inp.folder(work) / "model.json").is_file())
 
 
 def file_bytes(step_dir: Path) -> int:

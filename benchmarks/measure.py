@@ -54,11 +54,6 @@ class Method:
         return "".join(c if c.isalnum() else "_" for c in self.label).strip("_")
 
     @property
-    def defaults(self) -> bool:
-        """titan2tune as a user runs it without settings (but the output format)."""
-        return self.kind == "ours" and self.verify is None and self.workers is None
-
-    @property
     def settings(self) -> tuple:
         """What it does, the defaults resolved: two methods alike are one."""
         verify = CONF["verify"] if self.verify is None else self.verify
@@ -122,7 +117,6 @@ LLAMA_METHODS = _distinct(
 MOE_METHODS = _distinct(HF_DEFAULTS, HF_FAST_2, DCP, FLOOR, FLOOR_NOSYNC)
 # The full checkpoint's model saved weights-only: there for the bytes it reads and hashes.
 TWIN_METHODS = (DEFAULTS, FLOOR)
-METHODS = _distinct(*LLAMA_METHODS, *MOE_METHODS)  # the reports' order
 # One run each in a memory cgroup: the conversions against dcp_to_torch on the 2.6 GB input,
 # and the defaults on the ~10 GB one.
 CGROUP_RUNS = {DENSE: _distinct(FAST_1, FAST_2, DEFAULTS, DCP), LARGE: (DEFAULTS,)}

@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 import torch
-from inputs import DENSE, LARGE, NAMES, REPO, Input, built, by_name, select
+from inputs import DENSE, LARGE, NAMES, REPO, Input, by_name, select
 from measure import (
     CGROUP_RUNS,
     Case,
@@ -55,7 +55,7 @@ def build_inputs(selected: tuple[Input, ...], args: argparse.Namespace, work: Pa
     (``--build-input``) so that its time and peak RSS are its own; returns those."""
     stats = {}
     for inp in selected:
-        if built(inp, work):
+        if inp.built(work):
             continue
         print(f"building {inp.name} ({inp.kind}, {inp.note})", flush=True)
         log = work / "logs" / f"build-{inp.name}.log"
