@@ -354,7 +354,6 @@ def measure(method: Method, case: Case, logs: Path) -> dict:
         if method.kind == "ours":
             manifest = read_manifest(manifest_path(out, method.folder))
             record["durations"] = manifest["durations_s"]
-            record["bytes_read"] = manifest["source"]["bytes_read"]
         if method.kind in ("ours", "hf_baseline"):
             check_output(method, case, out)
     else:

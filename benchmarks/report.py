@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from inputs import DENSE, FULL, FULL_TWIN, LARGE, MOE, Input, by_name, select
+from inputs import DENSE, FULL, FULL_TWIN, LARGE, MOE, Input, select
 from measure import (
     CONF,
     DCP,
@@ -64,23 +64,36 @@ class View:
         return [r for r in self.data["runs"].get(m.label, []) if r["code"] == 0]
 
     def failed(self, m: Method) -> str:
-        """ "" if every run of ``m`` succeeded, else which failed and where their log is."""
+        """Which runs of ``m`` failed and where the first one's log is; "" if none did."""
         runs = self.data["runs"].get(m.label, [])
         bad = [r for r in runs if r["code"] != 0]
         if not bad:
             return ""
         codes = sorted({r["code"] for r in bad})
-        return (
-            f"{len(bad)}/{len(runs)} runs failed (exit {codes}; log `{Path(bad[0]['log']).name}`)"
-        )
+        log = Path(bad[0]["log"]).name
+        return f"{len(bad)}/{len(runs)} runs failed (exit {codes}; log `{log}`)"
+
+    def _median(self, m: Method, value: Callable[[dict], float]) -> float:
+        """The median of ``value`` over the runs of ``m`` that succeeded (nan if none did)."""
+        runs = self.ok(m)
+        return statistics.median(value(r) for r in runs) if runs else math.nan
 
     def median(self, m: Method, key: str) -> float:
-        runs = self.ok(m)
-        return statistics.median(r[key] for r in runs) if runs else math.nan
+        return self._median(m, lambda r: r[key])
 
-    def reference(self, m: Method) -> dict:
-        refs = self.data["reference"]
-        return refs["hf" if m.folder and "hf" in refs else "meta" if "meta" in refs else "hf"]
+    def phase(self, m: Method, phase: str) -> float:
+        """A phase of the job's own timing (the manifest's ``durations_s``); nan if none ran
+        it (``verify`` with verify=false)."""
+        times = [r["durations"][phase] for r in self.ok(m) if phase in r["durations"]]
+        return statistics.median(times) if times else math.nan
+
+    def job(self, m: Method) -> float:
+        """The job's measured phases together."""
+        return self._median(m, lambda r: sum(r["durations"].values()))
+
+    def outside(self, m: Method) -> float:
+        """The wall time outside the job's measured phases: start-up and exit."""
+        return self._median(m, lambda r: r["wall"] - sum(r["durations"].values()))
 
     def src_bytes(self, m: Method) -> int:
         """What ``m`` reads: dcp_to_torch every entry, titan2tune what its manifest says, the
@@ -88,34 +101,14 @@ class View:
         if m.kind == "dcp":
             return self.data["all_bytes"]
         if m.kind == "ours":
-            return self.reference(m)["bytes_read"]
+            return self.data["reference"]["hf" if m.folder else "meta"]["bytes_read"]
         return self.data["model_bytes"]
-
-    def phase(self, m: Method, phase: str) -> float:
-        times = [r["durations"][phase] for r in self.ok(m) if phase in r["durations"]]
-        return statistics.median(times) if times else math.nan
-
-    def job(self, m: Method) -> float:
-        """Median seconds of the job's measured phases (the manifest's ``durations_s``)."""
-        runs = self.ok(m)
-        return statistics.median(sum(r["durations"].values()) for r in runs) if runs else math.nan
-
-    def outside(self, m: Method) -> float:
-        """Median wall time outside the job's measured phases: start-up and exit."""
-        runs = self.ok(m)
-        if not runs:
-            return math.nan
-        return statistics.median(r["wall"] - sum(r["durations"].values()) for r in runs)
 
 
 def views(results: dict) -> dict[str, View]:
     """The inputs with results, in the benchmark's order."""
     cases = results["cases"]
-    return {
-        name: View(by_name(results["small"], name), cases[name])
-        for name in (i.name for i in select(results["small"]))
-        if name in cases
-    }
+    return {i.name: View(i, cases[i.name]) for i in select(results["small"]) if i.name in cases}
 
 
 def _f(value: float, digits: int = 2) -> str:
@@ -381,7 +374,7 @@ def _bytes_target(full: View | None, twin: View | None) -> Target:
         "full checkpoint / bytes read from its model saved weights-only"
     )
     if not (full and twin):
-        return Target("old", what, f"{FULL} vs {FULL_TWIN}", math.nan, "-", _at_most(1.0),
+        return Target("bytes", what, f"{FULL} vs {FULL_TWIN}", math.nan, "-", _at_most(1.0),
                       "<= 1.0", _runs(full, twin))  # fmt: skip
     f, t = full.data["reference"]["meta"], twin.data["reference"]["meta"]
     value = max(f["bytes_read"], f["bytes_hashed"]) / t["bytes_read"]
@@ -390,7 +383,7 @@ def _bytes_target(full: View | None, twin: View | None) -> Target:
         f"hashed of {full.data['all_bytes'] / MB:.1f} MB of files; weights-only: "
         f"{t['bytes_read'] / MB:.1f} MB read)"
     )
-    return Target("old", what, f"{FULL} vs {FULL_TWIN}", value, shown, _at_most(1.0), "<= 1.0",
+    return Target("bytes", what, f"{FULL} vs {FULL_TWIN}", value, shown, _at_most(1.0), "<= 1.0",
                   _runs(full, twin))  # fmt: skip
 
 
@@ -477,9 +470,17 @@ def results_markdown(results: dict, work: Path) -> str:
         "",
         "## Targets",
         "",
-        "The issues' targets (#16 on the ~10 GB input with the defaults a user gets; #12 the "
-        "Hugging Face export of the 2.6 GB input; #13 the MoE input against the dense one) and "
-        "the benchmark's older ones. Values are medians of the runs named in the last column.",
+        "The issues' targets: #16 on the ~10 GB input with the defaults a user gets; #12 the "
+        "Hugging Face export of the 2.6 GB input; #13 the MoE input against the dense one with "
+        "the same method. #13's source MB/s is given two ways: over the job's own phases (the "
+        "manifest's `durations_s`) and over the wall time, where the interpreter's start-up "
+        "(about 2.5 s whatever the size) weighs twice as much on the 1.3 GB MoE input as on "
+        "the 2.6 GB dense one. Then the benchmark's older targets (wall <= 0.6x dcp_to_torch "
+        "on the weights-only checkpoint and <= 0.35x on the full one, peak RSS <= 0.15x, wall "
+        "<= 1.5x the floor; the memory cgroup), for the defaults and for verify=false "
+        "workers=2, and that the full checkpoint's conversion reads and hashes no more than "
+        "its model saved weights-only (see Bytes read and hashed). Values are medians of the "
+        "runs named in the last column.",
         "",
         *targets_table(targets(vs, cgroup)),
         "",
