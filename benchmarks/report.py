@@ -629,8 +629,9 @@ def _python(stack: Stack) -> list[Frame]:
 
 
 def _importing(stack: Stack) -> str | None:
-    """While an import runs: the package whose module body is executing."""
-    if not any(f.name == "_find_and_load" for f in stack):
+    """While an import runs (importlib on the stack): the package whose module body is
+    executing."""
+    if not any(f.where.startswith("<frozen importlib") for f in stack):
         return None
     bodies = [f for f in stack if f.name == "<module>" and f.where != "convert.py"]
     return f"start-up: importing {module(bodies[-1]).split('/')[0] if bodies else STDLIB}"
@@ -653,19 +654,12 @@ def innermost(stack: Stack) -> str:
     return module(py[-1]) if py else "native code only"
 
 
-# Innermost Python frames of a thread that waits (a lock, a condition, an idle pool worker):
-# py-spy's native sampling counts some waits as active.
-WAITS = {
-    ("Condition.wait", "threading.py"),
-    ("Condition.wait_for", "threading.py"),
-    ("Event.wait", "threading.py"),
-    ("Thread.join", "threading.py"),
-    ("Thread._wait_for_tstate_lock", "threading.py"),
-    ("Semaphore.acquire", "threading.py"),
-    ("_worker", "concurrent/futures/thread.py"),
-    ("wait", "concurrent/futures/_base.py"),
-    ("Queue.get", "queue.py"),
-}
+# Standard-library modules whose own code only waits (a lock, a condition, an idle pool worker
+# waiting for work): a sample whose innermost Python frame is in one waits, though py-spy's
+# native sampling counts some such samples as active.
+WAIT_MODULES = (
+    "threading.py", "queue.py", "concurrent/futures/thread.py", "concurrent/futures/_base.py"
+)  # fmt: skip
 WAITING = "waiting (for the GIL, a lock, a condition)"
 # System calls by their libc wrapper's name (underscores, __GI_, libc_ and a 64 suffix cut off).
 SYSCALLS = {
@@ -713,7 +707,7 @@ def where_cpu(stack: Stack) -> str:
 
 def _waiting(stack: Stack) -> bool:
     py = _python(stack)
-    return native(stack) == WAITING or (bool(py) and (py[-1].name, py[-1].where) in WAITS)
+    return native(stack) == WAITING or (bool(py) and py[-1].where in WAIT_MODULES)
 
 
 def role(samples: Samples) -> str:
