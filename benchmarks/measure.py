@@ -323,7 +323,6 @@ def prepare(case: Case, logs: Path) -> None:
             "digests": {n: f["xxh3_128"] for n, f in files.items() if _tensor_file(n)},
             "out_bytes": manifest["output"]["bytes"],
             "parameters": manifest["output"]["parameters"],
-            "tensors": manifest["output"]["tensors"],
             "bytes_read": source["bytes_read"],
             "bytes_hashed": sum(t["bytes"] for t in source["tensors"].values()),
             "keys": sorted({k for keys in manifest["converted"].values() for k in keys}),
