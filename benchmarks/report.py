@@ -596,10 +596,17 @@ Samples = list[tuple[Stack, int]]  # stacks and their sample counts
 
 
 def read_samples(raw: Path) -> dict[str, Samples]:
-    """py-spy's raw output by thread id."""
+    """py-spy's raw output by thread id. A sample is one line ending in its count, unless a
+    frame's name held a newline (a stack read while it changed, without pausing the process):
+    lines are joined until one ends in a count."""
     threads: dict[str, Samples] = {}
+    pending = ""
     for line in raw.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
+        pending = f"{pending}\n{line}" if pending else line
+        stack, _, count = pending.rpartition(" ")
+        if not (stack and count.isdigit()):
+            continue
+        pending = ""
         head, *frames = stack.split(";")
         tid = head.split(")")[0].removeprefix("thread (")  # "thread (12): MainThread" -> "12"
         parsed = []
