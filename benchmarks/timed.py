@@ -2,11 +2,12 @@
 
     python benchmarks/timed.py --log LOG [--cgroup DIR] -- CMD ...
 
-``run.py`` starts every measured command through this launcher, which imports nothing but the
-standard library: Linux carries a process's RSS high-water mark across ``exec``, so a child
-forked straight from ``run.py`` (which holds torch, ~300 MB) would report at least that much.
-From here the baseline is this interpreter's ~10 MB. With ``--cgroup``, the child joins that
-cgroup v1 memory cgroup before it ``exec``s, so everything it maps is charged there.
+The benchmark (``measure.py``) starts every command it measures through this launcher, which
+imports nothing but the standard library: Linux carries a process's RSS high-water mark across
+``exec``, so a child forked straight from the benchmark (which holds torch, ~300 MB) would
+report at least that much. From here the baseline is this interpreter's ~10 MB. With
+``--cgroup``, the child joins that cgroup v1 memory cgroup before it ``exec``s, so everything it
+maps is charged there.
 """
 
 from __future__ import annotations
