@@ -22,8 +22,9 @@ from pathlib import Path
 import yaml
 from inputs import DENSE, FULL_TWIN, LARGE, REPO, Input, file_bytes, write_floor_plan
 
+from converter.digests import file_digest
 from converter.formats.torch_save import TORCHTUNE_SUFFIX
-from converter.manifest import file_xxh3, manifest_path, read_manifest
+from converter.manifest import manifest_path, read_manifest
 
 HERE = Path(__file__).resolve().parent
 # The settings a user gets without naming them: read, not assumed, so the "defaults" rows
@@ -265,8 +266,8 @@ def _tensor_file(name: str) -> bool:
 def tensor_digests(out: Path) -> dict[str, str]:
     """The XXH3-128 of each file of ``out`` that holds tensors, by its name in the manifest."""
     if out.is_dir():
-        return {p.name: file_xxh3(p) for p in sorted(out.iterdir()) if _tensor_file(p.name)}
-    return {"": file_xxh3(out)}
+        return {p.name: file_digest(p) for p in sorted(out.iterdir()) if _tensor_file(p.name)}
+    return {"": file_digest(out)}
 
 
 def check_output(method: Method, case: Case, out: Path) -> None:

@@ -33,6 +33,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from converter.config import ConvertConfig, ExportDtype, local_path, redacted
+from converter.digests import content_digests, file_digest
 from converter.engine import Filled, Region, convert_tensors
 from converter.errors import ConversionError, environment_error, output_error
 from converter.filler import Filler
@@ -41,7 +42,6 @@ from converter.formats.base import Described, OutputFormat
 from converter.manifest import (
     build_manifest,
     describes,
-    file_xxh3,
     manifest_path,
     package_versions,
     read_manifest,
@@ -54,7 +54,7 @@ from converter.sources.dcp import DcpIndex
 from converter.sources.reader import TensorReader
 from converter.sources.storage import LocalStorage, Storage
 from converter.tasks import SlurmInfo, TaskGroup, check_answers
-from converter.verify import Staged, digests, read_back
+from converter.verify import Staged, read_back
 
 log = logging.getLogger("titan2tune")
 # Workers that hide an object store's latency (measured against a store 50 ms away: 4 workers
@@ -268,7 +268,7 @@ def _convert_into(
     """The format's files created and filled (by every task of a shared group); returns
     them, what was written and read, and the sync of the files, under way."""
     t = time.perf_counter()
-    staged, filler = _create(out, planned)
+    staged, filler = _create(out, planned, group)
     group.announce(
         {
             "status": "fill",
@@ -339,7 +339,7 @@ def _describe(
     texts = _describing_files(fmt.describe(described), output, fmt)
     if fmt.folder:  # files of the output: in the manifest with their digests, as the shards
         texts = {n: _bytes(c) for n, c in texts.items()}
-        files |= {str(n): digests(c, conf.sha256) for n, c in texts.items()}
+        files |= {str(n): content_digests(c, conf.sha256) for n, c in texts.items()}
     missing = fmt.missing(described)
     for what in missing:
         log.warning("%s: %s", planned.name, what)
@@ -465,7 +465,7 @@ def _describing_files(
     return {Path(n) if fmt.folder else output.with_name(n): c for n, c in files.items()}
 
 
-def _create(out: Output, planned: _Planned) -> tuple[list[Staged], Filler]:
+def _create(out: Output, planned: _Planned, group: TaskGroup) -> tuple[list[Staged], Filler]:
     """The format writes each file's structure; returns them, and the means to fill them."""
     staged = []
     for name, tensors in planned.fmt.files(planned.plan, planned.conf.output_format).items():
@@ -475,7 +475,9 @@ def _create(out: Output, planned: _Planned) -> tuple[list[Staged], Filler]:
         except OSError as e:
             raise output_error(planned.output, e) from e
         staged.append(Staged(name, path, tensors, offsets))
-    return staged, out.filler({n: (s.name, o) for s in staged for n, o in s.offsets.items()})
+    offsets = {n: (s.name, o) for s in staged for n, o in s.offsets.items()}
+    # Mapped writes for a lone run; tasks on several nodes write through pwrite (see filler).
+    return staged, out.filler(offsets, mapped=not group.shared)
 
 
 def _fill(planned: _Planned, filler: Filler, sources: Collection[str], group: TaskGroup) -> Filled:
@@ -569,7 +571,7 @@ def fingerprint(planned: _Planned) -> dict[str, Any]:
         "converter": package_versions()["titan2tune"],
         # The files copied in (tokenizer), by content: only for a format that copies any.
         **(
-            {"assets": {n: file_xxh3(p) for n, p in planned.assets.items()}}
+            {"assets": {n: file_digest(p) for n, p in planned.assets.items()}}
             if planned.assets
             else {}
         ),

@@ -151,13 +151,17 @@ def convert_tensors(
                     if lo >= hi:
                         continue
                     source_rows = window[lo - start : hi - start]
-                    data = _cast_into(source_rows, tensor.dtype, buffer[read_bytes:], p)
+                    row_bytes = _row_bytes(tensor.shape, tensor.dtype)
+                    offset = (p.dst_start + lo - p.src_start) * row_bytes
+                    target = out.target(tensor.name, offset, (hi - lo) * row_bytes)
+                    space = buffer[read_bytes:] if target is None else target
+                    data = _cast_into(source_rows, tensor.dtype, space, p, target is not None)
                     if not allow_nonfinite and data.is_floating_point():
                         _check_finite(data, source_rows, tensor, key, step_dir)
-                    offset = (p.dst_start + lo - p.src_start) * _row_bytes(
-                        tensor.shape, tensor.dtype
-                    )
-                    out.write(tensor.name, offset, data)
+                    if target is None:
+                        out.write(tensor.name, offset, data)
+                    else:
+                        out.wrote(tensor.name, data.nbytes)
                     region_digest = xxhash.xxh3_64_intdigest(data.view(torch.uint8).numpy())
                     with lock:
                         regions[tensor.name].append(Region(offset, data.nbytes, region_digest))
@@ -207,11 +211,12 @@ def _windows(
 
 
 def _cast_into(
-    rows: torch.Tensor, dtype: torch.dtype, space: torch.Tensor, piece: Piece
+    rows: torch.Tensor, dtype: torch.dtype, space: torch.Tensor, piece: Piece, copy: bool
 ) -> torch.Tensor:
     """``rows`` cast to ``dtype`` and reordered as ``piece`` says, written into ``space`` (no
-    allocation); ``rows`` as they are if neither is needed."""
-    if rows.dtype == dtype and rows.is_contiguous() and piece.reorder is None:
+    allocation); ``rows`` as they are if neither is needed, unless ``copy`` (``space`` is the
+    output itself)."""
+    if rows.dtype == dtype and rows.is_contiguous() and piece.reorder is None and not copy:
         return rows
     target = space[: rows.numel() * dtype.itemsize].view(dtype).view(rows.shape)
     if piece.reorder is None:

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import json
 import math
-import mmap
-import os
 import platform
 from collections import Counter
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
-import xxhash
+from converter.digests import file_digest
 
 MANIFEST_SUFFIX = ".manifest.json"
 FOLDER_MANIFEST = "titan2tune.manifest.json"
@@ -61,23 +59,13 @@ def describes(manifest: dict[str, Any] | None, output: Path, folder: bool) -> bo
                 return False
         for name, recorded in files.items():
             path = output / name if folder else output
-            if path.stat().st_size != recorded["bytes"] or file_xxh3(path) != recorded["xxh3_128"]:
+            if path.stat().st_size != recorded["bytes"]:
+                return False
+            if file_digest(path) != recorded["xxh3_128"]:
                 return False
         return True
     except (KeyError, TypeError, OSError):
         return False
-
-
-def file_xxh3(path: Path) -> str:
-    """The XXH3-128 of a file (``xxh128sum`` prints the same), a mapped window at a time."""
-    digest = xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        for start in range(0, size, 64 << 20):
-            length = min(64 << 20, size - start)
-            with mmap.mmap(f.fileno(), length, offset=start, access=mmap.ACCESS_READ) as window:
-                digest.update(window)
-    return digest.hexdigest()
 
 
 def package_versions() -> dict[str, str]:

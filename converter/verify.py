@@ -14,9 +14,6 @@ settings, not of the write.
 
 from __future__ import annotations
 
-import hashlib
-import mmap
-import os
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,13 +22,12 @@ from pathlib import Path
 import torch
 import xxhash
 
+from converter.digests import ALGORITHMS, file_digest, windows
 from converter.engine import Region
 from converter.errors import ConversionError
 from converter.formats.base import OutputFormat
 from converter.plan import OutputTensor, Plan
 from converter.sources.reader import TensorReader
-
-_WINDOW = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -54,22 +50,42 @@ def read_back(
     workers: int,
 ) -> dict[str, dict[str, str | int]]:
     """Each file's size and digests (``regions``, what the conversion wrote, given: checked as
-    above), its files read side by side by ``workers`` threads."""
+    above). Each file's digests and its check are separate passes, run side by side by
+    ``workers`` threads (the hashing releases the GIL): the file is in the page cache, just
+    written, so a pass costs memory bandwidth, not a read of the disk."""
     _check_tied(plan, files, reader)
+    algorithms = ALGORITHMS[: 2 if sha256 else 1]
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        checks = [
+            pool.submit(_check, fmt, staged, regions) for staged in files if regions is not None
+        ]
+        found = {
+            (staged.name, algorithm): pool.submit(file_digest, staged.path, algorithm)
+            for staged in files
+            for algorithm in algorithms
+        }
+        for check in checks:
+            check.result()
+        return {
+            staged.name: {
+                "bytes": staged.path.stat().st_size,
+                **{a: found[staged.name, a].result() for a in algorithms},
+            }
+            for staged in files
+        }
 
-    def one(staged: Staged) -> dict[str, str | int]:
-        spans = []
-        if regions is not None:
-            try:
-                offsets = fmt.read_back(staged.path, staged.tensors)
-            except ValueError as e:
-                raise _mismatch(staged.path, str(e)) from e
-            for spec in staged.tensors:
-                spans += _spans(staged.path, spec, offsets[spec.name], regions[spec.name])
-        return _scan(staged.path, sorted(spans, key=lambda s: s.at), sha256)
 
-    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(files)))) as pool:
-        return dict(zip((f.name for f in files), pool.map(one, files), strict=True))
+def _check(fmt: OutputFormat, staged: Staged, regions: Mapping[str, list[Region]]) -> None:
+    """The file loads as its consumer loads it, holds the planned tensors, and every byte
+    range written holds the digest taken as it was written."""
+    try:
+        offsets = fmt.read_back(staged.path, staged.tensors)
+    except ValueError as e:
+        raise _mismatch(staged.path, str(e)) from e
+    spans = []
+    for spec in staged.tensors:
+        spans += _spans(staged.path, spec, offsets[spec.name], regions[spec.name])
+    _scan(staged.path, sorted(spans, key=lambda s: s.at))
 
 
 @dataclass(frozen=True)
@@ -99,53 +115,26 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def _scan(path: Path, spans: list[_Span], sha256: bool) -> dict[str, str | int]:
-    """Reads the file once, in order: its digests, and the XXH3-64 digest of each of ``spans``
-    (sorted, disjoint) checked. Through a mapping of one window at a time: no copy of the
-    bytes, and no more of the file resident than a window."""
-    file_hash = xxhash.xxh3_128()
-    sha = hashlib.sha256() if sha256 else None
+def _scan(path: Path, spans: list[_Span]) -> None:
+    """Checks the XXH3-64 digest of each of ``spans`` (sorted, disjoint), in one pass."""
     span_hash = xxhash.xxh3_64()
     first = 0  # the first span not checked yet
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        for pos in range(0, size, _WINDOW):
-            end = min(pos + _WINDOW, size)
-            window = mmap.mmap(f.fileno(), end - pos, offset=pos, access=mmap.ACCESS_READ)
-            with window, memoryview(window) as view:
-                file_hash.update(view)
-                if sha is not None:
-                    sha.update(view)
-                for span in spans[first:]:
-                    if span.at >= end:
-                        break
-                    stop = span.at + span.region.length
-                    span_hash.update(view[max(span.at, pos) - pos : min(stop, end) - pos])
-                    if stop > end:
-                        break
-                    first += 1
-                    if span_hash.intdigest() != span.region.digest:
-                        r, name = span.region, span.name
-                        raise _mismatch(path, f"bytes {r.start}..{r.start + r.length} of {name!r}")
-                    span_hash.reset()
+    for pos, view in windows(path):
+        end = pos + len(view)
+        for span in spans[first:]:
+            if span.at >= end:
+                break
+            stop = span.at + span.region.length
+            span_hash.update(view[max(span.at, pos) - pos : min(stop, end) - pos])
+            if stop > end:
+                break
+            first += 1
+            if span_hash.intdigest() != span.region.digest:
+                r, name = span.region, span.name
+                raise _mismatch(path, f"bytes {r.start}..{r.start + r.length} of {name!r}")
+            span_hash.reset()
     if first != len(spans):
         raise _mismatch(path, "it ends before the last tensor's bytes")
-    digests: dict[str, str | int] = {"bytes": size, "xxh3_128": file_hash.hexdigest()}
-    if sha is not None:
-        digests["sha256"] = sha.hexdigest()
-    return digests
-
-
-def digests(content: bytes, sha256: bool) -> dict[str, str | int]:
-    """Size and digests of a small file's bytes, as :func:`read_back` gives them for a file
-    it reads (a describing file of a folder output, written from these bytes)."""
-    found: dict[str, str | int] = {
-        "bytes": len(content),
-        "xxh3_128": xxhash.xxh3_128_hexdigest(content),
-    }
-    if sha256:
-        found["sha256"] = hashlib.sha256(content).hexdigest()
-    return found
 
 
 def _check_tied(plan: Plan, files: list[Staged], reader: TensorReader) -> None:

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from converter import job
+from converter.digests import file_digest
 from converter.engine import convert_tensors
 from converter.errors import ConversionError
 from converter.formats import FORMATS
 from converter.formats.hf import HfOptions
-from converter.manifest import file_xxh3
 from converter.models.base import build_plan
 from converter.models.llama3 import Llama3, Llama3Config
 from converter.publish import Output
@@ -151,7 +151,7 @@ def test_verify_rejects_a_changed_byte(layout_checkpoints, tmp_path, fmt_name):
         digests = _read_back(fmt_name, staged, plan, reader, regions)
         for file in staged:
             assert digests[file.name]["sha256"] == _sha(file.path)
-            assert digests[file.name]["xxh3_128"] == file_xxh3(file.path)
+            assert digests[file.name]["xxh3_128"] == file_digest(file.path)
         victim = plan.tensors[3].name
         [file] = [f for f in staged if victim in f.offsets]
         fd = os.open(file.path, os.O_RDWR)
