@@ -118,7 +118,7 @@ class ConvertConfig:
     )
     allow_nonfinite: bool = _doc(False, "accept NaN/Inf weights instead of failing on them")
     batch_mb: int = _doc(256, "tensor bytes held in memory at once, across all workers")
-    workers: int = _doc(1, "threads filling disjoint tensors of the output concurrently")
+    workers: int = _doc(2, "threads filling disjoint tensors of the output concurrently")
     debug: bool = _doc(False, "show full tracebacks for conversion errors")
 
     def check(self) -> None:

@@ -285,7 +285,7 @@ def test_profiles_resolve_from_any_directory(tmp_path, monkeypatch):
         assert profile["additional_parameters"] == {"requeue": True}
         assert profile["submitit_folder"].endswith("/.submitit/%j")
     assert cpu["gpus_per_node"] is None and cpu["gres"] is None  # no GPU unless asked for
-    assert (cpu["cpus_per_task"], cpu["mem_gb"], cpu["timeout_min"]) == (1, 4, 60)
+    assert (cpu["cpus_per_task"], cpu["mem_gb"], cpu["timeout_min"]) == (2, 4, 60)
     assert cpu["array_parallelism"] == 16 and cpu["setup"] == setup(1)
     assert (gpu["gpus_per_node"], gpu["gres"]) == (1, None)
     assert (gpu["cpus_per_task"], gpu["mem_gb"], gpu["timeout_min"]) == (8, 64, 120)
@@ -343,7 +343,7 @@ def test_three_experiments_on_slurm(demo_root):
     # What the profile asked SLURM for (sbatch script written by submitit).
     (script,) = sweep_dir.glob(".submitit/*/*_submission.sh")
     sbatch = set(re.findall(r"^#SBATCH (\S+)", script.read_text(), flags=re.M))
-    assert {"--cpus-per-task=1", "--mem=4GB", "--time=60", "--requeue"} <= sbatch, sbatch
+    assert {"--cpus-per-task=2", "--mem=4GB", "--time=60", "--requeue"} <= sbatch, sbatch
     assert "--signal=USR2@120" in sbatch, sbatch
     # All three at once: submitit caps the profile's array_parallelism (16) at the job count.
     assert "--array=0-2%3" in sbatch, sbatch
