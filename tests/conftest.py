@@ -15,6 +15,7 @@ from hydra import initialize_config_dir
 from omegaconf import DictConfig
 
 from converter.config import register_configs
+from demo import experiments
 from demo import writer as demo
 
 REPO = Path(__file__).resolve().parent.parent
@@ -174,3 +175,34 @@ def make_tokenizer(folder: Path, vocab_size: int) -> dict[str, int]:
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     first = len(words)
     return {"bos_token_id": first, "eos_token_id": first + 1, "pad_token_id": first + 2}
+
+
+DEMO_EXPERIMENTS = ("debug", "500M", "debug_pretrained")
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoints(tmp_path_factory) -> tuple[Path, dict]:
+    """The demo's checkpoints as ``python -m demo --skip-full 500M`` writes them (a full and a
+    weights-only save of debug and debug_pretrained, the 500M weights-only save), once per
+    test session: ``(folder of checkpoint_<name>/, the weights each save holds)``."""
+    root = tmp_path_factory.mktemp("demo_checkpoints")
+    saved = experiments.write_demo(root, DEMO_EXPERIMENTS, skip_full=("500M",))
+    return root, saved
+
+
+def demo_workdir(demo_checkpoints: tuple[Path, dict], folder: Path) -> Path:
+    """``folder`` laid out as ``make demo`` leaves it (``outputs/checkpoint_<name>/step-<N>``),
+    its step folders links to the session's checkpoints: each test converts into a folder of
+    its own, and none changes the shared saves."""
+    root, _ = demo_checkpoints
+    for checkpoint in root.iterdir():
+        mine = folder / "outputs" / checkpoint.name
+        mine.mkdir(parents=True)
+        for step in checkpoint.iterdir():
+            (mine / step.name).symlink_to(step, target_is_directory=True)
+    return folder
+
+
+def latest_step(checkpoint: Path) -> Path:
+    """The newest ``step-<N>`` folder of a checkpoint folder."""
+    return max(checkpoint.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))

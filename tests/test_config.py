@@ -84,6 +84,7 @@ def test_values_a_type_cannot_express_fail_before_any_work(override, message):
         to_object(compose(["experiment=debug", override]))
 
 
+@pytest.mark.slow  # a subprocess
 def test_cli_unknown_experiment_lists_the_choices():
     run = subprocess.run(
         [sys.executable, "convert.py", "experiment=nope"],
@@ -99,6 +100,7 @@ def test_cli_unknown_experiment_lists_the_choices():
     assert "Traceback" not in run.stderr
 
 
+@pytest.mark.slow  # a subprocess
 def test_cli_without_experiment_asks_for_one():
     run = subprocess.run(
         [sys.executable, "convert.py"], cwd=REPO, capture_output=True, text=True, timeout=120
@@ -120,6 +122,7 @@ def test_a_preset_is_chosen_on_the_command_line_and_typed():
     assert "num_experts" in str(e.value) + str(e.value.__cause__)
 
 
+@pytest.mark.slow  # a subprocess
 def test_cfg_job_prints_the_preset():
     run = subprocess.run(
         [

@@ -5,7 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO, TINY, model_overrides
+
+# Starts ranks, subprocesses or servers: not in the fast layer (pytest -m 'not slow').
+pytestmark = pytest.mark.slow
 
 # Runs convert.py as `python convert.py ARGS` does, in an interpreter where numpy cannot be
 # imported, as in a virtualenv that lacks it.

@@ -39,6 +39,9 @@ from converter.publish import Output
 from demo import writer as demo
 from tests.conftest import REPO, model_overrides, unavailable
 
+# Starts ranks, subprocesses or servers: not in the fast layer (pytest -m 'not slow').
+pytestmark = pytest.mark.slow
+
 # A fused QKV (torchtitan#2937 with fuse_qkv=True, so head counts can contradict the shapes),
 # grouped-query attention.
 SMALL = demo.ModelShape(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=96, hidden_dim=160)

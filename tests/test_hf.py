@@ -32,6 +32,9 @@ from tests.conftest import (
 )
 from tests.peers import titan_writer
 
+# Starts ranks, subprocesses or servers: not in the fast layer (pytest -m 'not slow').
+pytestmark = pytest.mark.slow
+
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 TORCHTITAN_0_3 = demo.TORCHTITAN_0_3
 # Below the size of a layer's feed-forward weight in float32 (40960 bytes), above a bfloat16

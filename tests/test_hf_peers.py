@@ -25,6 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
@@ -32,6 +33,9 @@ from safetensors.torch import load_file
 from demo import writer as demo
 from tests.conftest import REPO, make_tokenizer, titan_overrides
 from tests.peers import titan_writer, tune_loader
+
+# Starts ranks, subprocesses or servers: not in the fast layer (pytest -m 'not slow').
+pytestmark = pytest.mark.slow
 
 FP32_TOL = 1e-4
 # transformers computing in bfloat16 (its default load of the bfloat16 export) against

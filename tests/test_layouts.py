@@ -16,6 +16,9 @@ from converter import job
 from demo import writer as demo
 from tests.conftest import FULL_STEP, VARIANTS, WEIGHTS_ONLY_STEP, compose, model_overrides
 
+# Starts ranks, subprocesses or servers: not in the fast layer (pytest -m 'not slow').
+pytestmark = pytest.mark.slow
+
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 

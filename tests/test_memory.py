@@ -16,6 +16,9 @@ from converter import engine, job
 from demo import writer as demo
 from tests.conftest import REPO, compose, model_overrides
 
+# Starts ranks, subprocesses or servers: not in the fast layer (pytest -m 'not slow').
+pytestmark = pytest.mark.slow
+
 BUDGET_MB = 16
 # Interpreter, torch, Hydra and the output's structure are what a tiny conversion also pays;
 # this margin absorbs allocator slack between the two runs. A converter that holds one whole

@@ -26,6 +26,9 @@ from converter.sources.storage import LocalStorage
 from converter.verify import Staged, read_back
 from tests.conftest import FULL_STEP, WEIGHTS_ONLY_STEP, compose, model_overrides
 
+# Starts ranks, subprocesses or servers: not in the fast layer (pytest -m 'not slow').
+pytestmark = pytest.mark.slow
+
 TORCHTITAN_0_3 = "#2937"
 
 

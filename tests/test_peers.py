@@ -14,11 +14,15 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from demo import writer as demo
 from tests.conftest import REPO, titan_overrides
 from tests.peers import titan_writer, tune_loader
+
+# Starts ranks, subprocesses or servers: not in the fast layer (pytest -m 'not slow').
+pytestmark = pytest.mark.slow
 
 FP32_TOL = 1e-4
 

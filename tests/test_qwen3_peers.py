@@ -39,6 +39,9 @@ from converter.sources.storage import LocalStorage
 from tests.conftest import REPO
 from tests.peers import hf_loader, qwen3_writer, titan_writer
 
+# Starts ranks, subprocesses or servers: not in the fast layer (pytest -m 'not slow').
+pytestmark = pytest.mark.slow
+
 QWEN3 = FAMILIES["qwen3"]
 ERAS = tuple(qwen3_writer.ERAS)
 RUNS = {

@@ -45,6 +45,9 @@ from tests.fault_proxy import FaultProxy
 from tests.s3_server import S3_ENV, client, free_port, moto_server, upload_folder
 from tests.test_layouts import expected_output
 
+# Starts ranks, subprocesses or servers: not in the fast layer (pytest -m 'not slow').
+pytestmark = pytest.mark.slow
+
 BUCKET = "ckpt"
 TINY_URL = f"s3://{BUCKET}/tiny/checkpoint"
 # torchtitan 0.3.0's layout: with a separate head, so the bytes the output needs are its

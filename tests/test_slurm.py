@@ -32,8 +32,11 @@ from converter.sources.dcp import DcpIndex
 from converter.sources.storage import LocalStorage
 from converter.tasks import TaskGroup
 from demo import experiments
-from tests.conftest import REPO, unavailable
+from tests.conftest import REPO, demo_workdir, latest_step, unavailable
 from tests.test_faults import overwrite_tensor_bytes
+
+# Starts ranks, subprocesses or servers: not in the fast layer (pytest -m 'not slow').
+pytestmark = pytest.mark.slow
 
 CLUSTER = REPO / "launch" / "slurm_cluster.sh"
 EXPERIMENTS = ("debug", "500M", "debug_pretrained")
@@ -242,16 +245,12 @@ def slurm_cluster() -> None:
 
 
 @pytest.fixture(scope="module")
-def demo_root(slurm_cluster, tmp_path_factory):
+def demo_root(slurm_cluster, demo_checkpoints, tmp_path_factory):
     """A working folder laid out as `make demo` leaves it (outputs/checkpoint_<name>/step-<N>),
-    written once for this module, and the weights each save holds.
-
-    Only the weights-only saves are written: `step=latest` converts those, and leaving out the
-    full saves (the 500M one is ~6 GB) keeps this at three two-rank writes. Full saves of every
-    layout are converted by test_layouts.py and test_sweep.py."""
-    root = tmp_path_factory.mktemp("slurm_demo")
-    saved = experiments.write_demo(root / "outputs", EXPERIMENTS, skip_full=EXPERIMENTS)
-    yield root, saved
+    on the session's demo checkpoints, and the weights each save holds: `step=latest`
+    converts the weights-only saves."""
+    root = demo_workdir(demo_checkpoints, tmp_path_factory.mktemp("slurm_demo"))
+    yield root, demo_checkpoints[1]
     cancel_jobs(root)
 
 
@@ -286,7 +285,7 @@ def test_profiles_resolve_from_any_directory(tmp_path, monkeypatch):
         assert profile["submitit_folder"].endswith("/.submitit/%j")
     assert cpu["gpus_per_node"] is None and cpu["gres"] is None  # no GPU unless asked for
     assert (cpu["cpus_per_task"], cpu["mem_gb"], cpu["timeout_min"]) == (2, 4, 60)
-    assert cpu["array_parallelism"] == 16 and cpu["setup"] == setup(1)
+    assert cpu["array_parallelism"] == 16 and cpu["setup"] == setup(2)
     assert (gpu["gpus_per_node"], gpu["gres"]) == (1, None)
     assert (gpu["cpus_per_task"], gpu["mem_gb"], gpu["timeout_min"]) == (8, 64, 120)
     assert gpu["array_parallelism"] == 8 and gpu["setup"] == setup(8)
@@ -356,8 +355,8 @@ def test_broken_checkpoint_fails_only_its_job(demo_root, tmp_path):
     sweep exits non-zero."""
     root, saved = demo_root
     for name in ("debug", "debug_pretrained"):  # the step folders, not earlier outputs
-        for step in (root / "outputs" / f"checkpoint_{name}").glob("step-*"):
-            shutil.copytree(step, tmp_path / "outputs" / f"checkpoint_{name}" / step.name)
+        step = latest_step(root / "outputs" / f"checkpoint_{name}")
+        shutil.copytree(step, tmp_path / "outputs" / f"checkpoint_{name}" / step.name)
     (step,) = (tmp_path / "outputs" / "checkpoint_debug_pretrained").glob("step-*")
     shard = step / "__0_0.distcp"
     os.truncate(shard, shard.stat().st_size // 2)
@@ -454,6 +453,9 @@ def test_one_conversion_shared_by_two_tasks(demo_root, tmp_path):
         "experiment=500M",
         f"experiment.output={out}",
         "hydra.launcher.tasks_per_node=2",
+        # One CPU a task, as the one-node test cluster has two: with the profile's two, the
+        # job would wait for a node it cannot get.
+        "hydra.launcher.cpus_per_task=1",
         f"{SWEEP_DIR}{tmp_path}/sweep",
     )
     assert code == 0, output[-5000:]
@@ -469,7 +471,7 @@ def test_one_conversion_shared_by_two_tasks(demo_root, tmp_path):
     filled = re.search(r"500M: task 1 of 2 filled ([\d.]+) MB of ", other_log)
     assert filled, other_log[-3000:]
     assert 0.2 < float(filled.group(1)) * 1e6 / manifest["output"]["bytes"] < 0.8
-    (step_dir,) = (root / "outputs" / "checkpoint_500M").glob("step-*")
+    step_dir = latest_step(root / "outputs" / "checkpoint_500M")
     index = DcpIndex(LocalStorage(str(step_dir.parent)), str(step_dir))
     assert set(manifest["source"]["tensors"]) == set(index.tensors)
     for name, entry in manifest["source"]["files"].items():
@@ -514,6 +516,9 @@ def test_a_task_that_dies_ends_its_job(demo_root, tmp_path):
         "experiment=500M",
         f"experiment.output={out}",
         "hydra.launcher.tasks_per_node=2",
+        # One CPU a task, as the one-node test cluster has two: with the profile's two, the
+        # job would wait for a node it cannot get.
+        "hydra.launcher.cpus_per_task=1",
     )
     try:
         job = run.job()
@@ -543,7 +548,7 @@ def test_a_failing_task_fails_the_shared_conversion(demo_root, tmp_path):
     """A tensor of task 1's share holds NaN: task 1 fails its share, task 0 fails the job with
     task 1's error, and nothing is left: no output, no partial file, no messages."""
     root, _ = demo_root
-    (pristine,) = (root / "outputs" / "checkpoint_debug").glob("step-*")
+    pristine = latest_step(root / "outputs" / "checkpoint_debug")
     step_dir = tmp_path / "checkpoint" / pristine.name
     shutil.copytree(pristine, step_dir)
     index = DcpIndex(LocalStorage(str(step_dir.parent)), str(step_dir))
@@ -558,6 +563,9 @@ def test_a_failing_task_fails_the_shared_conversion(demo_root, tmp_path):
         f"experiment.checkpoint_dir={step_dir.parent}",
         f"experiment.output={out}",
         "hydra.launcher.tasks_per_node=2",
+        # One CPU a task, as the one-node test cluster has two: with the profile's two, the
+        # job would wait for a node it cannot get.
+        "hydra.launcher.cpus_per_task=1",
         f"{SWEEP_DIR}{tmp_path}/sweep",
     )
     assert code != 0, output[-5000:]

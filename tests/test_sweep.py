@@ -12,22 +12,21 @@ import yaml
 from torchtune.models.convert_weights import meta_to_tune
 
 from demo import experiments
-from tests.conftest import REPO
+from tests.conftest import REPO, demo_workdir
+
+# Starts ranks, subprocesses or servers: not in the fast layer (pytest -m 'not slow').
+pytestmark = pytest.mark.slow
 
 EXPERIMENTS = ("debug", "500M", "debug_pretrained")
 
 
 @pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
+def demo_root(demo_checkpoints, tmp_path_factory):
     """A working folder laid out as `make demo` leaves it: outputs/checkpoint_<name>/step-<N>.
 
-    The 500M experiment gets only its last (weights-only) save here; its full training save
+    The 500M experiment has only its last (weights-only) save here; its full training save
     is ~6 GB and adds nothing the small experiments' full saves do not already test."""
-    root = tmp_path_factory.mktemp("demo")
-    saved = experiments.write_demo(
-        root / "outputs", ("debug", "debug_pretrained", "500M"), skip_full=("500M",)
-    )
-    return root, saved
+    return demo_workdir(demo_checkpoints, tmp_path_factory.mktemp("demo")), demo_checkpoints[1]
 
 
 def sweep(cwd, *overrides: str) -> subprocess.CompletedProcess:

@@ -15,6 +15,9 @@ import pytest
 
 from tests.conftest import REPO, TINY, model_overrides
 
+# Starts ranks, subprocesses or servers: not in the fast layer (pytest -m 'not slow').
+pytestmark = pytest.mark.slow
+
 
 def convert(checkpoint: Path, tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     args = [
