@@ -1344,8 +1344,8 @@ def _memory_cgroup_parent() -> Path:
 
 
 def test_memory_cgroup_smaller_than_the_checkpoint(big, tmp_path):
-    """A 400 MB memory cgroup (page cache included, REFERENCE.md section 5) converts a
-    ~580 MB float32 checkpoint to a ~580 MB output: memory is bounded by batch_mb."""
+    """A 400 MB memory cgroup (the cgroup v1 memory controller charges the page cache too)
+    converts a ~580 MB float32 checkpoint to a ~580 MB output: memory is bounded by batch_mb."""
     checkpoint, weights, _ = big
     size = sum(p.stat().st_size for p in checkpoint.rglob("*") if p.is_file())
     limit = 400 << 20

@@ -261,7 +261,7 @@ def instantiate_from_yaml(
 
 
 def titan_model_keys(model_json) -> list[str]:
-    """The model keys a torchtitan 0.3.0 llama3 checkpoint holds (G4 layout)."""
+    """The model keys a torchtitan 0.3.0 llama3 checkpoint holds (layout #2937)."""
     d = _dims(model_json)
     keys = ["tok_embeddings.weight", "norm.weight", "lm_head.weight"]
     for i in range(d["n_layers"]):
