@@ -149,6 +149,36 @@ def titan_run(request, tmp_path_factory):
     return info, titan_writer.load_reference(dump)
 
 
+def write_older_layouts(info: dict, root: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """The older layouts (nested with freqs_cis, flat Meta names, qkv_linear with output, fused
+    wqkv), which today's torchtitan cannot write: torchtitan's saved weights of a ``titan_run``
+    written in each by demo.writer (two FSDP2 ranks, each era's keys), one checkpoint folder
+    each. Returns checkpoint folder -> the weights as written."""
+    from tests.peers import titan_writer, tune_loader
+
+    keys = tune_loader.titan_model_keys(info)
+    saved = titan_writer.read_saved_model_weights(info["step_dirs"]["step-2"], keys)
+    shape = demo.ModelShape(
+        dim=info["dim"],
+        n_layers=info["n_layers"],
+        n_heads=info["n_heads"],
+        n_kv_heads=info["n_kv_heads"],
+        vocab_size=info["vocab_size"],
+        hidden_dim=info["hidden_dim"],
+        tied_embeddings=info["tied"],
+    )
+    meta = tune_loader.titan_to_meta(saved)
+    older = [layout for layout in demo.LAYOUTS if layout != demo.TORCHTITAN_0_3]
+    dirs = [str(root / f"layout{i}" / "checkpoint") for i in range(len(older))]
+    written = demo.write_steps(
+        [
+            (f"{d}/step-7", meta, shape, {"layout": layout, "kind": "full"})
+            for d, layout in zip(dirs, older, strict=True)
+        ]
+    )
+    return dict(zip(dirs, written, strict=True))
+
+
 SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|pad|>")
 
 

@@ -542,15 +542,7 @@ def assert_matches_hf(
 
     from tests.peers import titan_writer
 
-    cfg = titan_writer.dims_config(
-        dim=shape.dim,
-        n_layers=shape.n_layers,
-        n_heads=shape.n_heads,
-        n_kv_heads=shape.n_kv_heads,
-        vocab_size=shape.vocab_size,
-        hidden_dim=shape.hidden_dim,
-        tied=shape.tied_embeddings,
-    )
+    cfg = titan_writer.shape_config(shape)
     expected = titan_writer.titan_to_hf(cfg, titan_writer.meta_to_titan(weights))
     shards = sorted(folder.glob("*.safetensors"))
     index = {"model.safetensors.index.json"} if len(shards) > 1 else set()

@@ -43,22 +43,11 @@ SMALL_SHARDS = "40KB"
 DESCRIBING = {"config.json", "generation_config.json", "titan2tune.torchtune.yaml", FOLDER_MANIFEST}
 
 
-def titan_config(shape: demo.ModelShape):
-    return titan_writer.dims_config(
-        dim=shape.dim,
-        n_layers=shape.n_layers,
-        n_heads=shape.n_heads,
-        n_kv_heads=shape.n_kv_heads,
-        vocab_size=shape.vocab_size,
-        hidden_dim=shape.hidden_dim,
-        tied=shape.tied_embeddings,
-    )
-
-
 def expected_hf(saved: dict, shape: demo.ModelShape, export_dtype: str) -> dict:
     """torchtitan 0.3.0's to_hf of the weights as saved (Meta's names, renamed by hand to
     torchtitan 0.3.0's), cast to the export dtype."""
-    hf = titan_writer.titan_to_hf(titan_config(shape), titan_writer.meta_to_titan(saved))
+    config = titan_writer.shape_config(shape)
+    hf = titan_writer.titan_to_hf(config, titan_writer.meta_to_titan(saved))
     if export_dtype == "keep":
         return hf
     return {k: v.to(DTYPES[export_dtype]) for k, v in hf.items()}

@@ -31,7 +31,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 
 from demo import writer as demo
-from tests.conftest import REPO, make_tokenizer, titan_overrides
+from tests.conftest import REPO, make_tokenizer, titan_overrides, write_older_layouts
 from tests.peers import titan_writer, tune_loader
 
 # Starts ranks, subprocesses or servers: not in the fast layer (pytest -m 'not slow').
@@ -195,32 +195,12 @@ def test_older_layouts_as_hf_folders(titan_run, tmp_path):
     """The older layouts (nested with freqs_cis, flat Meta names, qkv_linear with output, fused
     wqkv), written by demo.writer from torchtitan's saved weights, converted to hf folders."""
     info, ref = titan_run
-    keys = tune_loader.titan_model_keys(info)
-    meta = tune_loader.titan_to_meta(
-        titan_writer.read_saved_model_weights(info["step_dirs"]["step-2"], keys)
-    )
-    shape = demo.ModelShape(
-        dim=info["dim"],
-        n_layers=info["n_layers"],
-        n_heads=info["n_heads"],
-        n_kv_heads=info["n_kv_heads"],
-        vocab_size=info["vocab_size"],
-        hidden_dim=info["hidden_dim"],
-        tied_embeddings=info["tied"],
-    )
-    older = [layout for layout in demo.LAYOUTS if layout != demo.TORCHTITAN_0_3]
-    dirs = [str(tmp_path / f"layout{i}" / "checkpoint") for i in range(len(older))]
-    written = demo.write_steps(
-        [
-            (f"{d}/step-7", meta, shape, {"layout": layout, "kind": "full"})
-            for d, layout in zip(dirs, older, strict=True)
-        ]
-    )
-    weights = dict(zip(dirs, written, strict=True))
+    weights = write_older_layouts(info, tmp_path)
+    dirs = list(weights)
     out_root = tmp_path / "converted"
     out_root.mkdir()
     folders = hf_sweep(dirs, out_root, info)
-    assert len(folders) == len(older)
+    assert len(folders) == len(dirs)
     titan_model = titan_writer.build_unsharded(titan_writer.model_config(info["variant"]))
     layouts = set()
     for folder in folders:
@@ -232,4 +212,4 @@ def test_older_layouts_as_hf_folders(titan_run, tmp_path):
             info["variant"], source["layout"], ", ".join(f"{k} {v:.2e}" for k, v in diffs.items())
         )
         layouts.add(source["layout"])
-    assert layouts == set(older)
+    assert layouts == set(demo.LAYOUTS) - {demo.TORCHTITAN_0_3}

@@ -17,8 +17,7 @@ import sys
 import pytest
 import torch
 
-from demo import writer as demo
-from tests.conftest import REPO, titan_overrides
+from tests.conftest import REPO, titan_overrides, write_older_layouts
 from tests.peers import titan_writer, tune_loader
 
 # Starts ranks, subprocesses or servers: not in the fast layer (pytest -m 'not slow').
@@ -100,34 +99,15 @@ def test_older_layouts_from_the_same_weights(titan_run, tmp_path):
     hold torchtune's logits to torchtitan's on the weights as saved."""
     info, ref = titan_run
     REF_TOKENS[info["dump"]] = ref["tokens"]
-    titan_keys = tune_loader.titan_model_keys(info)
-    saved = titan_writer.read_saved_model_weights(info["step_dirs"]["step-2"], titan_keys)
-    meta = tune_loader.titan_to_meta(saved)
-    shape = demo.ModelShape(
-        dim=info["dim"],
-        n_layers=info["n_layers"],
-        n_heads=info["n_heads"],
-        n_kv_heads=info["n_kv_heads"],
-        vocab_size=info["vocab_size"],
-        hidden_dim=info["hidden_dim"],
-        tied_embeddings=info["tied"],
-    )
-    older = [layout for layout in demo.LAYOUTS if layout != demo.TORCHTITAN_0_3]
-    dirs = [str(tmp_path / f"layout{i}" / "checkpoint") for i in range(len(older))]
-    written = demo.write_steps(
-        [
-            (f"{d}/step-7", meta, shape, {"layout": layout, "kind": "full"})
-            for d, layout in zip(dirs, older, strict=True)
-        ]
-    )
-    weights = dict(zip(dirs, written, strict=True))
+    weights = write_older_layouts(info, tmp_path)
+    dirs = list(weights)
     out_root = tmp_path / "converted"
     out_root.mkdir()
     convert_sweep(dirs, out_root, info)
 
     titan_model = titan_writer.build_unsharded(titan_writer.model_config(info["variant"]))
     for fmt, paths in outputs(out_root).items():
-        assert len(paths) == len(older)
+        assert len(paths) == len(dirs)
         for path in paths:
             source = _manifest(path)["source"]["checkpoint_dir"]
             as_saved = titan_writer.meta_to_titan(weights[source])

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from subprocess import CompletedProcess
 
 import pytest
 
@@ -19,7 +20,7 @@ from tests.conftest import REPO, TINY, model_overrides
 pytestmark = pytest.mark.slow
 
 
-def convert(checkpoint: Path, tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+def convert(checkpoint: Path, tmp_path: Path, *overrides: str) -> CompletedProcess:
     args = [
         "experiment=debug",
         f"experiment.checkpoint_dir={checkpoint}",
@@ -28,9 +29,15 @@ def convert(checkpoint: Path, tmp_path: Path, *overrides: str) -> subprocess.Com
         *model_overrides(TINY),
         *overrides,
     ]
+    return convert_py(*args)
+
+
+def convert_py(*args: str, cwd: Path = REPO, env: dict | None = None) -> CompletedProcess:
+    """``python convert.py ARGS``, as a user types it."""
     return subprocess.run(
-        [sys.executable, "convert.py", *args],
-        cwd=REPO,
+        [sys.executable, str(REPO / "convert.py"), *args],
+        cwd=cwd,
+        env=env,
         capture_output=True,
         text=True,
         timeout=300,
@@ -71,18 +78,10 @@ def test_a_url_where_a_local_path_is_needed_is_an_error(tiny_checkpoint, tmp_pat
 def test_a_remote_checkpoint_needs_a_local_output(tmp_path):
     """Left at its default, the output would lie beside a checkpoint in a bucket: refused
     before anything is read, saying where to set it."""
-    run = subprocess.run(
-        [
-            sys.executable,
-            "convert.py",
-            "experiment=debug",
-            "experiment.checkpoint_dir=s3://bucket/run7",
-            f"hydra.run.dir={tmp_path / 'hydra'}",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    run = convert_py(
+        "experiment=debug",
+        "experiment.checkpoint_dir=s3://bucket/run7",
+        f"hydra.run.dir={tmp_path / 'hydra'}",
     )
     assert run.returncode == 1, run.stderr[-2000:]
     assert "experiment.output='s3://bucket/run7/final_model.pt' is a URL" in run.stderr
@@ -104,22 +103,14 @@ def test_the_same_run_without_a_mistake_converts(tiny_checkpoint, tmp_path):
 
 def test_a_sweep_whose_jobs_share_an_output_is_refused_before_it_runs(tiny_checkpoint, tmp_path):
     output = tmp_path / "out" / "same.pt"
-    run = subprocess.run(
-        [
-            sys.executable,
-            "convert.py",
-            "-m",
-            "experiment=debug,debug_pretrained",
-            f"experiment.checkpoint_dir={tiny_checkpoint}",
-            f"experiment.output={output}",
-            "overwrite=true",
-            f"hydra.sweep.dir={tmp_path / 'sweep'}",
-            *model_overrides(TINY),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    run = convert_py(
+        "-m",
+        "experiment=debug,debug_pretrained",
+        f"experiment.checkpoint_dir={tiny_checkpoint}",
+        f"experiment.output={output}",
+        "overwrite=true",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        *model_overrides(TINY),
     )
     said = run.stdout + run.stderr  # Hydra logs to stdout in the launching process
     assert run.returncode == 1, said[-2000:]
@@ -135,21 +126,13 @@ def test_a_home_relative_path_is_expanded(tiny_checkpoint, tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     (home / "ckpt").symlink_to(tiny_checkpoint)
-    run = subprocess.run(
-        [
-            sys.executable,
-            "convert.py",
-            "experiment=debug",
-            'experiment.checkpoint_dir="~/ckpt"',
-            'experiment.output="~/converted/model.pt"',
-            f"hydra.run.dir={tmp_path / 'hydra'}",
-            *model_overrides(TINY),
-        ],
-        cwd=REPO,
+    run = convert_py(
+        "experiment=debug",
+        'experiment.checkpoint_dir="~/ckpt"',
+        'experiment.output="~/converted/model.pt"',
+        f"hydra.run.dir={tmp_path / 'hydra'}",
+        *model_overrides(TINY),
         env={**os.environ, "HOME": str(home)},
-        capture_output=True,
-        text=True,
-        timeout=300,
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert (home / "converted" / "model.pt").is_file()
@@ -158,9 +141,7 @@ def test_a_home_relative_path_is_expanded(tiny_checkpoint, tmp_path):
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])
 def test_help_lists_the_experiments_and_every_setting(flag):
-    run = subprocess.run(
-        [sys.executable, "convert.py", flag], cwd=REPO, capture_output=True, text=True
-    )
+    run = convert_py(flag)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "experiment: 500M, debug, debug_pretrained" in run.stdout, run.stdout
     for line in (
@@ -189,19 +170,11 @@ def test_a_key_missing_from_a_users_own_experiment_is_one_line(tmp_path, left_ou
     own.parent.mkdir(parents=True)
     kept = [line for line in lines if not line.strip().startswith(f"{left_out}:")]
     own.write_text("\n".join(kept).replace("name: 500M", "name: run7") + "\n")
-    run = subprocess.run(
-        [
-            sys.executable,
-            "convert.py",
-            "--config-dir",
-            str(tmp_path / "mine"),
-            "experiment=run7",
-            f"hydra.run.dir={tmp_path / 'hydra'}",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    run = convert_py(
+        "--config-dir",
+        str(tmp_path / "mine"),
+        "experiment=run7",
+        f"hydra.run.dir={tmp_path / 'hydra'}",
     )
     assert run.returncode == 1, run.stderr[-2000:]
     assert f"{key} is required, but {own} does not set it" in run.stderr, run.stderr[-2000:]
@@ -209,12 +182,7 @@ def test_a_key_missing_from_a_users_own_experiment_is_one_line(tmp_path, left_ou
 
 
 def test_cfg_with_a_sweep_is_one_line():
-    run = subprocess.run(
-        [sys.executable, "convert.py", "-m", "experiment=debug,500M", "--cfg", "job"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
+    run = convert_py("-m", "experiment=debug,500M", "--cfg", "job")
     assert run.returncode == 2, run.stderr
     assert "--cfg shows one job's config, and -m runs a sweep: drop -m" in run.stderr
     assert "Traceback" not in run.stderr
@@ -228,15 +196,16 @@ def test_outputs_named_for_the_resolved_step(tiny_checkpoint, tmp_path):
     shutil.copytree(tiny_checkpoint / "step-5", root / "step-7")
     named = "experiment.output=${experiment.checkpoint_dir}/model_step${resolved_step:}.pt"
 
-    def run(*args: str, multirun: bool = False) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [
-                sys.executable, str(REPO / "convert.py"), *(["-m"] if multirun else []),
-                "experiment=debug",
-                f"experiment.checkpoint_dir={root}", named, *model_overrides(TINY), *args,
-            ],
-            cwd=tmp_path, capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+    def run(*args: str, multirun: bool = False) -> CompletedProcess:
+        return convert_py(
+            *(["-m"] if multirun else []),
+            "experiment=debug",
+            f"experiment.checkpoint_dir={root}",
+            named,
+            *model_overrides(TINY),
+            *args,
+            cwd=tmp_path,
+        )
 
     sweep = run("experiment.step=5,7", multirun=True)
     assert sweep.returncode == 0, sweep.stdout[-2000:] + sweep.stderr[-2000:]
@@ -260,14 +229,15 @@ def test_the_sweep_summary_shows_the_step_and_the_warnings(tiny_checkpoint, tmp_
     (root / "step-5").symlink_to(tiny_checkpoint / "step-5")
     unfinished = shutil.ignore_patterns(".metadata")  # the shards, but not the index
     shutil.copytree(tiny_checkpoint / "step-5", root / "step-9", ignore=unfinished)
-    run = subprocess.run(
-        [
-            sys.executable, str(REPO / "convert.py"), "-m", "experiment=debug",
-            f"experiment.checkpoint_dir={root}", f"experiment.output={tmp_path / 'out.pt'}",
-            f"hydra.sweep.dir={tmp_path / 'sweep'}", *model_overrides(TINY),
-        ],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    run = convert_py(
+        "-m",
+        "experiment=debug",
+        f"experiment.checkpoint_dir={root}",
+        f"experiment.output={tmp_path / 'out.pt'}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        *model_overrides(TINY),
+        cwd=tmp_path,
+    )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     table = run.stdout[run.stdout.index("experiment  status") :]
     assert re.search(r"^debug +converted +5 +", table, flags=re.M), table
@@ -280,15 +250,13 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tiny_checkpoint, tmp_path):
     from the last conversion measured here (none yet in a fresh cache folder); no file."""
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
     args = [
-        sys.executable,
-        "convert.py",
         "experiment=debug",
         f"experiment.checkpoint_dir={tiny_checkpoint}",
         f"experiment.output={tmp_path / 'out' / 'model.pt'}",
         f"hydra.run.dir={tmp_path / 'hydra'}",
         *model_overrides(TINY),
     ]
-    run = subprocess.run([*args, "dry_run=true"], cwd=REPO, capture_output=True, text=True, env=env)
+    run = convert_py(*args, "dry_run=true", env=env)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "layout: llama3 #2937" in run.stdout, run.stdout
     assert (
@@ -301,7 +269,6 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tiny_checkpoint, tmp_path):
     assert "nothing was written (dry_run=true)" in run.stdout
     assert not (tmp_path / "out").exists()
 
-    assert subprocess.run(args, cwd=REPO, capture_output=True, env=env).returncode == 0
-    again = subprocess.run([*args, "dry_run=true", "force=true"], cwd=REPO, capture_output=True,
-                           text=True, env=env)  # fmt: skip
+    assert convert_py(*args, env=env).returncode == 0
+    again = convert_py(*args, "dry_run=true", "force=true", env=env)
     assert "at the last measured" in again.stdout and "MB/s (debug," in again.stdout, again.stdout

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 from omegaconf import MISSING
 
 from converter.models.base import ModelFamily
@@ -43,6 +44,18 @@ class FormatConfig:
 
     def check(self) -> None:
         """Value checks a type cannot express; raises ValueError."""
+
+
+def check_loaded(loaded: Mapping[str, torch.Tensor], tensors: list[OutputTensor]) -> None:
+    """Raises ValueError naming the first planned tensor whose dtype or shape differs in the
+    output as its consumer loaded it."""
+    for spec in tensors:
+        tensor = loaded[spec.name]
+        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+            raise ValueError(
+                f"{spec.name!r} is {tensor.dtype}{tuple(tensor.shape)}, "
+                f"expected {spec.dtype}{spec.shape}"
+            )
 
 
 @dataclass(frozen=True)

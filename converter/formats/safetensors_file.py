@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from converter.formats.base import check_loaded
 from converter.plan import OutputTensor
 
 METADATA = {"format": "pt"}  # what transformers' save_pretrained writes, and expects
@@ -115,13 +116,7 @@ def read_back(path: Path, tensors: list[OutputTensor]) -> dict[str, int]:
             "its keys differ from the planned ones: missing "
             f"{sorted(planned - names)}, unexpected {sorted(names - planned)}"
         )
-    for spec in tensors:
-        tensor = loaded[spec.name]
-        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
-            raise ValueError(
-                f"{spec.name!r} is {tensor.dtype}{tuple(tensor.shape)}, "
-                f"expected {spec.dtype}{spec.shape}"
-            )
+    check_loaded(loaded, tensors)
     return _offsets(path, loaded)
 
 

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from converter.formats.base import Described, FormatConfig, OutputFormat
+from converter.formats.base import Described, FormatConfig, OutputFormat, check_loaded
 from converter.formats.recipe import torchtune_recipe
 from converter.plan import OutputTensor, Plan
 from converter.torch_archive import storage_records
@@ -68,13 +68,7 @@ class TorchSaveFormat(OutputFormat):
             raise ValueError(f"it does not load with torch.load(weights_only=True): {e}") from e
         if not isinstance(loaded, dict) or list(loaded) != [t.name for t in tensors]:
             raise ValueError("its keys differ from the planned ones")
-        for spec in tensors:
-            tensor = loaded[spec.name]
-            if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
-                raise ValueError(
-                    f"{spec.name!r} is {tensor.dtype}{tuple(tensor.shape)}, "
-                    f"expected {spec.dtype}{spec.shape}"
-                )
+        check_loaded(loaded, tensors)
         try:
             return record_offsets(path, loaded)
         except Exception as e:

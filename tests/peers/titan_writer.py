@@ -177,6 +177,19 @@ def dims_config(
     )
 
 
+def shape_config(shape: Any):
+    """``dims_config`` of a ``demo.writer.ModelShape``."""
+    return dims_config(
+        dim=shape.dim,
+        n_layers=shape.n_layers,
+        n_heads=shape.n_heads,
+        n_kv_heads=shape.n_kv_heads,
+        vocab_size=shape.vocab_size,
+        hidden_dim=shape.hidden_dim,
+        tied=shape.tied_embeddings,
+    )
+
+
 def titan_to_hf(cfg, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What torchtitan 0.3.0's own ``Llama3StateDictAdapter.to_hf`` makes of a model state
     dict with torchtitan 0.3.0's keys, for the model ``cfg`` (offline, no process group)."""
