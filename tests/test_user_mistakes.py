@@ -101,10 +101,16 @@ def test_the_same_run_without_a_mistake_converts(tiny_checkpoint, tmp_path):
     assert any(said in line for line in manifest["assumptions"])
 
 
-def test_a_sweep_whose_jobs_share_an_output_is_refused_before_it_runs(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("launcher", ["basic", "slurm"])
+def test_a_sweep_whose_jobs_share_an_output_is_refused_before_it_runs(
+    tiny_checkpoint, tmp_path, launcher
+):
+    """Refused in the launching process, before any job starts (locally) or is submitted (on
+    SLURM: hydra/launcher=slurm would write its sbatch scripts to the sweep's .submitit/)."""
     output = tmp_path / "out" / "same.pt"
     run = convert_py(
         "-m",
+        f"hydra/launcher={launcher}",
         "experiment=debug,debug_pretrained",
         f"experiment.checkpoint_dir={tiny_checkpoint}",
         f"experiment.output={output}",
@@ -118,6 +124,7 @@ def test_a_sweep_whose_jobs_share_an_output_is_refused_before_it_runs(tiny_check
     assert f"{output} by [experiment=debug " in said
     assert "[experiment=debug_pretrained " in said
     assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "sweep" / ".submitit").exists()  # where the slurm profile submits
 
 
 def test_a_home_relative_path_is_expanded(tiny_checkpoint, tmp_path):
