@@ -709,8 +709,8 @@ def _differences(
             f"it was converted from {old.get('step_dir')}, this run reads {print_['step_dir']}"
         )
     for key in ("output_format", "export_dtype", "model"):
-        if old.get(key) != print_[key]:
-            found.append(f"its {key} was {old.get(key)}, this run's is {print_[key]}")
+        for field, (was, now) in _changed_fields(key, old.get(key), print_[key]).items():
+            found.append(f"its {field} was {was}, this run's is {now}")
     if old.get("assets") != print_.get("assets"):
         found.append(
             f"its tokenizer files were {old.get('assets') or 'none'}, this run's are "
@@ -729,6 +729,16 @@ def _differences(
     if not describes(previous, output, folder):
         found.append(f"its bytes no longer match its manifest {manifest_path(output, folder)}")
     return found or ["it was written with other settings"]
+
+
+def _changed_fields(name: str, old: Any, new: Any) -> dict[str, tuple[Any, Any]]:
+    """The dotted fields of two settings (nested dicts) that differ: name -> (old, new)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        changed = {}
+        for key in [*old, *(k for k in new if k not in old)]:
+            changed |= _changed_fields(f"{name}.{key}", old.get(key), new.get(key))
+        return changed
+    return {} if old == new else {name: (old, new)}
 
 
 def _size(output: Path) -> int:

@@ -379,7 +379,7 @@ def test_a_folder_on_disk_is_skipped_replaced_or_refused(tmp_path, layout_checkp
         == "skipped"
     )
     refused = convert(tmp_path, root, shape, step)  # another max_shard_size
-    assert refused.status == "failed" and "its output_format was" in refused.error
+    assert refused.status == "failed" and "its output_format.max_shard_size was" in refused.error
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
 
     # A file added to the folder: torchtitan's HF reader would load any *.safetensors there.

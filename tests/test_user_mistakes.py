@@ -279,3 +279,57 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tiny_checkpoint, tmp_path):
     assert convert_py(*args, env=env).returncode == 0
     again = convert_py(*args, "dry_run=true", "force=true", env=env)
     assert "at the last measured" in again.stdout and "MB/s (debug," in again.stdout, again.stdout
+
+
+def test_an_existing_output_says_why_it_is_not_this_conversion(tiny_checkpoint, tmp_path):
+    """Skipped when up to date; force=true converts again; otherwise the refusal names which of
+    a newer step, another output_format or changed bytes it is."""
+    root = tmp_path / "checkpoint"
+    root.mkdir()
+    (root / "step-5").symlink_to(tiny_checkpoint / "step-5")
+    out = tmp_path / "out" / "model.pt"
+
+    def run(*args: str) -> CompletedProcess:
+        return convert(root, tmp_path, *args)
+
+    assert run("experiment.step=5").returncode == 0
+    again = run("experiment.step=5")
+    assert again.returncode == 0 and "is up to date" in again.stderr, again.stderr[-2000:]
+    before = out.stat().st_mtime_ns
+    forced = run("experiment.step=5", "force=true")
+    assert forced.returncode == 0 and out.stat().st_mtime_ns != before, forced.stderr[-2000:]
+
+    shutil.copytree(tiny_checkpoint / "step-5", root / "step-7")
+    newer = run()  # step=latest is now step 7
+    assert newer.returncode == 1
+    assert f"it was converted from {root / 'step-5'}, this run reads" in newer.stderr
+    other = run("experiment.step=5", "output_format=torchtune")
+    assert "its output_format.name was meta, this run's is torchtune" in other.stderr, other.stderr
+    with out.open("r+b") as f:  # one byte inside the last tensor's data
+        f.seek(-200, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    changed = run("experiment.step=5")
+    assert changed.returncode == 1
+    assert "its bytes no longer match its manifest" in changed.stderr, changed.stderr[-2000:]
+    for refused in (newer, other, changed):
+        assert "Set overwrite=true to replace it" in refused.stderr
+        assert "Traceback" not in refused.stderr
+
+
+def test_the_recipe_snippet_uses_public_builders_and_the_models_max_seq_len(
+    tiny_checkpoint, tmp_path
+):
+    """The emitted .torchtune.yaml: a public torchtune builder (not _component_builders), the
+    experiment's max_seq_len, and an output_dir of this output alone (torchtune refuses one
+    inside its checkpoint_dir, so it lies beside the output's folder)."""
+    import yaml
+
+    run = convert(tiny_checkpoint, tmp_path, "experiment.model.max_seq_len=4096")
+    assert run.returncode == 0, run.stderr[-2000:]
+    snippet = yaml.safe_load((tmp_path / "out" / "model.pt.torchtune.yaml").read_text())
+    builder = snippet["model"]["_component_"]
+    assert re.fullmatch(r"torchtune\.models\.llama3(_[12])?\.llama3(_[12])?", builder), builder
+    assert snippet["model"]["max_seq_len"] == 4096
+    assert snippet["checkpointer"]["output_dir"] == str(tmp_path / "out_torchtune" / "model")
