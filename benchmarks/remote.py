@@ -2,6 +2,7 @@
 
     python -m benchmarks.remote --size 2.6GB --repeats 3      # the 2.6 GB checkpoint
     python -m benchmarks.remote --size small --repeats 1      # ~190 MB, to try it out
+    python -m benchmarks.remote --kinds weights_only           # one of the two checkpoints
 
 Serves real two-rank FSDP2 DCP saves (``demo.writer``: a float32 weights-only save, and a full
 training save with its AdamW state) from a local S3 server (moto's ``moto_server``, as the
@@ -71,11 +72,12 @@ class Case:
         return sum(p.stat().st_size for p in self.step_dir.iterdir())
 
 
-def build(work: Path, size: str) -> list[Case]:
+def build(work: Path, size: str, kinds: list[str]) -> list[Case]:
     """Each kind's step folder, written unless complete."""
     shape = SHAPES[size]
     cases = []
-    for kind, step in KINDS.items():
+    for kind in kinds:
+        step = KINDS[kind]
         step_dir = work / size / kind / "checkpoint" / f"step-{step}"
         if not (step_dir / ".metadata").is_file():
             print(f"building {size} {kind} in {step_dir}", flush=True)
@@ -248,12 +250,13 @@ def main() -> None:
     parser.add_argument("--workers-remote", type=int, default=4)
     parser.add_argument("--workers-local", type=int, default=2)
     parser.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--kinds", nargs="+", choices=list(KINDS), default=list(KINDS))
     args = parser.parse_args()
     work = args.work.resolve()
     logs, out_dir = work / "logs", work / "out"
     logs.mkdir(parents=True, exist_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cases = build(work / "inputs", args.size)
+    cases = build(work / "inputs", args.size, args.kinds)
     methods = {"titan2tune from s3": remote, "s3fs get + local": download_then_local}
     results: dict = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python "
