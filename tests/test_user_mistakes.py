@@ -13,6 +13,7 @@ from pathlib import Path
 from subprocess import CompletedProcess
 
 import pytest
+import yaml
 
 from tests.conftest import REPO, TINY, model_overrides
 
@@ -53,6 +54,10 @@ def convert_py(*args: str, cwd: Path = REPO, env: dict | None = None) -> Complet
         ("experiment.model.dim=512", "dim=512 (the weights say 32)"),
         ("experiment.model.vocab_size=4096", "vocab_size=4096 (the weights say 64)"),
         ("experiment.model.hidden_dim=1024", "hidden_dim=1024 (the weights say 96)"),
+        (
+            "experiment.model.n_kv_heads=2",
+            "give n_kv_heads / n_heads = 32/32, not 2/4",
+        ),
         ("hydra/launcher=slurm", "Hydra runs a launcher only in a multirun: add -m"),
     ],
 )
@@ -324,8 +329,6 @@ def test_the_recipe_snippet_uses_public_builders_and_the_models_max_seq_len(
     """The emitted .torchtune.yaml: a public torchtune builder (not _component_builders), the
     experiment's max_seq_len, and an output_dir of this output alone (torchtune refuses one
     inside its checkpoint_dir, so it lies beside the output's folder)."""
-    import yaml
-
     run = convert(tiny_checkpoint, tmp_path, "experiment.model.max_seq_len=4096")
     assert run.returncode == 0, run.stderr[-2000:]
     snippet = yaml.safe_load((tmp_path / "out" / "model.pt.torchtune.yaml").read_text())

@@ -178,12 +178,22 @@ class Llama3(ModelFamily):
         # The head counts must fit the weights: query rows in n_heads whole heads, key rows
         # in proportion n_kv_heads / n_heads, and the attention output projection must take
         # the query rows back (which catches a fused QKV split by wrong head counts).
-        if q_rows % n_heads or k_rows * n_heads != q_rows * n_kv or q_rows != o_cols:
+        if q_rows % n_heads:
+            why = f"its {q_rows} query rows do not make {n_heads} whole heads"
+        elif k_rows * n_heads != q_rows * n_kv:
+            why = (
+                f"its {k_rows} key rows for {q_rows} query rows give n_kv_heads / n_heads = "
+                f"{k_rows}/{q_rows}, not {n_kv}/{n_heads}"
+            )
+        elif q_rows != o_cols:
+            why = f"its attention output projection takes {o_cols} inputs, not {q_rows}"
+        else:
+            why = ""
+        if why:
             raise ConversionError(
                 f"experiment.model.n_heads={n_heads} and n_kv_heads={config.n_kv_heads} "
-                f"contradict the checkpoint: with them, layer 0 splits into {q_rows} query rows "
-                f"and {k_rows} key rows, but its attention output projection takes {o_cols} "
-                "inputs. Set the head counts of the model that was trained."
+                f"contradict layer 0 of the checkpoint: {why}. Set the head counts of the "
+                "model that was trained."
             )
         derived = {
             "dim": dim,
