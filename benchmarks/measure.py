@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from inputs import DENSE, FULL_TWIN, LARGE, REPO, Input, file_bytes, write_floor_plan
+from inputs import DENSE, FULL_TWIN, LARGE, MOE_TWIN, REPO, Input, file_bytes, write_floor_plan
 
 from converter.digests import file_digest
 from converter.formats.torch_save import TORCHTUNE_SUFFIX
@@ -114,7 +114,8 @@ LLAMA_METHODS = _distinct(
     HF_VERIFY_2,
     HF_BASELINE,
 )
-# qwen3 converts to a Hugging Face folder only (no torchtune builder takes its experts).
+# qwen3 converts to a Hugging Face folder only (no torchtune builder takes its experts); the
+# dense input of its size is timed the same way.
 MOE_METHODS = _distinct(HF_DEFAULTS, HF_FAST_2, DCP, FLOOR, FLOOR_NOSYNC)
 # The full checkpoint's model saved weights-only: there for the bytes it reads and hashes.
 TWIN_METHODS = (DEFAULTS, FLOOR)
@@ -126,7 +127,7 @@ PROFILE_RATE = 100  # py-spy samples per second
 
 
 def methods_for(inp: Input) -> tuple[Method, ...]:
-    if inp.family == "qwen3":
+    if inp.family == "qwen3" or inp.name == MOE_TWIN:
         return MOE_METHODS
     return TWIN_METHODS if inp.name == FULL_TWIN else LLAMA_METHODS
 
