@@ -1,12 +1,13 @@
 """Reading the output back, and checking it against what was converted.
 
-One pass over each finished file gives its digests for the manifest (XXH3-128, and sha256 when
-asked for) and, with ``verify=true``, checks every written byte: the file is first loaded as its
-consumer loads it (``torch.load(mmap=True, weights_only=True)`` for a ``.pt``, safetensors'
-``safe_open`` for a shard), its names, shapes and dtypes compared with the plan, and then every
-byte range the conversion wrote is read where that load places it and its XXH3 digest compared
-with the one taken of the cast source data as it was written: bit-exact against the source after
-the cast, without reading the source a second time.
+One pass over each finished file gives its XXH3-128 digest for the manifest and, with
+``verify=true``, checks every written byte (sha256, when asked for, takes a pass of its own
+beside it). For the check the file is first loaded as its consumer loads it
+(``torch.load(mmap=True, weights_only=True)`` for a ``.pt``, safetensors' ``safe_open`` for a
+shard), its names, shapes and dtypes compared with the plan, and then every byte range the
+conversion wrote is read where that load places it and its XXH3 digest compared with the one
+taken of the cast source data as it was written: bit-exact against the source after the cast,
+without reading the source a second time.
 
 The check that tied embeddings are tied runs whatever ``verify`` says: it is a check of the
 settings, not of the write.
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 import xxhash
 
-from converter.digests import ALGORITHMS, file_digest, windows
+from converter.digests import ALGORITHMS, file_digest, pieces
 from converter.engine import Region
 from converter.errors import ConversionError
 from converter.formats.base import OutputFormat
@@ -50,42 +51,43 @@ def read_back(
     workers: int,
 ) -> dict[str, dict[str, str | int]]:
     """Each file's size and digests (``regions``, what the conversion wrote, given: checked as
-    above). Each file's digests and its check are separate passes, run side by side by
-    ``workers`` threads (the hashing releases the GIL): the file is in the page cache, just
-    written, so a pass costs memory bandwidth, not a read of the disk."""
+    above), the files side by side on ``workers`` threads (the hashing releases the GIL), and
+    sha256, when asked for, in passes of its own beside them: it hashes several times slower.
+    The files are in the page cache, just written, so a pass costs memory bandwidth, not a
+    read of the disk."""
     _check_tied(plan, files, reader)
-    algorithms = ALGORITHMS[: 2 if sha256 else 1]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        checks = [
-            pool.submit(_check, fmt, staged, regions) for staged in files if regions is not None
-        ]
-        found = {
-            (staged.name, algorithm): pool.submit(file_digest, staged.path, algorithm)
+        passes = {staged.name: pool.submit(_read_file, fmt, staged, regions) for staged in files}
+        sha = {
+            staged.name: pool.submit(file_digest, staged.path, "sha256")
             for staged in files
-            for algorithm in algorithms
+            if sha256
         }
-        for check in checks:
-            check.result()
         return {
             staged.name: {
                 "bytes": staged.path.stat().st_size,
-                **{a: found[staged.name, a].result() for a in algorithms},
+                ALGORITHMS[0]: passes[staged.name].result(),
+                **({ALGORITHMS[1]: sha[staged.name].result()} if sha256 else {}),
             }
             for staged in files
         }
 
 
-def _check(fmt: OutputFormat, staged: Staged, regions: Mapping[str, list[Region]]) -> None:
-    """The file loads as its consumer loads it, holds the planned tensors, and every byte
-    range written holds the digest taken as it was written."""
-    try:
-        offsets = fmt.read_back(staged.path, staged.tensors)
-    except ValueError as e:
-        raise _mismatch(staged.path, str(e)) from e
+def _read_file(
+    fmt: OutputFormat, staged: Staged, regions: Mapping[str, list[Region]] | None
+) -> str:
+    """The file's XXH3-128 digest. With ``regions``, the file first loads as its consumer
+    loads it and holds the planned tensors, and the same pass checks that every byte range
+    written holds the digest taken as it was written."""
     spans = []
-    for spec in staged.tensors:
-        spans += _spans(staged.path, spec, offsets[spec.name], regions[spec.name])
-    _scan(staged.path, sorted(spans, key=lambda s: s.at))
+    if regions is not None:
+        try:
+            offsets = fmt.read_back(staged.path, staged.tensors)
+        except ValueError as e:
+            raise _mismatch(staged.path, str(e)) from e
+        for spec in staged.tensors:
+            spans += _spans(staged.path, spec, offsets[spec.name], regions[spec.name])
+    return _scan(staged.path, sorted(spans, key=lambda s: s.at))
 
 
 @dataclass(frozen=True)
@@ -115,11 +117,13 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def _scan(path: Path, spans: list[_Span]) -> None:
-    """Checks the XXH3-64 digest of each of ``spans`` (sorted, disjoint), in one pass."""
-    span_hash = xxhash.xxh3_64()
+def _scan(path: Path, spans: list[_Span]) -> str:
+    """The file's XXH3-128 digest, and the XXH3-64 digest of each of ``spans`` (sorted,
+    disjoint) checked, in one pass: each piece hashed for both while it is in cache."""
+    file_hash, span_hash = xxhash.xxh3_128(), xxhash.xxh3_64()
     first = 0  # the first span not checked yet
-    for pos, view in windows(path):
+    for pos, view in pieces(path):
+        file_hash.update(view)
         end = pos + len(view)
         for span in spans[first:]:
             if span.at >= end:
@@ -135,6 +139,7 @@ def _scan(path: Path, spans: list[_Span]) -> None:
             span_hash.reset()
     if first != len(spans):
         raise _mismatch(path, "it ends before the last tensor's bytes")
+    return file_hash.hexdigest()
 
 
 def _check_tied(plan: Plan, files: list[Staged], reader: TensorReader) -> None:
