@@ -21,6 +21,7 @@ import pickle
 import re
 import resource
 import shutil
+import sys
 import tempfile
 import time
 import zlib
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -379,10 +380,8 @@ def _rank_main(rank: int, jobs: list[dict[str, Any]]) -> None:
     (starting the ranks costs more than writing a small checkpoint)."""
     world_size: int = jobs[0]["world_size"]
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    # The rendezvous store is the driver's (see write_steps_from_files), not rank 0's: a store
-    # hosted by rank 0 goes away when rank 0 exits, possibly while another rank still talks to
-    # it on its way out, which aborted that rank ("terminate called without an active
-    # exception") in about one run in fifteen.
+    # The rendezvous store is the driver's (see write_steps_from_files), not rank 0's: it
+    # outlives every rank, whichever ends first.
     store = dist.TCPStore("127.0.0.1", jobs[0]["port"], is_master=False)
     timeout = timedelta(minutes=30)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timeout)
@@ -392,6 +391,25 @@ def _rank_main(rank: int, jobs: list[dict[str, Any]]) -> None:
         dist.barrier()  # every rank is done before any tears its process group down
     finally:
         dist.destroy_process_group()
+    exit_rank()
+
+
+def exit_rank() -> NoReturn:
+    """Ends a rank whose work is done and whose process group is destroyed, without the
+    interpreter's finalization.
+
+    ``destroy_process_group`` leaves gloo's worker threads running, and one that drops the last
+    reference to a tensor made in Python takes the GIL to do it (``TensorImpl::decref_pyobject``
+    -> ``PyEval_AcquireThread``, seen in the ranks' gloo run loops after DCP's scatters). A
+    thread that asks for the GIL while the interpreter finalizes is ended by CPython 3.11 to 3.13
+    with ``pthread_exit``, whose unwinding through that ``noexcept`` frame calls
+    ``std::terminate``: "terminate called without an active exception", SIGABRT, and a failed
+    rank after all of its work was done (pytorch/pytorch#117762; CPython gh-87135, where 3.14
+    hangs such a thread instead). Nothing is left to finalize: the step folders are written
+    and their files closed."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _rank_write(rank: int, job: dict[str, Any]) -> None:

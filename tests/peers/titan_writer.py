@@ -71,6 +71,8 @@ from typing import Any
 
 import torch
 
+from demo.writer import exit_rank
+
 VARIANTS = ("debugmodel", "gqa_tied")
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 WORLD_SIZE = 2
@@ -496,6 +498,7 @@ def _worker(rank: int, job: WriterJob, port: int) -> None:
     finally:
         dist.destroy_process_group()
     _log(job, rank, "process group destroyed")
+    exit_rank()  # gloo's threads outlive the group: see its docstring
 
 
 def _train_and_save(rank: int, job: WriterJob) -> None:
