@@ -8,6 +8,7 @@ reported together, and each target names the runs it rests on.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import shlex
@@ -34,6 +35,8 @@ from measure import (
 )
 
 MB = 1e6
+# #16's figures from before its changes, which this run's are set beside.
+BEFORE_16 = Path(__file__).resolve().parent / "before_16.json"
 JOB_PHASES = ("plan", "convert", "other_tasks_wait", "verify", "digest")  # as conversion.py runs
 
 
@@ -175,6 +178,39 @@ def results_table(v: View) -> list[str]:
             f"{out_mb:.0f} | {out_mb / wall:.0f} | {src_mb:.0f} | {src_mb / wall:.0f} | "
             f"{_f(_ratio(wall, dcp_wall))} | {_f(_ratio(rss, dcp_rss), 3)} | "
             f"{_f(_ratio(wall, floor_wall))} |"
+        )
+    return rows
+
+
+def before_after_table(vs: dict[str, View]) -> list[str]:
+    """#16's figures as filed, before its changes, beside this run's medians of the same
+    methods on the same input; no rows when that input is not in the results."""
+    before = json.loads(BEFORE_16.read_text())
+    v = vs.get(before["input"])
+    if v is None:
+        return [f"Not measured: this run has no `{before['input']}`."]
+    after = {"defaults": DEFAULTS, "verify=false workers=2": FAST_2, "dcp_to_torch": DCP,
+             "floor": FLOOR}  # fmt: skip
+    mid = {r["after"]: statistics.mean(r["wall_s"]) for r in before["rows"]}
+    floor_now = v.median(FLOOR, "wall")
+    rows = [
+        f"Before: {before['measured']} (`{before['commit'][:7]}`). After: this run's medians "
+        f"({v.run}). Wall / floor is each side's own floor (before: the ranges' midpoints).",
+        "",
+        "| before | wall s | peak RSS MB | wall / floor | after | wall s median (min-max) | "
+        "peak RSS MB | wall / floor (fsync) | wall after / before |",
+        "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in before["rows"]:
+        m, (lo, hi) = after[r["after"]], r["wall_s"]
+        walls = [run["wall"] for run in v.ok(m)]
+        wall = statistics.median(walls) if walls else math.nan
+        now = f"{wall:.2f} ({min(walls):.2f}-{max(walls):.2f})" if walls else "-"
+        rows.append(
+            f"| {r['before']} | {lo:.1f}" + (f"-{hi:.1f}" if hi != lo else "") + " | "
+            f"{r['rss_mb']:.0f} | {_f(_ratio(mid[r['after']], mid['floor']))} | {m.label} | "
+            f"{now} | {_f(v.median(m, 'rss_mb'), 0)} | {_f(_ratio(wall, floor_now))} | "
+            f"{_f(_ratio(wall, mid[r['after']]))} |"
         )
     return rows
 
@@ -514,6 +550,10 @@ def results_markdown(results: dict, work: Path) -> str:
         "alone (streaming plus fsync) against the floor.",
         "",
         *split_table(vs),
+        "",
+        "## #16 before and after",
+        "",
+        *before_after_table(vs),
         "",
         "## Hugging Face export",
         "",
