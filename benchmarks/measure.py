@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,6 +125,10 @@ TWIN_METHODS = (DEFAULTS, FLOOR)
 CGROUP_RUNS = {DENSE: _distinct(FAST_1, FAST_2, DEFAULTS, DCP), LARGE: (DEFAULTS,)}
 CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
 PROFILE_RATE = 100  # py-spy samples per second
+# The bench extra installs py-spy beside this interpreter, which is not on PATH when the
+# virtualenv is used without being activated; one on PATH serves otherwise.
+_BESIDE = Path(sysconfig.get_path("scripts")) / "py-spy"
+PY_SPY = str(_BESIDE) if _BESIDE.exists() else "py-spy"
 
 
 def methods_for(inp: Input) -> tuple[Method, ...]:
@@ -449,7 +454,7 @@ def profile(case: Case, logs: Path) -> dict:
             remove_outputs(out)
             warm(case.step_dir)
             os.sync()
-            pyspy = ["py-spy", "record", *options, "--threads", "--nolineno", "--rate"]
+            pyspy = [PY_SPY, "record", *options, "--threads", "--nolineno", "--rate"]
             pyspy += [str(PROFILE_RATE), "--format", "raw", "-o", str(raw), *sampling, "--"]
             try:
                 run = run_child([*pyspy, *converter_argv(case, out, DEFAULTS)], log)
