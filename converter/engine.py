@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -175,7 +176,10 @@ def convert_tensors(
     # Every chunk's layout up front, in batches: a remote store answers those small reads
     # side by side instead of one round trip per chunk as the workers reach it.
     reader.prefetch(sources)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="convert") as pool_exec:
+    with (
+        threads_per_worker(workers),
+        ThreadPoolExecutor(max_workers=workers, thread_name_prefix="convert") as pool_exec,
+    ):
         futures = [pool_exec.submit(convert_source, key) for key in sources]
         try:
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)
@@ -189,6 +193,19 @@ def convert_tensors(
             wait(futures)
             raise failed[0].exception()  # type: ignore[misc]
     return Filled(regions, digests)
+
+
+@contextmanager
+def threads_per_worker(workers: int) -> Iterator[None]:
+    """torch's intra-op threads shared out among ``workers`` while they run: each worker's casts
+    and reductions would otherwise start an OpenMP team of as many threads as the machine has
+    cores, and ``workers`` such teams oversubscribe them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads // workers))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _windows(
