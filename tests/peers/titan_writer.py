@@ -67,11 +67,9 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
-
-from demo.writer import exit_rank
 
 VARIANTS = ("debugmodel", "gqa_tied")
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
@@ -475,6 +473,15 @@ def _log(job: WriterJob, rank: int, msg: str) -> None:
         print(f"[rank {rank} +{time.time() - _T0:5.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
+def _exit_rank() -> NoReturn:
+    """Ends a rank whose group is destroyed without the interpreter's finalization, which a
+    gloo thread still freeing a tensor can turn into "terminate called without an active
+    exception" (pytorch/pytorch#117762; the demo writer's ``exit_rank`` says how)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _worker(rank: int, job: WriterJob, port: int) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -498,7 +505,7 @@ def _worker(rank: int, job: WriterJob, port: int) -> None:
     finally:
         dist.destroy_process_group()
     _log(job, rank, "process group destroyed")
-    exit_rank()  # gloo's threads outlive the group: see its docstring
+    _exit_rank()
 
 
 def _train_and_save(rank: int, job: WriterJob) -> None:
