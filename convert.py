@@ -32,8 +32,9 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="convert")
 def main(cfg: DictConfig) -> job.JobResult:
-    gc.freeze()
-    gc.enable()
+    if not gc.isenabled():  # the first job of the process; a sweep's others find it on
+        gc.freeze()
+        gc.enable()
     result = job.run(cfg)
     # A single run fails the process; in a sweep every job runs to its end and the summary
     # callback fails the sweep, so one broken checkpoint does not stop the others.
