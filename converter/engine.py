@@ -199,7 +199,9 @@ def convert_tensors(
 def threads_per_worker(workers: int) -> Iterator[None]:
     """torch's intra-op threads shared out among ``workers`` while they run: each worker's casts
     and reductions would otherwise start an OpenMP team of as many threads as the machine has
-    cores, and ``workers`` such teams oversubscribe them."""
+    cores, and ``workers`` such teams oversubscribe them. A thread takes torch's count when it
+    first runs a parallel kernel, so the workers' pool must be made inside; one conversion
+    runs at a time in a process (a job's tasks are processes of their own)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads // workers))
     try:

@@ -125,9 +125,8 @@ def _scan(path: Path, spans: list[_Span]) -> str:
     for pos, view in pieces(path):
         file_hash.update(view)
         end = pos + len(view)
-        for span in spans[first:]:
-            if span.at >= end:
-                break
+        while first < len(spans) and spans[first].at < end:
+            span = spans[first]
             stop = span.at + span.region.length
             span_hash.update(view[max(span.at, pos) - pos : min(stop, end) - pos])
             if stop > end:
