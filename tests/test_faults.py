@@ -1184,16 +1184,17 @@ def _written_fraction(path: Path, probes: int = 512) -> float:
         files = [p for p in path.iterdir() if p.is_file()] if path.is_dir() else [path]
         sizes = [f.stat().st_size for f in files]
         total = sum(sizes)
-        written = 0
+        written = taken = 0
         for file, size in zip(files, sizes, strict=True):
             n = probes * size // total if total else 0
             with open(file, "rb") as f:
                 for i in range(n):
                     f.seek(size * i // n)
                     written += bool(f.read(4096).strip(b"\0"))
+            taken += n
     except FileNotFoundError:  # published meanwhile
         return 0.0
-    return written / probes if total else 0.0
+    return written / taken if taken else 0.0
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
@@ -1231,12 +1232,26 @@ BIG_OUTPUTS = {
 }
 
 
+# convert.py, SIGKILLed as the read-back of its output begins: every tensor is written by then.
+KILLED_IN_READ_BACK = """
+import os, runpy, signal, sys
+import converter.verify
+
+def killed(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+converter.verify._scan = killed
+sys.argv = ["convert.py", *sys.argv[1:]]
+runpy.run_path("convert.py", run_name="__main__")
+"""
+
+
 @pytest.mark.parametrize("kind", list(BIG_OUTPUTS))
 def test_sigkill_during_write_leaves_no_output_and_next_run_succeeds(big, tmp_path, kind):
     """SIGKILL cannot be caught: what is left is what the design leaves. Killed while the
-    structure is written, half-way through the tensors, and as the last ones are written, a run
-    leaves only its hidden partial (file or folder) and lock file; the next run removes them and
-    succeeds."""
+    structure is written, half-way through the tensors, as the last ones are written, and as
+    the output is read back, a run leaves only its hidden partial (file or folder) and lock
+    file; the next run removes them and succeeds."""
     checkpoint, weights, sources = big
     target = BIG_OUTPUTS[kind]
     out = tmp_path / "out"
@@ -1246,11 +1261,15 @@ def test_sigkill_during_write_leaves_no_output_and_next_run_succeeds(big, tmp_pa
         "writing the structure": lambda: True,
         "half the tensors written": lambda: _written_fraction(partial) >= 0.5,
         "writing the last tensors": lambda: _written_fraction(partial) >= 0.9,
+        "reading the output back": lambda: False,  # the run kills itself (KILLED_IN_READ_BACK)
     }
     for point, reached in kill_points.items():
         stale = _identity(partial)  # left by the previous kill; this run must replace it
+        argv = cmd
+        if point == "reading the output back":
+            argv = [sys.executable, "-c", KILLED_IN_READ_BACK, *cmd[2:]]
         proc = subprocess.Popen(
-            cmd, cwd=REPO, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            argv, cwd=REPO, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
         try:
             while proc.poll() is None and not (
