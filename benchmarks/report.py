@@ -90,6 +90,13 @@ class View:
         times = [r["durations"][phase] for r in self.ok(m) if phase in r["durations"]]
         return statistics.median(times) if times else math.nan
 
+    def wall_spread(self, m: Method) -> str:
+        """The median wall seconds of ``m`` with their min-max ("-" if no run succeeded)."""
+        walls = [r["wall"] for r in self.ok(m)]
+        if not walls:
+            return "-"
+        return f"{statistics.median(walls):.2f} ({min(walls):.2f}-{max(walls):.2f})"
+
     def job(self, m: Method) -> float:
         """The job's measured phases together."""
         return self._median(m, lambda r: sum(r["durations"].values()))
@@ -169,11 +176,10 @@ def results_table(v: View) -> list[str]:
         runs = v.ok(m)
         if not runs:
             continue
-        walls = [r["wall"] for r in runs]
-        wall, rss = statistics.median(walls), v.median(m, "rss_mb")
+        wall, rss = v.median(m, "wall"), v.median(m, "rss_mb")
         out_mb, src_mb = v.median(m, "out_bytes") / MB, v.src_bytes(m) / MB
         rows.append(
-            f"| {m.label} | {wall:.2f} ({min(walls):.2f}-{max(walls):.2f}) | "
+            f"| {m.label} | {v.wall_spread(m)} | "
             f"{v.median(m, 'flush'):.2f} | {v.median(m, 'cpu'):.1f} | {rss:.0f} | "
             f"{out_mb:.0f} | {out_mb / wall:.0f} | {src_mb:.0f} | {src_mb / wall:.0f} | "
             f"{_f(_ratio(wall, dcp_wall))} | {_f(_ratio(rss, dcp_rss), 3)} | "
@@ -205,13 +211,11 @@ def before_after_table(vs: dict[str, View]) -> list[str]:
     ]
     for r in before["rows"]:
         m, (lo, hi) = after[r["after"]], r["wall_s"]
-        walls = [run["wall"] for run in v.ok(m)]
-        wall = statistics.median(walls) if walls else math.nan
-        now = f"{wall:.2f} ({min(walls):.2f}-{max(walls):.2f})" if walls else "-"
         rows.append(
             f"| {r['before']} | {lo:.1f}" + (f"-{hi:.1f}" if hi != lo else "") + " | "
             f"{r['rss_mb']:.0f} | {_f(_ratio(mid[r['after']], mid['floor']))} | {m.label} | "
-            f"{now} | {_f(v.median(m, 'rss_mb'), 0)} | {_f(_ratio(wall, floor_now))} |"
+            f"{v.wall_spread(m)} | {_f(v.median(m, 'rss_mb'), 0)} | "
+            f"{_f(_ratio(v.median(m, 'wall'), floor_now))} |"
         )
     return rows
 

@@ -14,7 +14,8 @@ import xxhash
 
 _WINDOW = 16 << 20
 # What a pass that hashes the same bytes twice (the file's digest and a written range's) takes
-# at a time: small enough to stay in a core's cache for the second, so that memory is read once.
+# at a time: small enough to stay in the CPU's caches for the second, so that memory is read
+# once.
 _PIECE = 1 << 20
 ALGORITHMS = ("xxh3_128", "sha256")
 

@@ -56,18 +56,19 @@ def read_back(
     The files are in the page cache, just written, so a pass costs memory bandwidth, not a
     read of the disk."""
     _check_tied(plan, files, reader)
+    xxh3, sha = ALGORITHMS
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        passes = {staged.name: pool.submit(_read_file, fmt, staged, regions) for staged in files}
-        sha = {
-            staged.name: pool.submit(file_digest, staged.path, "sha256")
+        found = {
+            staged.name: {
+                xxh3: pool.submit(_read_file, fmt, staged, regions),
+                **({sha: pool.submit(file_digest, staged.path, sha)} if sha256 else {}),
+            }
             for staged in files
-            if sha256
         }
         return {
             staged.name: {
                 "bytes": staged.path.stat().st_size,
-                ALGORITHMS[0]: passes[staged.name].result(),
-                **({ALGORITHMS[1]: sha[staged.name].result()} if sha256 else {}),
+                **{a: f.result() for a, f in found[staged.name].items()},
             }
             for staged in files
         }
