@@ -619,6 +619,40 @@ class StepSpec:
     optimizer_steps: int = 2
 
 
+def rank_jobs(
+    specs: Sequence[StepSpec], world_size: int, port: int, work_root: Path
+) -> list[dict[str, Any]]:
+    """What :func:`_rank_main` is given: one job per step, each with a work folder (under
+    ``work_root``) for the files the ranks report back through, and the rendezvous store's
+    ``port``. Prepares the step folders."""
+    for spec in specs:
+        if spec.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {list(LAYOUTS)}, got {spec.layout!r}")
+        if spec.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {spec.kind!r}")
+    jobs = []
+    for i, spec in enumerate(specs):
+        _prepare_step_dir(Path(spec.step_dir))
+        work = work_root / str(i)
+        work.mkdir()
+        jobs.append(
+            {
+                "world_size": world_size,
+                "shape": {f: getattr(spec.shape, f) for f in ModelShape.__dataclass_fields__},
+                "layout": spec.layout,
+                "kind": spec.kind,
+                "export_dtype": str(spec.export_dtype).removeprefix("torch."),
+                "optimizer_steps": spec.optimizer_steps,
+                "step": _step_number(Path(spec.step_dir), spec.optimizer_steps),
+                "step_dir": str(spec.step_dir),
+                "weights_file": spec.weights_file and str(spec.weights_file),
+                "work_dir": str(work),
+                "port": port,
+            }
+        )
+    return jobs
+
+
 def write_steps_from_files(
     specs: Sequence[StepSpec], world_size: int
 ) -> list[tuple[dict[str, torch.Tensor], dict[str, float]]]:
@@ -628,36 +662,11 @@ def write_steps_from_files(
     The weights go through a file that each rank maps, so the driver need not keep them in
     memory while the ranks run (the 500M demo would otherwise hold a third copy).
     """
-    for spec in specs:
-        if spec.layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {list(LAYOUTS)}, got {spec.layout!r}")
-        if spec.kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {spec.kind!r}")
-        _prepare_step_dir(Path(spec.step_dir))
     start = time.perf_counter()
     # The ranks' rendezvous store, hosted here: this process outlives every rank.
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    port = store.port
     with tempfile.TemporaryDirectory(prefix="titan2tune-demo-") as tmp:
-        jobs = []
-        for i, spec in enumerate(specs):
-            work = Path(tmp) / str(i)
-            work.mkdir()
-            jobs.append(
-                {
-                    "world_size": world_size,
-                    "shape": {f: getattr(spec.shape, f) for f in ModelShape.__dataclass_fields__},
-                    "layout": spec.layout,
-                    "kind": spec.kind,
-                    "export_dtype": str(spec.export_dtype).removeprefix("torch."),
-                    "optimizer_steps": spec.optimizer_steps,
-                    "step": _step_number(Path(spec.step_dir), spec.optimizer_steps),
-                    "step_dir": str(spec.step_dir),
-                    "weights_file": spec.weights_file and str(spec.weights_file),
-                    "work_dir": str(work),
-                    "port": port,
-                }
-            )
+        jobs = rank_jobs(specs, world_size, store.port, Path(tmp))
         try:
             torch_mp.start_processes(
                 _rank_main, args=(jobs,), nprocs=world_size, join=True, start_method="spawn"
