@@ -18,9 +18,12 @@ demo: install
 	$(PYTHON) -m demo --out outputs
 	$(PYTHON) convert.py -m experiment=debug,500M,debug_pretrained
 
-# The SLURM tests need the one-node cluster that launch/slurm_cluster.sh brings up (as root).
+# The SLURM tests need the one-node cluster that launch/slurm_cluster.sh brings up (as root);
+# tests/test_rank_exit.py schedules a rank's threads with gdb.
 test: install-test
 	bash launch/slurm_cluster.sh up
+	command -v gdb >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends gdb >/dev/null; }
 	$(PYTHON) -m pytest -v --durations=15
 
 lint:

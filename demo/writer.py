@@ -400,13 +400,14 @@ def exit_rank() -> NoReturn:
 
     ``destroy_process_group`` leaves gloo's worker threads running, and one that drops the last
     reference to a tensor made in Python takes the GIL to do it (``TensorImpl::decref_pyobject``
-    -> ``PyEval_AcquireThread``, seen in the ranks' gloo run loops after DCP's scatters). A
-    thread that asks for the GIL while the interpreter finalizes is ended by CPython 3.11 to 3.13
-    with ``pthread_exit``, whose unwinding through that ``noexcept`` frame calls
-    ``std::terminate``: "terminate called without an active exception", SIGABRT, and a failed
-    rank after all of its work was done (pytorch/pytorch#117762; CPython gh-87135, where 3.14
-    hangs such a thread instead). Nothing is left to finalize: the step folders are written
-    and their files closed."""
+    -> ``PyEval_AcquireThread``: DCP's last broadcast, if the run loop thread drops its work
+    after the main thread dropped the tensors). A thread that asks for the GIL while the
+    interpreter finalizes is ended by CPython 3.11 to 3.13 with ``pthread_exit``, whose unwinding
+    through that ``noexcept`` frame calls ``std::terminate``: "terminate called without an
+    active exception", SIGABRT, and a failed rank after all of its work was done
+    (pytorch/pytorch#117762; CPython gh-87135, where 3.14 hangs such a thread instead).
+    ``tests/test_rank_exit.py`` schedules the threads so that it happens every time. Nothing
+    is left to finalize: the step folders are written and their files closed."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
