@@ -1,6 +1,7 @@
 # The two commands of README.md: `make demo` and `make test`. Each installs what it needs first.
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip install --disable-pip-version-check -q
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install install-test demo test lint
 
@@ -22,8 +23,9 @@ demo: install
 # tests/test_rank_exit.py schedules a rank's threads with gdb.
 test: install-test
 	bash launch/slurm_cluster.sh up
-	command -v gdb >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-		apt-get install -y -qq --no-install-recommends gdb >/dev/null; }
+	command -v gdb >/dev/null || $(SUDO) sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends gdb >/dev/null' \
+		|| echo "gdb could not be installed: tests/test_rank_exit.py skips (fails under CI=true)"
 	$(PYTHON) -m pytest -v --durations=15
 
 lint:

@@ -663,11 +663,11 @@ def write_steps_from_files(
     The weights go through a file that each rank maps, so the driver need not keep them in
     memory while the ranks run (the 500M demo would otherwise hold a third copy).
     """
-    start = time.perf_counter()
     # The ranks' rendezvous store, hosted here: this process outlives every rank.
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     with tempfile.TemporaryDirectory(prefix="titan2tune-demo-") as tmp:
         jobs = rank_jobs(specs, world_size, store.port, Path(tmp))
+        start = time.perf_counter()  # the ranks' time: not an old save's removal
         try:
             torch_mp.start_processes(
                 _rank_main, args=(jobs,), nprocs=world_size, join=True, start_method="spawn"

@@ -10,17 +10,21 @@ non-stop mode), then lets each go in turn:
 
 1. the main thread: the script's end, up to ``Py_FinalizeEx``;
 2. the held thread: it drops the work, up to ``PyEval_AcquireThread``;
-3. the main thread: the runtime marks itself finalizing (``_PyThreadState_DeleteExcept``
-   follows);
+3. the main thread: the runtime marks itself finalizing (``FINALIZING_AT`` follows);
 4. the held thread, to whatever end it meets.
 
 A rank that never reaches ``Py_FinalizeEx`` (``os._exit``) ends with steps 1 to 4 unreached.
 
 Environment: ``HOLD_AT``, the work to hold, counted from the rank's start (0: hold none, and
-print every work's type). Lines for the test start with ``schedule:``.
+say every work's type); ``FINALIZING_AT``, the CPython function ``Py_FinalizeEx`` calls just
+after it marks the runtime finalizing; ``SCHEDULE_LOG``, the file the schedule is said in (the
+rank's and gdb's own output share gdb's). x86-64 only: a work is read from ``$rdi``.
 """
 
+from __future__ import annotations
+
 import os
+from collections.abc import Callable
 
 import gdb
 
@@ -32,10 +36,11 @@ EXECUTE = (
 )
 MAIN = 1  # gdb's number for the first thread
 state: dict[str, int | None] = {"works": 0, "held": None}
+log = open(os.environ["SCHEDULE_LOG"], "a", buffering=1)  # noqa: SIM115 (gdb's lifetime)
 
 
 def say(line: str) -> None:
-    print(f"schedule: {line}", flush=True)
+    log.write(f"{line}\n")
 
 
 def resume(thread: int) -> None:
@@ -51,11 +56,13 @@ class Completed(gdb.FinishBreakpoint):
 
     def stop(self) -> bool:
         state["held"] = gdb.selected_thread().num
-        say(f"work {HOLD_AT} complete; its run loop thread is held")
+        say(f"work {HOLD_AT} complete; its run loop thread {state['held']} is held")
         return True
 
 
 class Execute(gdb.Breakpoint):
+    """Counts the works; stops the thread that starts work ``HOLD_AT`` (``on_stop`` goes on)."""
+
     def stop(self) -> bool:
         state["works"] += 1
         if HOLD_AT == 0:
@@ -64,38 +71,46 @@ class Execute(gdb.Breakpoint):
             vtable = gdb.parse_and_eval("**(void ***)$rdi")
             name = gdb.execute(f"info symbol {int(vtable)}", to_string=True)
             say(f"work {state['works']} {name.split('::')[-1].split()[0]}")
-        elif state["works"] == HOLD_AT:
-            Completed(gdb.newest_frame(), internal=True)
-        return False
+        return state["works"] == HOLD_AT
 
 
 class Step(gdb.Breakpoint):
     """Stops the thread it is for, once, and lets the next thread of the schedule go."""
 
-    def __init__(self, where: str, thread_of, then, what: str) -> None:
+    def __init__(
+        self, where: str, thread_of: Callable[[], int | None], then: Callable[[], int | None],
+        what: str,
+    ) -> None:  # fmt: skip
         super().__init__(where, internal=True)
         self.thread_of, self.then, self.what = thread_of, then, what
+        self.done = False  # breakpoints are not changed in stop(): a flag, not self.enabled
 
     def stop(self) -> bool:
-        if gdb.selected_thread().num != self.thread_of() or state["held"] is None:
+        then = self.then()
+        if self.done or gdb.selected_thread().num != self.thread_of() or then is None:
             return False
-        self.enabled = False  # one stop: a function may have more than one location
+        self.done = True
         say(self.what)
-        resume(self.then())
+        resume(then)
         return True
 
 
-def on_stop(event) -> None:
+def on_stop(event: gdb.StopEvent) -> None:
     if isinstance(event, gdb.SignalEvent):
         say(f"thread {gdb.selected_thread().num} received {event.stop_signal}")
         gdb.execute("bt 24")
         gdb.post_event(lambda: gdb.execute("continue -a &"))
+    elif isinstance(event, gdb.BreakpointEvent) and execute in event.breakpoints:
+        # Created here, not in Execute.stop, where gdb forbids adding breakpoints.
+        Completed(gdb.newest_frame(), internal=True)
+        resume(gdb.selected_thread().num)
 
 
-def on_exit(event) -> None:
+def on_exit(event: gdb.ExitedEvent) -> None:
     if hasattr(event, "exit_code"):
         say(f"exit code {event.exit_code}")
     say(f"works {state['works']}")
+    log.close()
     gdb.post_event(lambda: gdb.execute("quit"))
 
 
@@ -103,7 +118,7 @@ for setting in ("pagination off", "confirm off", "non-stop on", "breakpoint pend
     gdb.execute(f"set {setting}")
 gdb.events.stop.connect(on_stop)
 gdb.events.exited.connect(on_exit)
-Execute(EXECUTE, internal=True)
+execute = Execute(EXECUTE, internal=True)
 if HOLD_AT:
     Step("Py_FinalizeEx", lambda: MAIN, lambda: state["held"], "the main thread finalizes")
     Step(
@@ -113,7 +128,7 @@ if HOLD_AT:
         "the held thread, dropping the work, takes the GIL",
     )
     Step(
-        "_PyThreadState_DeleteExcept",
+        os.environ["FINALIZING_AT"],
         lambda: MAIN,
         lambda: state["held"],
         "the runtime is finalizing",
