@@ -1257,17 +1257,16 @@ def test_sigkill_during_write_leaves_no_output_and_next_run_succeeds(big, tmp_pa
     out = tmp_path / "out"
     cmd = command(target.overrides(checkpoint, out, batch_mb="32"), tmp_path / "hydra")
     partial = out / f".{target.name}.partial"
-    kill_points: dict[str, Callable[[], bool]] = {
-        "writing the structure": lambda: True,
-        "half the tensors written": lambda: _written_fraction(partial) >= 0.5,
-        "writing the last tensors": lambda: _written_fraction(partial) >= 0.9,
-        "reading the output back": lambda: False,  # the run kills itself (KILLED_IN_READ_BACK)
+    killed_in_read_back = [sys.executable, "-c", KILLED_IN_READ_BACK, *cmd[2:]]
+    # Each point: the run, and when to kill it.
+    kill_points: dict[str, tuple[list[str], Callable[[], bool]]] = {
+        "writing the structure": (cmd, lambda: True),
+        "half the tensors written": (cmd, lambda: _written_fraction(partial) >= 0.5),
+        "writing the last tensors": (cmd, lambda: _written_fraction(partial) >= 0.9),
+        "reading the output back": (killed_in_read_back, lambda: False),  # it kills itself
     }
-    for point, reached in kill_points.items():
+    for point, (argv, reached) in kill_points.items():
         stale = _identity(partial)  # left by the previous kill; this run must replace it
-        argv = cmd
-        if point == "reading the output back":
-            argv = [sys.executable, "-c", KILLED_IN_READ_BACK, *cmd[2:]]
         proc = subprocess.Popen(
             argv, cwd=REPO, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
