@@ -1,12 +1,17 @@
 """The I/O floor of a conversion: plain file reads and writes, no torch, no parsing.
 
-    python benchmarks/floor.py PLAN.json OUT [--fsync]
+    python benchmarks/floor.py PLAN.json OUT [--fsync] [--write-mib N]
 
 ``PLAN.json`` holds ``{"reads": [[path, offset, length], ...], "out_bytes": N}``: the byte
 ranges of the shard files that hold the tensors the converter's output needs, and that
 output's size. Reads every range into one reused buffer and, as it goes, writes the same
 proportion of ``out_bytes`` into ``OUT`` from it, streaming as the converter does; with
 ``--fsync`` then syncs ``OUT``, as the converter syncs its output before publishing it.
+
+Each write call copies at most ``--write-mib`` MiB (1, as the converter's calls do): the page
+cache sizes its folios by the write, and on some machines fresh large folios cost far more to
+fill (converter/filler.py). The benchmark also times 8 MiB calls, this script's size before,
+which shows the difference on the machine at hand.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ def main() -> None:
     parser.add_argument("plan")
     parser.add_argument("out")
     parser.add_argument("--fsync", action="store_true")
+    parser.add_argument("--write-mib", type=int, default=1, help="the most one write copies")
     args = parser.parse_args()
     with open(args.plan) as f:
         plan = json.load(f)
@@ -43,7 +49,7 @@ def main() -> None:
                     raise EOFError(f"{path} ends at byte {offset}")
                 offset, done_in = offset + got, done_in + got
                 # Write out_bytes in proportion to what has been read so far.
-                _write_all(out, buffer, out_bytes * done_in // in_bytes - done_out)
+                _write_all(out, buffer, out_bytes * done_in // in_bytes - done_out, args.write_mib)
                 done_out = out_bytes * done_in // in_bytes
         if args.fsync:
             os.fsync(out)
@@ -53,10 +59,11 @@ def main() -> None:
             os.close(fd)
 
 
-def _write_all(fd: int, buffer: memoryview, n: int) -> None:
-    """Writes ``n`` bytes from ``buffer``, repeating it if ``n`` exceeds its size."""
+def _write_all(fd: int, buffer: memoryview, n: int, write_mib: int) -> None:
+    """Writes ``n`` bytes from ``buffer``, repeating it if ``n`` exceeds its size, at most
+    ``write_mib`` MiB per call."""
     while n:
-        n -= os.write(fd, buffer[: min(n, len(buffer))])
+        n -= os.write(fd, buffer[: min(n, len(buffer), write_mib << 20)])
 
 
 if __name__ == "__main__":

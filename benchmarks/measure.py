@@ -44,6 +44,7 @@ class Method:
     workers: int | None = None  # ours; None: likewise
     tasks: int = 1  # ours, > 1: processes, as the submitit tasks of one job sharing it
     fsync: bool = True  # floor
+    write_mib: int = 1  # floor: the most one write call copies
     output_format: str = "meta"  # ours: meta (a .pt) or hf (a Hugging Face folder)
 
     @property
@@ -60,7 +61,15 @@ class Method:
         """What it does, the defaults resolved: two methods alike are one."""
         verify = CONF["verify"] if self.verify is None else self.verify
         workers = CONF["workers"] if self.workers is None else self.workers
-        return (self.kind, verify, workers, self.tasks, self.fsync, self.output_format)
+        return (
+            self.kind,
+            verify,
+            workers,
+            self.tasks,
+            self.fsync,
+            self.write_mib,
+            self.output_format,
+        )
 
 
 def _ours(
@@ -99,6 +108,8 @@ HF_VERIFY_2 = _ours("hf", verify=True, workers=2)
 DCP = Method("dcp_to_torch", "dcp")
 FLOOR = Method("I/O floor (fsync)", "floor", fsync=True)
 FLOOR_NOSYNC = Method("I/O floor (no fsync)", "floor", fsync=False)
+# The floor as it wrote before: 8 MiB per call (see floor.py).
+FLOOR_8MIB = Method("I/O floor (fsync, 8 MiB writes)", "floor", fsync=True, write_mib=8)
 # What a user does today for a Hugging Face checkpoint (llama3 only: torchtitan's adapter).
 HF_BASELINE = Method("DCP state dict + to_hf + save_file", "hf_baseline")
 LLAMA_METHODS = _distinct(
@@ -110,6 +121,7 @@ LLAMA_METHODS = _distinct(
     DCP,
     FLOOR,
     FLOOR_NOSYNC,
+    FLOOR_8MIB,
     HF_DEFAULTS,
     HF_FAST_2,
     HF_VERIFY_2,
@@ -117,7 +129,7 @@ LLAMA_METHODS = _distinct(
 )
 # qwen3 converts to a Hugging Face folder only (no torchtune builder takes its experts); the
 # dense input of its size is timed the same way.
-MOE_METHODS = _distinct(HF_DEFAULTS, HF_FAST_2, DCP, FLOOR, FLOOR_NOSYNC)
+MOE_METHODS = _distinct(HF_DEFAULTS, HF_FAST_2, DCP, FLOOR, FLOOR_NOSYNC, FLOOR_8MIB)
 # The full checkpoint's model saved weights-only: there for the bytes it reads and hashes.
 TWIN_METHODS = (DEFAULTS, FLOOR)
 # One run each in a memory cgroup: the conversions against dcp_to_torch on the 2.6 GB input,
@@ -234,7 +246,8 @@ def command(method: Method, case: Case, out: Path) -> list[str]:
             str(out),
         ]
     fsync = ["--fsync"] if method.fsync else []
-    return [sys.executable, str(HERE / "floor.py"), str(case.floor_plan), str(out), *fsync]
+    writes = ["--write-mib", str(method.write_mib)]
+    return [sys.executable, str(HERE / "floor.py"), str(case.floor_plan), str(out), *fsync, *writes]
 
 
 def run_child(argv: list[str], log: Path, cgroup: Path | None = None) -> dict:

@@ -476,8 +476,8 @@ def _create(out: Output, planned: _Planned, group: TaskGroup) -> tuple[list[Stag
             raise output_error(planned.output, e) from e
         staged.append(Staged(name, path, tensors, offsets))
     offsets = {n: (s.name, o) for s in staged for n, o in s.offsets.items()}
-    # Mapped writes for a lone run; tasks on several nodes write through pwrite (see filler).
-    return staged, out.filler(offsets, mapped=not group.shared)
+    # Blocks allocated up front for a lone run, not for tasks on several nodes (see filler).
+    return staged, out.filler(offsets, allocate=not group.shared)
 
 
 def _fill(planned: _Planned, filler: Filler, sources: Collection[str], group: TaskGroup) -> Filled:

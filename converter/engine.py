@@ -154,15 +154,10 @@ def convert_tensors(
                     source_rows = window[lo - start : hi - start]
                     row_bytes = _row_bytes(tensor.shape, tensor.dtype)
                     offset = (p.dst_start + lo - p.src_start) * row_bytes
-                    target = out.target(tensor.name, offset, (hi - lo) * row_bytes)
-                    space = buffer[read_bytes:] if target is None else target
-                    data = _cast_into(source_rows, tensor.dtype, space, p, target is not None)
+                    data = _cast_into(source_rows, tensor.dtype, buffer[read_bytes:], p)
                     if not allow_nonfinite and data.is_floating_point():
                         _check_finite(data, source_rows, tensor, key, step_dir)
-                    if target is None:
-                        out.write(tensor.name, offset, data)
-                    else:
-                        out.wrote(tensor.name, data.nbytes)
+                    out.write(tensor.name, offset, data)
                     region_digest = xxhash.xxh3_64_intdigest(data.view(torch.uint8).numpy())
                     with lock:
                         regions[tensor.name].append(Region(offset, data.nbytes, region_digest))
@@ -230,12 +225,11 @@ def _windows(
 
 
 def _cast_into(
-    rows: torch.Tensor, dtype: torch.dtype, space: torch.Tensor, piece: Piece, copy: bool
+    rows: torch.Tensor, dtype: torch.dtype, space: torch.Tensor, piece: Piece
 ) -> torch.Tensor:
     """``rows`` cast to ``dtype`` and reordered as ``piece`` says, written into ``space`` (no
-    allocation); ``rows`` as they are if neither is needed, unless ``copy`` (``space`` is the
-    output itself)."""
-    if rows.dtype == dtype and rows.is_contiguous() and piece.reorder is None and not copy:
+    allocation); ``rows`` as they are if neither is needed."""
+    if rows.dtype == dtype and rows.is_contiguous() and piece.reorder is None:
         return rows
     target = space[: rows.numel() * dtype.itemsize].view(dtype).view(rows.shape)
     if piece.reorder is None:

@@ -5,18 +5,23 @@ byte range before any is written. The run that created the files fills them, and
 tasks of a SLURM job that share the conversion (``converter.tasks``), each with a ``Filler`` of
 its own on the same files: the writes need no coordination.
 
-A lone run allocates the files' blocks first and casts each window straight into a shared
-mapping of its place in the file: no copy through a write call, and no block allocated while the
-workers write (together worth a third of the write time of a large output on this project's
-machines; see benchmarks/). The allocation is also what makes mapped writes safe: a full disk
-fails it, up front, with ENOSPC, where a write to a mapped page of a sparse file would kill the
-process (SIGBUS). Tasks on several nodes write through ``pwrite`` instead: a network file system
-writes a mapped page back whole, and two nodes' neighbouring tensors can share one.
+Bytes go in through ``pwrite``, at most 1 MiB per call. The page cache sizes its folios by
+the write, and a call of several MiB takes fresh multi-MiB folios: on a VM whose host takes
+back the guest's free memory in large blocks (free page reporting, as on the benchmark
+machine), the copy into those ran several times slower than into the smaller folios of 1 MiB
+calls (benchmarks/RESULTS.md: the floor's 8 MiB rows).
+Each cast lands in the worker's pooled buffer first. Writing through shared mappings of the
+file instead saves that copy but costs more: a page fault per 4 KiB, and a mapping set up and
+torn down per tensor, hundreds of them for a mixture-of-experts model's experts.
+
+A lone run allocates the files' blocks first: a full disk then fails up front, with ENOSPC,
+rather than after minutes of work. Tasks on
+several nodes skip that: on a network file system ``posix_fallocate`` may be emulated by writing
+zeros, over another node's tensors.
 """
 
 from __future__ import annotations
 
-import mmap
 import os
 import threading
 from concurrent.futures import Future, wait
@@ -28,6 +33,8 @@ from converter.errors import output_error
 
 # Write-back starts every this many bytes written to a file (see _Flusher).
 _FLUSH_BYTES = 128 << 20
+# The most one write call copies (see the module's docstring).
+_WRITE_BYTES = 1 << 20
 
 
 class Filler:
@@ -39,22 +46,21 @@ class Filler:
         offsets: dict[str, tuple[str, int]],
         output: Path,
         *,
-        mapped: bool = False,
+        allocate: bool = False,
     ) -> None:
         """``files``: the files by their name in the output (``""`` for a one-file output) ->
         the partial file being written; ``offsets``: tensor -> (file, byte offset of its data);
-        ``output``: the final name, which error messages give. ``mapped``: allocate the files
-        and write through mappings (a lone run; see the module's docstring)."""
+        ``output``: the final name, which error messages give. ``allocate``: allocate the
+        files' blocks first (a lone run; see the module's docstring)."""
         self.files = files
         self.offsets = offsets
         self._output = output
         self._fds: dict[str, int] = {}
         self._syncing: Future[None] | None = None
-        self._mapped = mapped
         try:
             for name, path in files.items():
-                self._fds[name] = os.open(path, os.O_RDWR if mapped else os.O_WRONLY)
-                if mapped:
+                self._fds[name] = os.open(path, os.O_WRONLY)
+                if allocate:
                     os.posix_fallocate(self._fds[name], 0, os.fstat(self._fds[name]).st_size)
         except OSError as e:
             self.close()
@@ -64,29 +70,6 @@ class Filler:
     @property
     def closed(self) -> bool:
         return not self._fds
-
-    def target(self, name: str, byte_offset: int, nbytes: int) -> torch.Tensor | None:
-        """``nbytes`` of tensor ``name``'s data from ``byte_offset``, as a uint8 tensor over a
-        shared mapping of the file, to write into (then :meth:`wrote`); None where writes go
-        through :meth:`write`. The mapping lasts as long as the tensor."""
-        if not self._mapped or not nbytes:
-            return None
-        file, start = self.offsets[name]
-        pos = start + byte_offset
-        aligned = pos - pos % mmap.ALLOCATIONGRANULARITY
-        try:
-            mapping = mmap.mmap(self._fds[file], nbytes + pos - aligned, offset=aligned)
-        except OSError as e:
-            raise output_error(self._output, e) from e
-        return torch.frombuffer(mapping, dtype=torch.uint8)[pos - aligned :]
-
-    def wrote(self, name: str, nbytes: int) -> None:
-        """Counts ``nbytes`` written into a :meth:`target`, for the write-back behind."""
-        try:
-            self._flusher.check()
-        except OSError as e:
-            raise output_error(self._output, e) from e
-        self._flusher.wrote(self._fds[self.offsets[name][0]], nbytes)
 
     def write(self, name: str, byte_offset: int, data: torch.Tensor) -> None:
         """Writes ``data``'s bytes at ``byte_offset`` within tensor ``name``'s data."""
@@ -99,7 +82,7 @@ class Filler:
         try:
             self._flusher.check()
             while view:
-                written = os.pwrite(fd, view, pos)
+                written = os.pwrite(fd, view[:_WRITE_BYTES], pos)
                 view, pos = view[written:], pos + written
                 self._flusher.wrote(fd, written)
         except OSError as e:

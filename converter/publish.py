@@ -110,11 +110,11 @@ class Output:
         self._staged[name] = path
         return path
 
-    def filler(self, offsets: dict[str, tuple[str, int]], mapped: bool = False) -> Filler:
+    def filler(self, offsets: dict[str, tuple[str, int]], allocate: bool = False) -> Filler:
         """The means to fill the staged files' tensors (tensor -> (file, byte offset));
-        ``mapped``: through mappings (see ``converter.filler``). Closed when the output is,
-        whatever happens."""
-        self._filler = Filler(dict(self._staged), offsets, self.path, mapped=mapped)
+        ``allocate``: their blocks first (see ``converter.filler``). Closed when the output
+        is, whatever happens."""
+        self._filler = Filler(dict(self._staged), offsets, self.path, allocate=allocate)
         return self._filler
 
     def publish(self, described: dict[Path, Content] | None = None) -> None:
