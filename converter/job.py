@@ -194,6 +194,7 @@ def _slurm_info() -> SlurmInfo | None:
         return None
     paths = job.paths
     return SlurmInfo(
+        cluster=job.cluster,
         job_id=str(job.job_id),
         hostname=job.hostname,
         stdout=str(paths.stdout).replace("%t", str(job.global_rank)),
@@ -207,8 +208,10 @@ def _slurm_info() -> SlurmInfo | None:
 def _name_slurm_job(slurm: SlurmInfo | None, experiment: str) -> None:
     """A sweep is one SLURM job array, all of whose elements carry the launcher's one job name;
     each element renames itself for its experiment, so that squeue and sacct tell them apart.
-    Best effort: a cluster that refuses it only keeps the array's name."""
-    if slurm is None or slurm.task != 0:
+    Best effort: a cluster that refuses it only keeps the array's name. A local submitit job
+    has no SLURM job to rename (and an scontrol with no controller to answer retries for
+    seconds)."""
+    if slurm is None or slurm.cluster != "slurm" or slurm.task != 0:
         return
     name = f"titan2tune:{experiment}"
     try:

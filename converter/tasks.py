@@ -42,6 +42,7 @@ _POLL_S = 0.2
 class SlurmInfo:
     """Where a job runs on SLURM: its id, its task among the job's tasks, its logs."""
 
+    cluster: str  # submitit's executor: "slurm", or "local" (this machine, no scheduler)
     job_id: str
     hostname: str
     stdout: str

@@ -1,5 +1,5 @@
 """How the tasks of a SLURM job deal out one conversion (the shared run itself is exercised on
-the real cluster in test_slurm.py)."""
+the real cluster in test_slurm.py), and what a task does only on SLURM."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from converter.tasks import TaskGroup
+from converter import job
+from converter.tasks import SlurmInfo, TaskGroup
 
 
 @pytest.mark.parametrize("count", [1, 2, 3, 8])
@@ -31,3 +32,16 @@ def test_a_lone_task_takes_everything_and_talks_to_no_one(tmp_path):
     assert sorted(group.share_of(sizes)) == ["a", "b"]
     group.announce({"status": "fill"})  # no folder, no files
     assert not group.announced and group.answers() == {}
+
+
+@pytest.mark.parametrize("cluster, renamed", [("slurm", True), ("local", False)])
+def test_only_a_slurm_job_renames_itself(monkeypatch, cluster, renamed):
+    """A sweep's SLURM job renames itself for its experiment (on the real cluster in
+    test_slurm.py); a local submitit job has no SLURM job, and an scontrol without a controller
+    would hold the task for seconds before it fails."""
+    calls = []
+    monkeypatch.setattr(job.subprocess, "run", lambda argv, **_: calls.append(argv))
+    info = SlurmInfo(cluster, "42", "node", "out", "err", task=0, tasks=2, restart=0)
+    job._name_slurm_job(info, "debug")
+    expected = [["scontrol", "update", "JobId=42", "JobName=titan2tune:debug"]]
+    assert calls == (expected if renamed else [])
