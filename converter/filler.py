@@ -9,15 +9,14 @@ Bytes go in through ``pwrite``, at most 1 MiB per call. The page cache sizes its
 the write, and a call of several MiB takes fresh multi-MiB folios: on a VM whose host takes
 back the guest's free memory in large blocks (free page reporting, as on the benchmark
 machine), the copy into those ran several times slower than into the smaller folios of 1 MiB
-calls (benchmarks/RESULTS.md: the floor's 8 MiB rows).
-Each cast lands in the worker's pooled buffer first. Writing through shared mappings of the
-file instead saves that copy but costs more: a page fault per 4 KiB, and a mapping set up and
-torn down per tensor, hundreds of them for a mixture-of-experts model's experts.
+calls (benchmarks/RESULTS.md: the floor's 8 MiB rows). Each cast lands in the worker's pooled
+buffer first. Writing through shared mappings of the file instead saves that copy but costs
+more: a page fault per 4 KiB, and a mapping set up and torn down per tensor, hundreds of them
+for a mixture-of-experts model's experts.
 
 A lone run allocates the files' blocks first: a full disk then fails up front, with ENOSPC,
-rather than after minutes of work. Tasks on
-several nodes skip that: on a network file system ``posix_fallocate`` may be emulated by writing
-zeros, over another node's tensors.
+rather than after minutes of work. Tasks on several nodes skip that: on a network file system
+``posix_fallocate`` may be emulated by writing zeros, over another node's tensors.
 """
 
 from __future__ import annotations
