@@ -30,6 +30,8 @@ def main() -> None:
     parser.add_argument("--fsync", action="store_true")
     parser.add_argument("--write-mib", type=int, default=1, help="the most one write copies")
     args = parser.parse_args()
+    if args.write_mib < 1:
+        parser.error("--write-mib must be at least 1")
     with open(args.plan) as f:
         plan = json.load(f)
     reads, out_bytes = plan["reads"], plan["out_bytes"]
@@ -60,10 +62,13 @@ def main() -> None:
 
 
 def _write_all(fd: int, buffer: memoryview, n: int, write_mib: int) -> None:
-    """Writes ``n`` bytes from ``buffer``, repeating it if ``n`` exceeds its size, at most
-    ``write_mib`` MiB per call."""
+    """Writes ``n`` bytes from ``buffer``, at most ``write_mib`` MiB per call, each call from
+    the next bytes of the buffer (as the converter's calls come from the next bytes of a
+    window), wrapping around at its end."""
+    pos = 0
     while n:
-        n -= os.write(fd, buffer[: min(n, len(buffer), write_mib << 20)])
+        written = os.write(fd, buffer[pos : pos + min(n, write_mib << 20)])
+        n, pos = n - written, (pos + written) % len(buffer)
 
 
 if __name__ == "__main__":

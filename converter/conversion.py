@@ -476,7 +476,7 @@ def _create(out: Output, planned: _Planned, group: TaskGroup) -> tuple[list[Stag
             raise output_error(planned.output, e) from e
         staged.append(Staged(name, path, tensors, offsets))
     offsets = {n: (s.name, o) for s in staged for n, o in s.offsets.items()}
-    # Blocks allocated up front for a lone run, not for tasks on several nodes (see filler).
+    # Blocks allocated up front for a lone run, not for tasks sharing it (see filler).
     return staged, out.filler(offsets, allocate=not group.shared)
 
 

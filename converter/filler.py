@@ -15,8 +15,9 @@ more: a page fault per 4 KiB, and a mapping set up and torn down per tensor, hun
 for a mixture-of-experts model's experts.
 
 A lone run allocates the files' blocks first: a full disk then fails up front, with ENOSPC,
-rather than after minutes of work. Tasks on several nodes skip that: on a network file system
-``posix_fallocate`` may be emulated by writing zeros, over another node's tensors.
+rather than after minutes of work. Tasks that share a conversion skip that: they may run on
+several nodes, and on a network file system ``posix_fallocate`` may be emulated by writing
+zeros, over another task's tensors.
 """
 
 from __future__ import annotations
@@ -58,7 +59,9 @@ class Filler:
         self._syncing: Future[None] | None = None
         try:
             for name, path in files.items():
-                self._fds[name] = os.open(path, os.O_WRONLY)
+                # Read and write: where the file system cannot allocate, glibc's
+                # posix_fallocate falls back to reading and writing a byte per block.
+                self._fds[name] = os.open(path, os.O_RDWR if allocate else os.O_WRONLY)
                 if allocate:
                     os.posix_fallocate(self._fds[name], 0, os.fstat(self._fds[name]).st_size)
         except OSError as e:

@@ -177,7 +177,8 @@ def _environment(slurm: SlurmInfo | None) -> dict[str, str]:
         hc = HydraConfig.get()
         env["log_path"] = str(Path(hc.runtime.output_dir) / f"{hc.job.name}.log")
     if slurm:
-        env["slurm_job_id"] = slurm.job_id
+        if slurm.cluster == "slurm":  # a local submitit job's id is a process id
+            env["slurm_job_id"] = slurm.job_id
         env["log_path"] = slurm.stderr
     return env
 

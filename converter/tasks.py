@@ -40,9 +40,10 @@ _POLL_S = 0.2
 
 @dataclass(frozen=True)
 class SlurmInfo:
-    """Where a job runs on SLURM: its id, its task among the job's tasks, its logs."""
+    """Where a submitit job runs (on SLURM, or locally): its id, its task among the job's
+    tasks, its logs."""
 
-    cluster: str  # submitit's executor: "slurm", or "local" (this machine, no scheduler)
+    cluster: str  # submitit's executor: "slurm"; "local" or "debug" (this machine, no SLURM)
     job_id: str
     hostname: str
     stdout: str
