@@ -393,7 +393,9 @@ def test_killed_then_preempted_conversion_finishes_when_resubmitted(demo_root, t
     root, saved = demo_root
     out = tmp_path / "preempt" / "final_model.pt"
     partial = out.with_name(f".{out.name}.partial")
-    overrides = ("experiment=500M", f"experiment.output={out}")
+    # One worker and a sha256 pass keep the job converting for seconds after its tensors begin
+    # to stream, longer than the preemption signal takes to arrive (two workers take ~1 s).
+    overrides = ("experiment=500M", f"experiment.output={out}", "workers=1", "sha256=true")
 
     # 1. Killed: SIGKILL to the job step's task, as the out-of-memory killer sends it, so no
     # handler runs and nothing is cleaned up. (`scancel <job>` would send SIGTERM first, which
