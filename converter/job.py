@@ -177,7 +177,7 @@ def _environment(slurm: SlurmInfo | None) -> dict[str, str]:
         hc = HydraConfig.get()
         env["log_path"] = str(Path(hc.runtime.output_dir) / f"{hc.job.name}.log")
     if slurm:
-        if slurm.cluster == "slurm":  # a local submitit job's id is a process id
+        if slurm.on_slurm:
             env["slurm_job_id"] = slurm.job_id
         env["log_path"] = slurm.stderr
     return env
@@ -212,7 +212,7 @@ def _name_slurm_job(slurm: SlurmInfo | None, experiment: str) -> None:
     Best effort: a cluster that refuses it only keeps the array's name. A local submitit job
     has no SLURM job to rename (and an scontrol with no controller to answer retries for
     seconds)."""
-    if slurm is None or slurm.cluster != "slurm" or slurm.task != 0:
+    if slurm is None or not slurm.on_slurm or slurm.task != 0:
         return
     name = f"titan2tune:{experiment}"
     try:

@@ -52,6 +52,11 @@ class SlurmInfo:
     tasks: int
     restart: int  # a requeued job keeps its id; this tells its attempts apart
 
+    @property
+    def on_slurm(self) -> bool:
+        """A SLURM job (a local submitit job's id is a process id, with no job to name)."""
+        return self.cluster == "slurm"
+
 
 @dataclass(frozen=True)
 class TaskGroup:
