@@ -46,16 +46,15 @@ class FormatConfig:
         """Value checks a type cannot express; raises ValueError."""
 
 
-def check_loaded(loaded: Mapping[str, torch.Tensor], tensors: list[OutputTensor]) -> None:
+def check_loaded(
+    loaded: Mapping[str, tuple[tuple[int, ...], torch.dtype | str]], tensors: list[OutputTensor]
+) -> None:
     """Raises ValueError naming the first planned tensor whose dtype or shape differs in the
-    output as its consumer loaded it."""
+    output as its consumer loaded it (``loaded``: name -> shape, dtype)."""
     for spec in tensors:
-        tensor = loaded[spec.name]
-        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
-            raise ValueError(
-                f"{spec.name!r} is {tensor.dtype}{tuple(tensor.shape)}, "
-                f"expected {spec.dtype}{spec.shape}"
-            )
+        shape, dtype = loaded[spec.name]
+        if shape != spec.shape or dtype != spec.dtype:
+            raise ValueError(f"{spec.name!r} is {dtype}{shape}, expected {spec.dtype}{spec.shape}")
 
 
 @dataclass(frozen=True)

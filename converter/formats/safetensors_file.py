@@ -16,7 +16,6 @@ torchtitan's ``HuggingFaceStorageReader`` read the file.
 from __future__ import annotations
 
 import json
-import os
 import struct
 from pathlib import Path
 
@@ -96,16 +95,22 @@ def create(path: Path, tensors: list[OutputTensor]) -> dict[str, int]:
 
 def read_back(path: Path, tensors: list[OutputTensor]) -> dict[str, int]:
     """Opens the file with ``safe_open`` as its consumers do, checks that it holds ``tensors``
-    (names, dtypes, shapes, metadata), and returns where each tensor's bytes lie in the file as
-    safe_open maps it. Raises ValueError with what differs."""
+    (names, dtypes, shapes, metadata), and returns where each tensor's bytes lie in the file.
+    Raises ValueError with what differs.
+
+    safe_open accepts a header only if its byte ranges are back to back and cover the data to
+    the file's end, each as long as its dtype and shape say: the ranges it accepted are where
+    it maps each tensor's bytes. The tensors are taken as slices, which read the header only;
+    a tensor from ``get_tensor`` costs a storage per tensor, thousands for a
+    mixture-of-experts model's experts."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = f.metadata()
             names = set(f.keys())
-            # Views into safe_open's mapping of the file: no byte is read here.
-            loaded = {t.name: f.get_tensor(t.name) for t in tensors if t.name in names}
+            slices = {t.name: f.get_slice(t.name) for t in tensors if t.name in names}
+            loaded = {n: (tuple(s.get_shape()), s.get_dtype()) for n, s in slices.items()}
     except Exception as e:
         raise ValueError(f"it does not open with safetensors' safe_open: {e}") from e
     if metadata != METADATA:
@@ -116,30 +121,12 @@ def read_back(path: Path, tensors: list[OutputTensor]) -> dict[str, int]:
             "its keys differ from the planned ones: missing "
             f"{sorted(planned - names)}, unexpected {sorted(names - planned)}"
         )
-    check_loaded(loaded, tensors)
-    return _offsets(path, loaded)
-
-
-def _offsets(path: Path, loaded: dict[str, torch.Tensor]) -> dict[str, int]:
-    """Each tensor's offset in the file, from where safe_open's mapping puts its data.
-
-    The tensors are views into one mapping of the whole file, so their data pointers differ as
-    their offsets do; safetensors requires the data to cover the end of the file exactly, which
-    places the first. The offsets are checked against the header as written, too."""
-    placed = sorted((t.data_ptr(), t.nbytes, name) for name, t in loaded.items() if t.nbytes)
-    total = sum(n for _, n, _ in placed)
-    start = os.path.getsize(path) - total
-    offsets = {name: start for name in loaded}
-    for ptr, _, name in placed:
-        offsets[name] = start + ptr - placed[0][0]
-    for (ptr, n, name), (nxt, _, _) in zip(placed, placed[1:], strict=False):
-        if nxt != ptr + n:
-            raise ValueError(f"the bytes of {name!r} are not followed by the next tensor's")
+    by_name = {name: dtype for dtype, name in DTYPES.items()}
+    check_loaded(
+        {n: (shape, by_name.get(dtype, dtype)) for n, (shape, dtype) in loaded.items()}, tensors
+    )
     with open(path, "rb") as f:
         (length,) = _LENGTH.unpack(f.read(_LENGTH.size))
         entries = json.loads(f.read(length))
     data = _LENGTH.size + length
-    for name, offset in offsets.items():
-        if loaded[name].nbytes and data + entries[name]["data_offsets"][0] != offset:
-            raise ValueError(f"safe_open places {name!r} elsewhere than its header says")
-    return offsets
+    return {t.name: data + entries[t.name]["data_offsets"][0] for t in tensors}

@@ -68,7 +68,7 @@ class TorchSaveFormat(OutputFormat):
             raise ValueError(f"it does not load with torch.load(weights_only=True): {e}") from e
         if not isinstance(loaded, dict) or list(loaded) != [t.name for t in tensors]:
             raise ValueError("its keys differ from the planned ones")
-        check_loaded(loaded, tensors)
+        check_loaded({n: (tuple(t.shape), t.dtype) for n, t in loaded.items()}, tensors)
         try:
             return record_offsets(path, loaded)
         except Exception as e:
