@@ -20,6 +20,8 @@ Variants (torchtitan's own config builders, small enough to write in seconds):
   ``mlp_only_layers``);
 * ``moe_wide``: as ``moe`` with 64 experts of width 512: each stacked expert tensor is 8 MiB
   in float32, larger than the smallest ``batch_mb`` many times over;
+* ``debugmodel_moe_16``: torchtitan's ``debugmodel_moe`` with its 8 layers built twice over,
+  16 layers, 2.5 GB in float32 (the benchmark's MoE input);
 * any flavor torchtitan registers (``debugmodel``, ``debugmodel_moe``, ...): the MoE
   debugmodel's full checkpoint is 3.6 GB and takes minutes.
 
@@ -41,6 +43,7 @@ its reference logits hold for every layout.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 from pathlib import Path
@@ -50,7 +53,7 @@ import torch
 
 from tests.peers import titan_writer
 
-VARIANTS = ("dense_tied", "moe", "moe_mixed", "moe_wide")
+VARIANTS = ("dense_tied", "moe", "moe_mixed", "moe_wide", "debugmodel_moe_16")
 EXPERT_BIAS = ("zero", "trained")
 # The tiny variants' sizes.
 _DIM, _LAYERS, _HEADS, _KV_HEADS, _HEAD_DIM, _VOCAB = 64, 2, 4, 2, 32, 128
@@ -188,6 +191,9 @@ def model_config(variant: str, attn_backend: str = "flex"):
 
     if variant in qwen3_configs:
         return qwen3_configs[variant](attn_backend=attn_backend)
+    if variant == "debugmodel_moe_16":
+        cfg = qwen3_configs["debugmodel_moe"](attn_backend=attn_backend)
+        return dataclasses.replace(cfg, layers=[*cfg.layers, *copy.deepcopy(cfg.layers)])
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS} or {qwen3_configs}")
     attention = dict(
