@@ -174,20 +174,23 @@ def read_index(step_dir: Path) -> Metadata:
         return pickle.load(f)
 
 
-def overwrite_tensor_bytes(step_dir: Path, key: str, value: bytes) -> None:
-    """Overwrites the first stored values of ``key`` in place, leaving the blob's structure
-    intact, as a bit flip or a stray write would: only a value check can notice."""
+def overwrite_tensor_bytes(
+    step_dir: Path, key: str, value: bytes, chunk_index: int = 0, at: int = 0
+) -> None:
+    """Overwrites stored values of ``key`` in place, from byte ``at`` of its chunk
+    ``chunk_index`` on, leaving the blob's structure intact, as a bit flip or a stray write
+    would: only a value check can notice."""
     index = read_index(step_dir)
-    chunk = index.state_dict_metadata[key].chunks[0]
+    chunk = index.state_dict_metadata[key].chunks[chunk_index]
     info = index.storage_data[MetadataIndex(key, chunk.offsets)]
     path = step_dir / info.relative_path
     with open(path, "r+b") as f:
         f.seek(info.offset)
         blob = f.read(info.length)
         stored = torch.load(io.BytesIO(blob), weights_only=True)
-        at = blob.find(stored.contiguous().view(torch.uint8).numpy().tobytes())
-        assert at > 0, f"the bytes of {key} not found in their blob"
-        f.seek(info.offset + at)
+        found = blob.find(stored.contiguous().view(torch.uint8).numpy().tobytes())
+        assert found > 0, f"the bytes of {key} not found in their blob"
+        f.seek(info.offset + found + at)
         f.write(value)
 
 

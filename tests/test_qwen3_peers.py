@@ -22,6 +22,7 @@ the check fails for them.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -473,3 +474,35 @@ def test_stacked_experts_larger_than_the_budget_stream_in_windows(qwen3_run, tmp
     ours = hf_loader.hf_tensors(output)
     assert sorted(ours) == sorted(expected)
     assert all(torch.equal(ours[name], tensor) for name, tensor in expected.items())
+
+
+def test_a_nan_in_one_expert_is_reported_for_that_experts_tensor(qwen3_run, tmp_path):
+    """A window of stacked experts feeds dozens of output tensors, one per expert: a NaN in one
+    expert's rows stops the run naming that expert's output tensor, and only it."""
+    from converter import job
+    from tests.conftest import compose
+    from tests.test_faults import overwrite_tensor_bytes
+
+    info, _ = qwen3_run(variant="moe_wide")
+    step_dir = tmp_path / "checkpoint" / "step-3"
+    shutil.copytree(info["step_dirs"]["step-3"], step_dir)
+    key = "layers.0.moe.routed_experts.inner_experts.w1_EFD"
+    per_expert = info["moe_hidden_dim"] * info["dim"] * 4
+    # Expert 37: the sixth of the second chunk (FSDP2 shards the 64 experts over two ranks).
+    overwrite_tensor_bytes(step_dir, key, b"\xff" * 64, chunk_index=1, at=5 * per_expert)
+    output = tmp_path / "out"
+    cfg = compose(
+        [
+            "experiment=debug",
+            f"experiment.checkpoint_dir={step_dir.parent}",
+            f"experiment.output={output}",
+            "experiment.step=3",
+            "output_format=hf",
+            *model_overrides(info),
+        ]
+    )
+    result = job.run(cfg)
+    assert result.status == "failed"
+    assert f"{key!r} in {step_dir} holds 16 NaN/Inf values" in result.error
+    assert "(output 'model.layers.0.mlp.experts.37.gate_proj.weight')" in result.error
+    assert not output.exists()
