@@ -2,7 +2,7 @@
 Hugging Face export, what a user does today (``hf_baseline.py``).
 
     python benchmarks/run.py --work benchmarks/work --repeats 5
-    python benchmarks/run.py --work benchmarks/work --inputs weights_2300M moe_debug
+    python benchmarks/run.py --work benchmarks/work --inputs weights_2300M moe_630M
     python benchmarks/run.py --work benchmarks/work --report-only
     python benchmarks/run.py --work /tmp/benchwork --repeats 1 --small     # a smoke run
 
@@ -39,6 +39,7 @@ from measure import (
     CGROUP_RUNS,
     Case,
     benchmark,
+    evict,
     in_cgroup,
     methods_for,
     prepare,
@@ -122,6 +123,7 @@ def run_all(args: argparse.Namespace, work: Path, results: dict) -> None:
     for inp in selected:
         case = cases[inp.name] = Case(inp, work, methods_for(inp))
         print(f"{inp.name}: reference conversion, then {args.repeats} repeats", flush=True)
+        evict(*(i.step_dir(work) for i in selected))
         prepare(case, logs)
         benchmark(case, args.repeats, logs)
         results["cases"][inp.name] = case.record() | {"run": run_id}
