@@ -323,11 +323,12 @@ def warm(step_dir: Path) -> None:
 
 def evict(*step_dirs: Path) -> None:
     """Drops the files of ``step_dirs`` from the page cache (written back first). Before each
-    input's runs every input is dropped, so that the runs find their input as read from the
-    disk, whenever it was built, and the cache holding no other input, whichever ran before.
-    A checkpoint just written by its builder is still cached from the writes, and mapped more
-    slowly: for the MoE input, built minutes before, the conversion's mapping of the source
-    took 0.23 s instead of 0.07 s after this (the manifest's phases, three runs each)."""
+    input's runs the run's inputs are dropped, so that the runs find their input cached as a
+    read puts it there, whenever it was built, and no other input cached beside it, whichever
+    ran before. A checkpoint just written by its builder is still cached from the writes, and
+    mapped more slowly: for the MoE input, built minutes before, the conversion's mapping of
+    the source took 0.23 s instead of 0.07 s after this (the manifest's phases, three runs
+    each)."""
     for step_dir in step_dirs:
         for path in step_dir.iterdir():
             fd = os.open(path, os.O_RDONLY)

@@ -190,6 +190,7 @@ def overwrite_tensor_bytes(
         stored = torch.load(io.BytesIO(blob), weights_only=True)
         found = blob.find(stored.contiguous().view(torch.uint8).numpy().tobytes())
         assert found > 0, f"the bytes of {key} not found in their blob"
+        assert at + len(value) <= stored.nbytes, f"{key}'s chunk ends before byte {at}"
         f.seek(info.offset + found + at)
         f.write(value)
 

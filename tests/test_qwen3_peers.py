@@ -487,8 +487,10 @@ def test_a_nan_in_one_expert_is_reported_for_that_experts_tensor(qwen3_run, tmp_
     step_dir = tmp_path / "checkpoint" / "step-3"
     shutil.copytree(info["step_dirs"]["step-3"], step_dir)
     key = "layers.0.moe.routed_experts.inner_experts.w1_EFD"
-    per_expert = info["moe_hidden_dim"] * info["dim"] * 4
+    per_expert = info["moe_hidden_dim"] * info["dim"] * 4  # saved in float32
     # Expert 37: the sixth of the second chunk (FSDP2 shards the 64 experts over two ranks).
+    chunks = FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata[key].chunks
+    assert chunks[1].offsets[0] == 32
     overwrite_tensor_bytes(step_dir, key, b"\xff" * 64, chunk_index=1, at=5 * per_expert)
     output = tmp_path / "out"
     cfg = compose(
@@ -505,4 +507,5 @@ def test_a_nan_in_one_expert_is_reported_for_that_experts_tensor(qwen3_run, tmp_
     assert result.status == "failed"
     assert f"{key!r} in {step_dir} holds 16 NaN/Inf values" in result.error
     assert "(output 'model.layers.0.mlp.experts.37.gate_proj.weight')" in result.error
+    assert result.error.count("mlp.experts.") == 1
     assert not output.exists()

@@ -39,7 +39,7 @@ FLAVORS = (
     "30B-A3B",
     "235B-A22B",
 )
-TINY = qwen3_writer.VARIANTS  # dense_tied, moe, moe_mixed
+TINY = qwen3_writer.VARIANTS
 TRAINING = {"optimizer.state.layers.0.attention.wo.weight.exp_avg": ((64, 128), torch.float32)}
 
 

@@ -47,7 +47,7 @@ class FormatConfig:
 
 
 def check_loaded(
-    loaded: Mapping[str, tuple[tuple[int, ...], torch.dtype | str]], tensors: list[OutputTensor]
+    loaded: Mapping[str, tuple[tuple[int, ...], torch.dtype]], tensors: list[OutputTensor]
 ) -> None:
     """Raises ValueError naming the first planned tensor whose dtype or shape differs in the
     output as its consumer loaded it (``loaded``: name -> shape, dtype)."""

@@ -100,9 +100,10 @@ def read_back(path: Path, tensors: list[OutputTensor]) -> dict[str, int]:
 
     safe_open accepts a header only if its byte ranges are back to back and cover the data to
     the file's end, each as long as its dtype and shape say: the ranges it accepted are where
-    it maps each tensor's bytes. The tensors are taken as slices, which read the header only;
-    a tensor from ``get_tensor`` costs a storage per tensor, thousands for a
-    mixture-of-experts model's experts."""
+    it maps each tensor's bytes. The tensors are taken as slices, which read the header only
+    (a tensor from ``get_tensor`` costs a storage each, thousands for a mixture-of-experts
+    model's experts), but for one tensor of each dtype, which gives the torch dtype that the
+    header's name loads as."""
     from safetensors import safe_open
 
     try:
@@ -110,7 +111,9 @@ def read_back(path: Path, tensors: list[OutputTensor]) -> dict[str, int]:
             metadata = f.metadata()
             names = set(f.keys())
             slices = {t.name: f.get_slice(t.name) for t in tensors if t.name in names}
-            loaded = {n: (tuple(s.get_shape()), s.get_dtype()) for n, s in slices.items()}
+            one_of = {s.get_dtype(): n for n, s in slices.items()}
+            loads_as = {dtype: f.get_tensor(n).dtype for dtype, n in one_of.items()}
+            loaded = {n: (tuple(s.get_shape()), loads_as[s.get_dtype()]) for n, s in slices.items()}
     except Exception as e:
         raise ValueError(f"it does not open with safetensors' safe_open: {e}") from e
     if metadata != METADATA:
@@ -121,10 +124,7 @@ def read_back(path: Path, tensors: list[OutputTensor]) -> dict[str, int]:
             "its keys differ from the planned ones: missing "
             f"{sorted(planned - names)}, unexpected {sorted(names - planned)}"
         )
-    by_name = {name: dtype for dtype, name in DTYPES.items()}
-    check_loaded(
-        {n: (shape, by_name.get(dtype, dtype)) for n, (shape, dtype) in loaded.items()}, tensors
-    )
+    check_loaded(loaded, tensors)
     with open(path, "rb") as f:
         (length,) = _LENGTH.unpack(f.read(_LENGTH.size))
         entries = json.loads(f.read(length))

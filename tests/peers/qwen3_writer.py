@@ -11,7 +11,7 @@ fixed tokens, for every step (``titan_writer.load_reference``). torchtitan runs 
 bfloat16 through ``torch._grouped_mm`` even with float32 weights, so its MoE logits are what a
 float32 Hugging Face model computes only up to bfloat16 rounding.
 
-Variants (torchtitan's own config builders, small enough to write in seconds):
+Variants (torchtitan's own config builders; all but ``debugmodel_moe_16`` write in seconds):
 
 * ``dense_tied``: 2 layers, dim 64, 4 query heads over 2 key/value heads of 32 (not
   64 / 4 = 16), FFN 160, vocab 128, tied embeddings;
@@ -20,8 +20,8 @@ Variants (torchtitan's own config builders, small enough to write in seconds):
   ``mlp_only_layers``);
 * ``moe_wide``: as ``moe`` with 64 experts of width 512: each stacked expert tensor is 8 MiB
   in float32, larger than the smallest ``batch_mb`` many times over;
-* ``debugmodel_moe_16``: torchtitan's ``debugmodel_moe`` with its 8 layers built twice over,
-  16 layers, 2.5 GB in float32 (the benchmark's MoE input);
+* ``debugmodel_moe_16``: torchtitan's ``debugmodel_moe`` with its 8 layers built twice over
+  (their init scaled for 8), 16 layers, 2.5 GB in float32: the benchmark's MoE input;
 * any flavor torchtitan registers (``debugmodel``, ``debugmodel_moe``, ...): the MoE
   debugmodel's full checkpoint is 3.6 GB and takes minutes.
 
@@ -53,7 +53,9 @@ import torch
 
 from tests.peers import titan_writer
 
-VARIANTS = ("dense_tied", "moe", "moe_mixed", "moe_wide", "debugmodel_moe_16")
+VARIANTS = ("dense_tied", "moe", "moe_mixed", "moe_wide")
+# The benchmark's MoE input (benchmarks/inputs.py): 2.5 GB, no variant for a test.
+MOE_16 = "debugmodel_moe_16"
 EXPERT_BIAS = ("zero", "trained")
 # The tiny variants' sizes.
 _DIM, _LAYERS, _HEADS, _KV_HEADS, _HEAD_DIM, _VOCAB = 64, 2, 4, 2, 32, 128
@@ -191,11 +193,13 @@ def model_config(variant: str, attn_backend: str = "flex"):
 
     if variant in qwen3_configs:
         return qwen3_configs[variant](attn_backend=attn_backend)
-    if variant == "debugmodel_moe_16":
+    if variant == MOE_16:
         cfg = qwen3_configs["debugmodel_moe"](attn_backend=attn_backend)
         return dataclasses.replace(cfg, layers=[*cfg.layers, *copy.deepcopy(cfg.layers)])
     if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS} or {qwen3_configs}")
+        raise ValueError(
+            f"unknown variant {variant!r}; choose from {VARIANTS}, {MOE_16!r} or {qwen3_configs}"
+        )
     attention = dict(
         n_layers=_LAYERS,
         dim=_DIM,
