@@ -161,8 +161,8 @@ class Qwen3Input:
 Input = LlamaInput | Qwen3Input
 
 
-# Their roles in the targets (README's issues): the 2.6 GB dense input (#12, #13's peak RSS
-# bound), the full training checkpoint and its model saved weights-only (bytes read and
+# Their roles in the targets (README's issues): the 2.6 GB dense input (#12, and #13's
+# comparison), the full training checkpoint and its model saved weights-only (bytes read and
 # hashed), the ~10 GB input (#16), and the MoE input (#13), of the 2.6 GB dense input's size:
 # a conversion's fixed costs (start-up, threads, the last fsync) weigh the same on both, so
 # their MB/s compare like with like.

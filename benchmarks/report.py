@@ -506,9 +506,8 @@ def results_markdown(results: dict, work: Path) -> str:
         "output needs and writes as many bytes as that output with plain file calls, at most "
         "1 MiB per write as titan2tune's writes (the `8 MiB writes` row writes as the floor "
         "did before it took 1 MiB calls: see converter/filler.py for why the size matters); "
-        "**ratios "
-        "to the floor use the fsync variant**, since titan2tune fsyncs its output before "
-        "publishing it. `+ flush s` is the `sync` after a run: what it left for the kernel "
+        "**ratios to the floor use the fsync variant**, since titan2tune fsyncs its output "
+        "before publishing it. `+ flush s` is the `sync` after a run: what it left for the kernel "
         "to write back (dcp_to_torch does not fsync, so its wall time leaves that out; the "
         "sync is system-wide, so other work's writes land there too). MB = 10^6 bytes.",
         "",
