@@ -2,7 +2,8 @@
 
     python benchmarks/bound.py --work WORK [--input weights_2300M] [--repeats 5]
 
-Run after ``run.py`` has built the input in ``WORK`` (its step folder and the floor's plan).
+Run after ``run.py`` has built the input in ``WORK``; like ``run.py`` it first converts the
+input once, untimed, for the floor's plan and the digests the defaults' output must have.
 A conversion run as a user runs it takes the interpreter's start-up (importing torch and Hydra,
 composing the config: ``convert.py --help`` does all of it and converts nothing) and the time
 the disk takes to write the output's bytes, timed here by ``direct_write.py``: the output's size
@@ -11,14 +12,13 @@ write-back to wait for. Their sum over the floor (``floor.py --fsync``: reads wh
 needs, writes its size through the page cache) is about the least ratio a conversion can reach
 on the machine; not a strict bound, as one stream of direct writes may keep fewer of them in
 flight than the kernel's write-back does. Each repeat times the three and the converter's
-defaults in turn, after the input is read once; outputs are removed and the disk synced
-between runs, untimed.
+defaults in turn, as ``run.py`` times a method (``measure.measure``): input read once, disk
+synced, output removed after, untimed.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -28,17 +28,23 @@ from pathlib import Path
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 from inputs import REPO, by_name
-from measure import (
-    DEFAULTS,
-    FLOOR,
-    HERE,
-    Case,
-    command,
-    output_path,
-    remove_outputs,
-    run_child,
-    warm,
-)
+from measure import DEFAULTS, FLOOR, HERE, Case, measure, prepare, run_child, warm
+
+STARTUP = "start-up: convert.py --help (imports, Hydra's config; converts nothing)"
+DISK = "the output's bytes written with O_DIRECT, then fsync (the disk alone)"
+
+
+def yardstick(argv: list[str], out: Path | None, case: Case, logs: Path) -> float:
+    """The wall time of a command that converts nothing, run as ``measure`` runs a method:
+    input warm, disk settled, its output (if any) removed after."""
+    warm(case.step_dir)
+    os.sync()
+    done = run_child(argv, logs / "bound.log")
+    if out is not None:
+        out.unlink(missing_ok=True)
+    if done["code"]:
+        sys.exit(f"{argv} failed (exit {done['code']}): see {logs / 'bound.log'}")
+    return done["wall"]
 
 
 def main() -> None:
@@ -48,56 +54,35 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     work = args.work.resolve()
-    case = Case(by_name(False, args.input), work, (DEFAULTS, FLOOR))
-    if not case.floor_plan.exists():
-        sys.exit(f"{case.floor_plan} is missing: run benchmarks/run.py --work {work} first.")
-    out_bytes = int(json.loads(case.floor_plan.read_text())["out_bytes"])
+    case = Case(by_name(False, args.input), work, (FLOOR, DEFAULTS))
+    if not case.step_dir.is_dir():
+        sys.exit(f"{case.step_dir} is missing: build it with benchmarks/run.py --work {work}.")
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    # The reference conversion: the floor's plan, and the bytes the defaults' output must hold.
+    prepare(case, logs)
+    out_bytes = case.reference["meta"]["out_bytes"]
     direct_out = case.out_dir / f"{case.inp.name}-direct.bin"
-    rows = {
-        "start-up: convert.py --help (imports, Hydra's config; converts nothing)": (
-            [sys.executable, str(REPO / "convert.py"), "--help"],
-            None,
-        ),
-        "the output's bytes written with O_DIRECT, then fsync (the disk alone)": (
-            [
-                sys.executable,
-                str(HERE / "direct_write.py"),
-                str(direct_out),
-                str(out_bytes),
-            ],
-            direct_out,
-        ),
-        FLOOR.label: (command(FLOOR, case, output_path(case, FLOOR)), output_path(case, FLOOR)),
-        DEFAULTS.label: (
-            command(DEFAULTS, case, output_path(case, DEFAULTS)),
-            output_path(case, DEFAULTS),
-        ),
-    }
-    case.out_dir.mkdir(parents=True, exist_ok=True)
-    walls: dict[str, list[float]] = {label: [] for label in rows}
+    startup = [sys.executable, str(REPO / "convert.py"), "--help"]
+    direct = [sys.executable, str(HERE / "direct_write.py"), str(direct_out), str(out_bytes)]
+    labels = (STARTUP, DISK, *(m.label for m in case.methods))
+    walls: dict[str, list[float]] = {label: [] for label in labels}
     for _ in range(args.repeats):
-        warm(case.step_dir)
-        for label, (argv, out) in rows.items():
-            if out is not None:
-                remove_outputs(out)
-            os.sync()
-            done = run_child(argv, logs / "bound.log")
-            if done["code"]:
-                sys.exit(f"{label} failed (exit {done['code']}): see {logs / 'bound.log'}")
-            walls[label].append(done["wall"])
-            if out is not None:
-                remove_outputs(out)
+        walls[STARTUP].append(yardstick(startup, None, case, logs))
+        walls[DISK].append(yardstick(direct, direct_out, case, logs))
+        for method in case.methods:
+            record = measure(method, case, logs)
+            if record["code"]:
+                sys.exit(f"{method.label} failed (exit {record['code']}): see {record['log']}")
+            walls[method.label].append(record["wall"])
     median = {label: statistics.median(w) for label, w in walls.items()}
-    startup, disk, floor, _ = median.values()
+    bound, floor = median[STARTUP] + median[DISK], median[FLOOR.label]
     print(f"{case.inp.name}: {out_bytes / 1e6:.0f} MB written, {args.repeats} repeats\n")
     print("| what | wall s median (min-max) | / floor (fsync) |\n| --- | ---: | ---: |")
     for label, w in walls.items():
         print(f"| {label} | {median[label]:.2f} ({min(w):.2f}-{max(w):.2f}) | "
               f"{median[label] / floor:.2f} |")  # fmt: skip
-    print(f"| the bound: start-up + the disk alone | {startup + disk:.2f} | "
-          f"{(startup + disk) / floor:.2f} |")  # fmt: skip
+    print(f"| the bound: start-up + the disk alone | {bound:.2f} | {bound / floor:.2f} |")
 
 
 if __name__ == "__main__":
