@@ -150,3 +150,35 @@ def test_rows_across_chunks(tmp_path, shape, dim):
     rows = entry.rows[0]
     for window in (1, 2, 5, rows):
         assert torch.equal(_windows(reader, "w", rows, window), full.reshape(rows, -1)), window
+
+
+@pytest.mark.parametrize(
+    "damage, fault",
+    [
+        (lambda chunks: chunks[:1] + chunks[2:], "leave part of it uncovered"),
+        (lambda chunks: chunks + chunks[1:2], "overlap"),
+        (lambda chunks: [*chunks[:-1], _grown(chunks[-1], 1)], "beyond the shape"),
+    ],
+    ids=["chunk_missing", "chunk_twice", "chunk_out_of_bounds"],
+)
+def test_an_index_whose_chunks_do_not_tile_a_tensor_is_refused(tmp_path, damage, fault):
+    """A real three-chunk save whose ``.metadata`` lists a chunk too few, one twice, or one
+    past the tensor's end: read as listed, rows would be left as the buffer held them (a wrong
+    output that verifies), so the index is refused, naming the tensor."""
+    step = tmp_path / "step-1"
+    _save_chunks(step, torch.arange(60.0).reshape(12, 5), 0, 3)
+    TensorReader(_index(step))  # as saved, it reads
+    metadata = pickle.loads((step / ".metadata").read_bytes())
+    md = metadata.state_dict_metadata["w"]
+    md.chunks = damage(list(md.chunks))
+    (step / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(ConversionError, match=rf"'w' \(shape \[12, 5\]\) .*{fault}") as raised:
+        _index(step)
+    assert str(step / ".metadata") in str(raised.value)
+
+
+def _grown(chunk, rows: int):
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+
+    sizes = torch.Size([chunk.sizes[0] + rows, *chunk.sizes[1:]])
+    return ChunkStorageMetadata(offsets=chunk.offsets, sizes=sizes)

@@ -119,6 +119,41 @@ class _IndexUnpickler(pickle.Unpickler):
         raise _NotAnIndex(f"it names {module}.{name}, which a DCP index does not hold")
 
 
+def _tiling_fault(entry: TensorEntry) -> str | None:
+    """What keeps ``entry``'s chunks from covering its shape exactly once, or None.
+
+    The reader places each chunk's rows where the index says and reads nothing else, so a
+    chunk missing from a damaged index would leave rows of whatever its buffer held. Checked
+    on the grid the chunks' own boundaries make, one counter per cell: a few cells per shard
+    dimension for the FSDP/TP/EP shardings torchtitan saves."""
+    shape, chunks = entry.shape, entry.chunks
+    for c in chunks:
+        if len(c.offsets) != len(shape) or len(c.sizes) != len(shape):
+            return f"include one of {len(c.offsets)} dimensions at {list(c.offsets)}"
+        if any(
+            o < 0 or s < 0 or o + s > n for o, s, n in zip(c.offsets, c.sizes, shape, strict=True)
+        ):
+            return f"include one at {list(c.offsets)} of sizes {list(c.sizes)}, beyond the shape"
+    # Per dimension, the cuts that the chunks' starts and ends make there.
+    cuts = [
+        sorted(
+            {0, n, *(c.offsets[d] for c in chunks), *(c.offsets[d] + c.sizes[d] for c in chunks)}
+        )
+        for d, n in enumerate(shape)
+    ]
+    at = [{cut: i for i, cut in enumerate(x)} for x in cuts]
+    cells = torch.zeros([len(x) - 1 for x in cuts], dtype=torch.int32)
+    for c in chunks:
+        cells[
+            tuple(slice(i[o], i[o + s]) for i, o, s in zip(at, c.offsets, c.sizes, strict=True))
+        ] += 1
+    if cells.numel() and int(cells.min()) == 0:
+        return "leave part of it uncovered"
+    if cells.numel() and int(cells.max()) > 1:
+        return "overlap"
+    return None
+
+
 class DcpIndex:
     """The index of a DCP step folder, validated: every tensor's chunks, every bytes entry,
     and the shard files, each present and long enough for the chunks it holds."""
@@ -158,7 +193,15 @@ class DcpIndex:
                 chunks.append(
                     Chunk(tuple(c.offsets), tuple(c.sizes), path, info.offset, info.length)
                 )
-            self.tensors[key] = TensorEntry(key, md.properties.dtype, tuple(md.size), tuple(chunks))
+            entry = TensorEntry(key, md.properties.dtype, tuple(md.size), tuple(chunks))
+            if fault := _tiling_fault(entry):
+                raise ConversionError(
+                    f"{self._shown(self.metadata_path)} is inconsistent: the chunks it lists "
+                    f"for {key!r} (shape {list(entry.shape)}) {fault}, where each value must be "
+                    "stored exactly once. The index is damaged or was edited; "
+                    "convert another step (experiment.step) or re-save this one."
+                )
+            self.tensors[key] = entry
         self.files: dict[str, FileInfo] = self._check_shards(extent)
 
     def _shown(self, path: str) -> str:
