@@ -57,6 +57,20 @@ def _single_mode_only(argv: list[str]) -> str | None:
     return None
 
 
+class _Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (kill, a closed terminal, a local launcher stopping): handled as Ctrl-C
+    is, so the job removes its partial files and lock on the way out, rather than the default
+    action leaving them behind."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise _Stopped(signum)
+
+
 def _exit_code(code: object) -> int:
     """The exit status that ``sys.exit(code)`` gives."""
     if code is None or isinstance(code, int):
@@ -71,6 +85,9 @@ if __name__ == "__main__":
     # job reports it and removes its partial output. (CPython ignores it at start-up already;
     # this states that the job relies on it.)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    # Under SLURM, submitit's own handlers take these in the job's process (this is not it).
+    for stopping in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(stopping, _stop)
     if conflict := _single_mode_only(sys.argv[1:]):
         print(conflict, file=sys.stderr)
         sys.exit(2)
@@ -84,10 +101,12 @@ if __name__ == "__main__":
         code = 0
     except SystemExit as e:
         code = _exit_code(e.code)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         # The job has already removed its partial file and lock on the way out.
-        print("Interrupted (Ctrl-C): nothing was published.", file=sys.stderr)
-        code = 128 + signal.SIGINT
+        signum = e.signum if isinstance(e, _Stopped) else signal.SIGINT
+        how = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"Interrupted ({how}): nothing was published.", file=sys.stderr)
+        code = 128 + signum
     # Everything the job wrote is synced and closed by now. Tearing down the interpreter
     # (freeing torch's modules one by one) took 1.4 s of a 10 s conversion here: skip it.
     logging.shutdown()

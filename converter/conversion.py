@@ -52,6 +52,7 @@ from converter.plan import Plan
 from converter.publish import Output, staging_path, write_atomic
 from converter.sources.dcp import DcpIndex
 from converter.sources.reader import TensorReader
+from converter.sources.steps import METADATA_FILE
 from converter.sources.storage import LocalStorage, Storage
 from converter.tasks import SlurmInfo, TaskGroup, check_answers
 from converter.verify import Staged, read_back
@@ -645,13 +646,20 @@ def _check_not_source(given: Path, output: Path, index: DcpIndex) -> None:
 
 def _check_not_folders(output: Path, fmt: OutputFormat) -> None:
     """Refuses, before any work, a folder where a file is to go (or a file where the folder
-    output is to go): no run replaces one with the other, with overwrite=true or without."""
+    output is to go), and a folder that holds a DCP checkpoint (of any step): no run replaces
+    one, with overwrite=true or without."""
     if fmt.folder:
         if output.exists() and not output.is_dir():
             raise ConversionError(
                 f"experiment.output {output} is a file; output_format={fmt.name} writes a "
                 "folder, and the converter never replaces a file with one. Choose a folder "
                 "path or remove the file, then run again."
+            )
+        if output.is_dir() and (saved := _checkpoint_files(output)):
+            raise ConversionError(
+                f"experiment.output {output} holds a DCP checkpoint ({', '.join(saved)}); "
+                "replacing the output would delete it, and the converter never does, with "
+                "overwrite=true or without. Choose another output folder."
             )
         return
     if output.is_dir():
@@ -672,6 +680,14 @@ def _check_not_folders(output: Path, fmt: OutputFormat) -> None:
             )
 
 
+def _checkpoint_files(folder: Path) -> list[str]:
+    """The DCP index and shard files directly in ``folder``, first few by name."""
+    names = sorted(
+        p.name for p in folder.iterdir() if p.name == METADATA_FILE or p.suffix == ".distcp"
+    )
+    return names[:3] + ["..."] * (len(names) > 3)
+
+
 def _already_done(planned: _Planned, print_: dict[str, Any]) -> bool:
     """True if the output holds this very conversion (and ``force`` is off); raises if it
     holds another and may not be replaced, saying what differs."""
@@ -685,8 +701,8 @@ def _already_done(planned: _Planned, print_: dict[str, Any]) -> bool:
             return True
         log.info("Converting %s again (force=true), though it is up to date.", output)
         return False
-    if conf.overwrite or conf.force:
-        log.info("Replacing %s (%s).", output, "overwrite=true" if conf.overwrite else "force=true")
+    if conf.overwrite:  # force=true only converts an up-to-date output again
+        log.info("Replacing %s (overwrite=true).", output)
         return False
     if previous is None:
         why = "with no manifest of ours (not written by this converter, or its manifest is gone)"

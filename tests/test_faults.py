@@ -1296,9 +1296,16 @@ def test_sigkill_during_write_leaves_no_output_and_next_run_succeeds(big, tmp_pa
     assert snapshot(checkpoint) == sources
 
 
-def test_ctrl_c_prints_one_line_leaves_nothing_and_exits_130(big, tmp_path):
-    """SIGINT (Ctrl-C) half-way through the tensors: one line, no traceback, exit 130, and
-    nothing left beside the output, as after any failure."""
+@pytest.mark.parametrize(
+    "signum, said",
+    [(signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM"), (signal.SIGHUP, "SIGHUP")],
+)
+def test_a_stopped_run_prints_one_line_leaves_nothing_and_exits_128_plus_n(
+    big, tmp_path, signum, said
+):
+    """SIGINT (Ctrl-C), SIGTERM (kill) or SIGHUP (a closed terminal) half-way through the
+    tensors: one line, no traceback, exit 128 + the signal, and nothing left beside the
+    output, as after any failure."""
     checkpoint, _, sources = big
     out = tmp_path / "out"
     cmd = command(big_overrides(checkpoint, out / "model.pt", batch_mb="32"), tmp_path / "hydra")
@@ -1309,12 +1316,12 @@ def test_ctrl_c_prints_one_line_leaves_nothing_and_exits_130(big, tmp_path):
     try:
         while proc.poll() is None and not (partial.exists() and _written_fraction(partial) > 0.3):
             time.sleep(0.005)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
     finally:
         _, stderr = proc.communicate(timeout=120)
     stderr = stderr.decode()
-    assert proc.returncode == 130, stderr
-    assert "Interrupted (Ctrl-C): nothing was published." in stderr
+    assert proc.returncode == 128 + signum, stderr
+    assert f"Interrupted ({said}): nothing was published." in stderr
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
     assert not out.exists() or list(out.iterdir()) == []
     assert snapshot(checkpoint) == sources

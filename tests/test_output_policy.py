@@ -63,6 +63,10 @@ def test_existing_output_is_replaced_only_with_overwrite(layout_checkpoints, tmp
     )
     assert "bfloat16, this run's is float32" in refused.error, refused.error
     assert "overwrite=true" in refused.error and _sha(out) == before
+    # force=true converts an up-to-date output again; it replaces nothing made differently.
+    forced_other = _run(root, shape, out, "experiment.export_dtype=float32", "force=true")
+    assert forced_other.status == "failed" and "its export_dtype was" in forced_other.error
+    assert _sha(out) == before
     other_step = _run(root, shape, out, f"experiment.step={WEIGHTS_ONLY_STEP}")
     assert f"it was converted from {root.resolve() / f'step-{FULL_STEP}'}" in other_step.error
 
@@ -90,10 +94,30 @@ def test_a_file_not_ours_at_the_output_is_replaced_as_the_error_advises(
     assert out.read_bytes() == b"someone else's weights"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
 
+    forced = _run(root, shape, out, "force=true")
+    assert forced.status == "failed" and "no manifest of ours" in forced.error
+    assert out.read_bytes() == b"someone else's weights"
+
     assert _run(root, shape, out, "overwrite=true").status == "converted"
     loaded = torch.load(out, mmap=True, weights_only=True)
     assert torch.equal(loaded["norm.weight"], saved[FULL_STEP]["norm.weight"].bfloat16())
     assert _run(root, shape, out).status == "skipped"
+
+
+def test_a_folder_that_holds_a_checkpoint_is_never_replaced(layout_checkpoints, tmp_path):
+    """An hf output named after another step folder of the checkpoint (or any DCP save) is
+    refused with overwrite=true too: replacing it would delete that checkpoint."""
+    root, shape, _ = layout_checkpoints[TORCHTITAN_0_3, "mha"]
+    other_step = root / f"step-{WEIGHTS_ONLY_STEP}"
+    before = {p.name: _sha(p) for p in other_step.iterdir()}
+    for flags in ((), ("overwrite=true",), ("overwrite=true", "force=true")):
+        refused = _run(root, shape, other_step, "output_format=hf", *flags)
+        assert refused.status == "failed", flags
+        assert f"experiment.output {other_step} holds a DCP checkpoint (.metadata, " in (
+            refused.error
+        )
+        assert "never does, with overwrite=true or without" in refused.error
+        assert {p.name: _sha(p) for p in other_step.iterdir()} == before
 
 
 @contextmanager
