@@ -350,7 +350,7 @@ def _describe(
         plan=planned.plan,
         output=output,
         output_format=fmt.name,
-        loads_with=fmt.loads_with,
+        loads_with=fmt.loads_with(described),
         export_dtype=str(conf.experiment.export_dtype),
         files=files,
         missing=missing,

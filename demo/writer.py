@@ -358,7 +358,10 @@ def model_state_shapes(
     return {prefix + k: (tuple(v.shape), v.dtype) for k, v in state.items()}
 
 
-def _freqs_cis(shape: ModelShape) -> torch.Tensor:
+def rope_table(shape: ModelShape) -> torch.Tensor:
+    """The ``freqs_cis`` a nested save kept: torchtitan's llama3 ``precompute_freqs_cis`` of
+    that period (031f73f8a), without the Llama 3.1 scaling that #1839 (5bbda42c7, 2025-10-08)
+    added later."""
     hd = shape.head_dim
     inv = 1.0 / (_ROPE_THETA ** (torch.arange(0, hd, 2, dtype=torch.float32)[: hd // 2] / hd))
     angles = torch.outer(torch.arange(_NESTED_MAX_SEQ_LEN, dtype=torch.float32), inv)
@@ -450,7 +453,7 @@ def _rank_write(rank: int, job: dict[str, Any]) -> None:
                 param.copy_(distribute_tensor(full, mesh, param.placements, src_data_rank=None))
             del weights
         if layout.nested:
-            model.freqs_cis.copy_(_freqs_cis(shape))
+            model.freqs_cis.copy_(rope_table(shape))
 
     step: int = job["step"]
     if kind == "full":

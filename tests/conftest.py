@@ -102,6 +102,23 @@ def model_overrides(shape) -> list[str]:
     ]
 
 
+def trained_rope_scaling(layout: str) -> bool:
+    """Whether a save in ``layout`` says its model trained with RoPE scaling: a nested save
+    keeps its RoPE table, which the converter checks, and demo.writer's is unscaled, as
+    torchtitan's was then (``demo.writer.rope_table``)."""
+    return not demo.LAYOUTS[layout].nested
+
+
+def layout_overrides(layout: str) -> list[str]:
+    """The settings that converting a save in ``layout`` takes besides the model's shape."""
+    return [] if trained_rope_scaling(layout) else ["experiment.model.rope_scaling=false"]
+
+
+def as_trained(info: dict, layout: str) -> dict:
+    """A torchtitan run's ``model.json`` as the model saved in ``layout`` would say it."""
+    return info if trained_rope_scaling(layout) else {**info, "rope_scaling": None}
+
+
 def titan_overrides(info: dict) -> list[str]:
     """The model settings of a torchtitan run (its ``model.json``), as the command line
     gives them."""
@@ -149,11 +166,11 @@ def titan_run(request, tmp_path_factory):
     return info, titan_writer.load_reference(dump)
 
 
-def write_older_layouts(info: dict, root: Path) -> dict[str, dict[str, torch.Tensor]]:
+def write_older_layouts(info: dict, root: Path) -> dict[str, tuple[str, dict[str, torch.Tensor]]]:
     """The older layouts (nested with freqs_cis, flat Meta names, qkv_linear with output, fused
     wqkv), which today's torchtitan cannot write: torchtitan's saved weights of a ``titan_run``
     written in each by demo.writer (two FSDP2 ranks, each era's keys), one checkpoint folder
-    each. Returns checkpoint folder -> the weights as written."""
+    each. Returns checkpoint folder -> (its layout, the weights as written)."""
     from tests.peers import titan_writer, tune_loader
 
     keys = tune_loader.titan_model_keys(info)
@@ -176,7 +193,7 @@ def write_older_layouts(info: dict, root: Path) -> dict[str, dict[str, torch.Ten
             for d, layout in zip(dirs, older, strict=True)
         ]
     )
-    return dict(zip(dirs, written, strict=True))
+    return dict(zip(dirs, zip(older, written, strict=True), strict=True))
 
 
 SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|pad|>")

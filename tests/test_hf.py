@@ -27,6 +27,7 @@ from tests.conftest import (
     VARIANTS,
     WEIGHTS_ONLY_STEP,
     compose,
+    layout_overrides,
     make_tokenizer,
     model_overrides,
 )
@@ -91,6 +92,7 @@ def test_layout_equals_torchtitans_to_hf(
         f"experiment.step={step}",
         f"experiment.export_dtype={export_dtype}",
         f"output_format.max_shard_size={SMALL_SHARDS}",
+        *layout_overrides(layout),
     )
     assert result.status == "converted", result.error
     folder = Path(result.output)

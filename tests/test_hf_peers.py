@@ -31,7 +31,14 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 
 from demo import writer as demo
-from tests.conftest import REPO, make_tokenizer, titan_overrides, write_older_layouts
+from tests.conftest import (
+    REPO,
+    as_trained,
+    layout_overrides,
+    make_tokenizer,
+    titan_overrides,
+    write_older_layouts,
+)
 from tests.peers import titan_writer, tune_loader
 
 # Starts ranks, subprocesses or servers: not in the fast layer (pytest -m 'not slow').
@@ -111,7 +118,7 @@ def torchtitan_round_trip(folder: Path, info: dict) -> tuple[torch.nn.Module, di
     HuggingFaceStorageReader, from_hf. Returns the model and the state dict read."""
     from torchtitan.models.llama3.state_dict_adapter import Llama3StateDictAdapter
 
-    cfg = titan_writer.model_config(info["variant"])
+    cfg = titan_writer.model_config_of(info)
     model = titan_writer.build_unsharded(cfg)
     adapter = Llama3StateDictAdapter(cfg, None)
     hf_state = adapter.to_hf(model.state_dict())
@@ -126,7 +133,7 @@ def check_folder(
     (torchtitan 0.3.0's keys, as saved), against torchtitan's logits ``expected`` on those
     weights. Returns the measured differences."""
     tokens = ref["tokens"]
-    cfg = titan_writer.model_config(info["variant"])
+    cfg = titan_writer.model_config_of(info)
     want = titan_writer.titan_to_hf(cfg, saved)
     found = hf_tensors(folder)
     assert sorted(found) == sorted(want)
@@ -195,21 +202,25 @@ def test_older_layouts_as_hf_folders(titan_run, tmp_path):
     """The older layouts (nested with freqs_cis, flat Meta names, qkv_linear with output, fused
     wqkv), written by demo.writer from torchtitan's saved weights, converted to hf folders."""
     info, ref = titan_run
-    weights = write_older_layouts(info, tmp_path)
-    dirs = list(weights)
-    out_root = tmp_path / "converted"
-    out_root.mkdir()
-    folders = hf_sweep(dirs, out_root, info)
-    assert len(folders) == len(dirs)
-    titan_model = titan_writer.build_unsharded(titan_writer.model_config(info["variant"]))
+    written = write_older_layouts(info, tmp_path)
+    # One sweep per set of settings: v0.1.0's save says its RoPE was unscaled.
+    sweeps: dict[tuple[str, ...], list[str]] = {}
+    for folder, (layout, _) in written.items():
+        sweeps.setdefault(tuple(layout_overrides(layout)), []).append(folder)
     layouts = set()
-    for folder in folders:
-        source = manifest(folder)["source"]
-        saved = titan_writer.meta_to_titan(weights[source["checkpoint_dir"]])
-        expected = titan_writer.titan_logits(titan_model, saved, ref["tokens"])
-        diffs = check_folder(folder, saved, expected, info, ref, tmp_path)
-        print(
-            info["variant"], source["layout"], ", ".join(f"{k} {v:.2e}" for k, v in diffs.items())
-        )
-        layouts.add(source["layout"])
+    for i, (overrides, dirs) in enumerate(sweeps.items()):
+        out_root = tmp_path / f"converted{i}"
+        out_root.mkdir()
+        folders = hf_sweep(dirs, out_root, info, *overrides)
+        assert len(folders) == len(dirs)
+        trained = as_trained(info, written[dirs[0]][0])
+        titan_model = titan_writer.build_unsharded(titan_writer.model_config_of(trained))
+        for folder in folders:
+            source = manifest(folder)["source"]
+            saved = titan_writer.meta_to_titan(written[source["checkpoint_dir"]][1])
+            expected = titan_writer.titan_logits(titan_model, saved, ref["tokens"])
+            diffs = check_folder(folder, saved, expected, trained, ref, tmp_path)
+            said = ", ".join(f"{k} {v:.2e}" for k, v in diffs.items())
+            print(info["variant"], source["layout"], said)
+            layouts.add(source["layout"])
     assert layouts == set(demo.LAYOUTS) - {demo.TORCHTITAN_0_3}

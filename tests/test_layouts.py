@@ -14,7 +14,14 @@ from torchtune.models.convert_weights import meta_to_tune
 
 from converter import job
 from demo import writer as demo
-from tests.conftest import FULL_STEP, VARIANTS, WEIGHTS_ONLY_STEP, compose, model_overrides
+from tests.conftest import (
+    FULL_STEP,
+    VARIANTS,
+    WEIGHTS_ONLY_STEP,
+    compose,
+    layout_overrides,
+    model_overrides,
+)
 
 # Starts ranks, subprocesses or servers: not in the fast layer (pytest -m 'not slow').
 pytestmark = pytest.mark.slow
@@ -64,6 +71,7 @@ def test_layout_converts_exactly(
         f"experiment.step={step}",
         f"experiment.export_dtype={export_dtype}",
         f"output_format={output_format}",
+        *layout_overrides(layout),
     )
     assert result.status == "converted", result.error
 
@@ -171,3 +179,17 @@ def test_pieces_across_chunk_boundaries_from_three_ranks(tmp_path, verify):
     assert sorted(loaded) == sorted(saved)
     for key, tensor in saved.items():
         assert torch.equal(loaded[key], tensor), key
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_a_saved_rope_table_that_contradicts_the_settings_is_refused(
+    tmp_path, layout_checkpoints, variant
+):
+    """v0.1.0's save keeps its RoPE table (unscaled then); the llama3 presets' scaling would
+    make every consumer compute another: refused, saying what to set, and nothing written."""
+    root, shape, _ = layout_checkpoints["v0.1.0", variant]
+    result = convert(tmp_path, root, shape, f"experiment.step={FULL_STEP}")
+    assert result.status == "failed"
+    assert "'model.freqs_cis' in " in result.error
+    assert "set experiment.model.rope_scaling=false" in result.error
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -17,7 +17,13 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import REPO, titan_overrides, write_older_layouts
+from tests.conftest import (
+    REPO,
+    as_trained,
+    layout_overrides,
+    titan_overrides,
+    write_older_layouts,
+)
 from tests.peers import titan_writer, tune_loader
 
 # Starts ranks, subprocesses or servers: not in the fast layer (pytest -m 'not slow').
@@ -99,23 +105,28 @@ def test_older_layouts_from_the_same_weights(titan_run, tmp_path):
     hold torchtune's logits to torchtitan's on the weights as saved."""
     info, ref = titan_run
     REF_TOKENS[info["dump"]] = ref["tokens"]
-    weights = write_older_layouts(info, tmp_path)
-    dirs = list(weights)
-    out_root = tmp_path / "converted"
-    out_root.mkdir()
-    convert_sweep(dirs, out_root, info)
-
-    titan_model = titan_writer.build_unsharded(titan_writer.model_config(info["variant"]))
-    for fmt, paths in outputs(out_root).items():
-        assert len(paths) == len(dirs)
-        for path in paths:
-            source = _manifest(path)["source"]["checkpoint_dir"]
-            as_saved = titan_writer.meta_to_titan(weights[source])
-            expected = titan_writer.titan_logits(titan_model, as_saved, ref["tokens"])
-            logits = tune_logits_of(path, fmt, info, tmp_path)
-            diff = (logits - expected).abs().max().item()
-            print(f"{info['variant']} {_manifest(path)['source']['layout']} {fmt}: {diff:.2e}")
-            assert diff < FP32_TOL, (path, diff)
+    written = write_older_layouts(info, tmp_path)
+    # One sweep per set of settings: v0.1.0's save says its RoPE was unscaled.
+    sweeps: dict[tuple[str, ...], list[str]] = {}
+    for folder, (layout, _) in written.items():
+        sweeps.setdefault(tuple(layout_overrides(layout)), []).append(folder)
+    for i, (overrides, dirs) in enumerate(sweeps.items()):
+        out_root = tmp_path / f"converted{i}"
+        out_root.mkdir()
+        convert_sweep(dirs, out_root, info, *overrides)
+        layout = written[dirs[0]][0]
+        trained = as_trained(info, layout)
+        titan_model = titan_writer.build_unsharded(titan_writer.model_config_of(trained))
+        for fmt, paths in outputs(out_root).items():
+            assert len(paths) == len(dirs)
+            for path in paths:
+                source = _manifest(path)["source"]
+                as_saved = titan_writer.meta_to_titan(written[source["checkpoint_dir"]][1])
+                expected = titan_writer.titan_logits(titan_model, as_saved, ref["tokens"])
+                logits = tune_logits_of(path, fmt, trained, tmp_path)
+                diff = (logits - expected).abs().max().item()
+                print(f"{info['variant']} {source['layout']} {fmt}: {diff:.2e}")
+                assert diff < FP32_TOL, (path, diff)
 
 
 def _manifest(path) -> dict:

@@ -6,6 +6,8 @@ converter's own tables; the expected output names are written out here by hand."
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -31,10 +33,21 @@ NAMINGS = {"meta": True, "torchtune": False, "hf": False}
 
 
 def plan(shape: demo.ModelShape, layout: str, naming: str = "meta", **config):
+    """The plan of a save of ``shape`` in ``layout``: values are zeros, but for a nested
+    save's RoPE table (checked against the config), which is demo.writer's, unscaled."""
     tensors = {**demo.model_state_shapes(shape, layout), **OPTIMIZER}
     stated = dict(
-        n_heads=shape.n_heads, n_kv_heads=shape.n_kv_heads, tied_embeddings=shape.tied_embeddings
+        n_heads=shape.n_heads,
+        n_kv_heads=shape.n_kv_heads,
+        tied_embeddings=shape.tied_embeddings,
+        rope_scaling=not demo.LAYOUTS[layout].nested,
     )
+
+    def read(key: str) -> torch.Tensor:
+        if key.endswith("freqs_cis"):
+            return demo.rope_table(shape)
+        return torch.zeros(tensors[key][0])
+
     return build_plan(
         Llama3(),
         Llama3Config(**{**stated, **config}),
@@ -43,7 +56,7 @@ def plan(shape: demo.ModelShape, layout: str, naming: str = "meta", **config):
         naming,
         NAMINGS[naming],
         torch.bfloat16,
-        lambda key: torch.zeros(tensors[key][0]),
+        read,
         "step-1",
     )
 
@@ -163,3 +176,71 @@ def test_unknown_and_missing_keys_fail_naming_them():
     del tensors["layers.1.feed_forward.w2.weight"]
     with pytest.raises(ConversionError, match="lacks model weights: layers.1.feed_forward.w2"):
         run(tensors)
+
+
+def test_a_saved_rope_table_is_checked_against_the_settings():
+    """A nested save keeps the RoPE table it trained with (freqs_cis, unscaled then): the
+    settings that would compute another are refused, saying which to set; its width confirms
+    the head count, which other layouts only assume."""
+    nested = "v0.1.0"
+    with pytest.raises(ConversionError, match="set experiment.model.rope_scaling=false"):
+        plan(GQA_TIED, nested, rope_scaling=True)
+    with pytest.raises(ConversionError, match="set the rope_theta and rope_scaling settings"):
+        plan(GQA_TIED, nested, rope_theta=10000.0)
+    # 4 heads of 16 (1 kv head) have the same shapes as 8 of 8 (2 kv heads); the table does not.
+    with pytest.raises(ConversionError, match="heads of 8 values, so the model has n_heads = dim"):
+        plan(GQA_TIED, nested, n_heads=4, n_kv_heads=1)
+    p, _ = plan(GQA_TIED, nested)
+    assert not any("n_heads=" in said or "rope_scaling=" in said for said in p.assumptions)
+    [dropped] = [d for d in p.dropped if d.key == "model.freqs_cis"]
+    assert "checked against it" in dropped.reason
+
+
+@pytest.mark.parametrize(
+    "layout, unconfirmed", [("#1347", True), ("#2878", False), (demo.TORCHTITAN_0_3, False)]
+)
+def test_rope_scaling_is_an_assumption_where_the_layout_spans_its_introduction(layout, unconfirmed):
+    """torchtitan #1839 (2025-10-08) turned on RoPE scaling while #1347's flat Meta names were
+    saved; that layout keeps no table, so the setting is said to be assumed; the later
+    layouts all trained with it."""
+    for scaling, advice in ((True, "rope_scaling=false"), (False, "rope_scaling=true")):
+        p, _ = plan(MHA, layout, rope_scaling=scaling)
+        said = [a for a in p.assumptions if "#1839" in a]
+        assert bool(said) == unconfirmed, p.assumptions
+        assert all(f"set experiment.model.{advice}" in a for a in said)
+
+
+def test_the_torchtune_builder_gets_the_models_rope():
+    """llama3_2 (tied) always scales, so unscaled RoPE takes scale_factor 1 (every frequency
+    kept); RoPE factors that torchtune's Llama3ScaledRoPE fixes otherwise get no builder."""
+    family = Llama3()
+    _, tied = plan(GQA_TIED, demo.TORCHTITAN_0_3)
+    assert family.torchtune_model(tied)["scale_factor"] == 8.0
+    _, unscaled = plan(GQA_TIED, demo.TORCHTITAN_0_3, rope_scaling=False)
+    built = family.torchtune_model(unscaled)
+    assert built["_component_"] == "torchtune.models.llama3_2.llama3_2"
+    assert built["scale_factor"] == 1.0
+    _, untied = plan(MHA, demo.TORCHTITAN_0_3, rope_scaling=False)
+    assert family.torchtune_model(untied)["_component_"] == "torchtune.models.llama3.llama3"
+    p, other = plan(MHA, demo.TORCHTITAN_0_3, rope_high_freq_factor=2.0)
+    assert family.torchtune_model(other) is None
+    assert any("its llama3 RoPE fixes them at 1, 4 and 8192" in a for a in p.assumptions)
+
+
+def test_the_rope_table_is_torchtitans():
+    """The table the check compares with is torchtitan's own llama3 RoPE cache, scaled and not."""
+    from torchtitan.models.common.rope import ComplexRoPE
+
+    from converter.models.llama3 import _rope_table
+
+    _, arch = plan(GQA_TIED, demo.TORCHTITAN_0_3)
+    for scaling in (True, False):
+        settings = dataclasses.replace(arch, rope_scaling=scaling, rope_original_max_seq_len=64)
+        rope = ComplexRoPE.Config(
+            dim=arch.head_dim,
+            max_seq_len=512,
+            theta=arch.rope_theta,
+            scaling="llama" if scaling else "none",
+            original_max_position_embeddings=64,
+        ).build()
+        assert torch.allclose(rope._precompute_cache(), _rope_table(settings, 512), atol=1e-6)

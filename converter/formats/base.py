@@ -79,10 +79,13 @@ class OutputFormat(ABC):
     keeps_tied_head: ClassVar[bool]
     folder: ClassVar[bool]  # the output is a folder of files, not one file
     options: ClassVar[type[FormatConfig]]
-    loads_with: ClassVar[str]  # what loads it, for the manifest
 
     def check_output(self, output: str) -> None:  # noqa: B027 (most formats take any path)
         """Refuses an output path this format cannot write (raises ValueError)."""
+
+    @abstractmethod
+    def loads_with(self, described: Described) -> str:
+        """What loads the output, for the manifest."""
 
     @abstractmethod
     def files(self, plan: Plan, options: Any) -> dict[str, list[OutputTensor]]:

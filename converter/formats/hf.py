@@ -36,6 +36,7 @@ _UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B)?\s*$", re.IGNORECASE)
 # Paths a folder output is not: a one-file output's name, given by mistake.
 _FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".json")
+_TORCHTUNE_CHECKPOINTER = "torchtune.training.FullModelHFCheckpointer"
 
 
 def shard_bytes(size: str) -> int:
@@ -77,10 +78,12 @@ class HfFormat(OutputFormat):
     # save_pretrained leaves the key out; torchtune's tied llama3_2 refuses it in a strict load.
     keeps_tied_head = False
     folder = True
-    loads_with = (
-        "transformers.AutoModelForCausalLM.from_pretrained(folder); "
-        "torchtune.training.FullModelHFCheckpointer"
-    )
+
+    def loads_with(self, described: Described) -> str:
+        loaders = ["transformers.AutoModelForCausalLM.from_pretrained(folder)"]
+        if described.family.torchtune_model(described.arch) is not None:
+            loaders.append(_TORCHTUNE_CHECKPOINTER)
+        return "; ".join(loaders)
 
     def check_output(self, output: str) -> None:
         if output.rstrip("/").endswith(_FILE_SUFFIXES):
@@ -140,7 +143,7 @@ class HfFormat(OutputFormat):
         if d.family.torchtune_model(d.arch) is not None:  # torchtune builds this model
             output_dir = d.output.with_name(f"{d.output.name}_torchtune")
             described[RECIPE] = torchtune_recipe(
-                d, "torchtune.training.FullModelHFCheckpointer", d.output, list(shards), output_dir
+                d, _TORCHTUNE_CHECKPOINTER, d.output, list(shards), output_dir
             )
         return {**described, **d.assets}
 

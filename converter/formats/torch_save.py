@@ -37,8 +37,7 @@ class TorchSaveFormat(OutputFormat):
     folder = False
     checkpointer: ClassVar[str]  # the torchtune checkpointer class that reads it
 
-    @property
-    def loads_with(self) -> str:  # type: ignore[override]
+    def loads_with(self, described: Described) -> str:
         return self.checkpointer
 
     def check_output(self, output: str) -> None:

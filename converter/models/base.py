@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -156,13 +156,15 @@ class ModelFamily(ABC):
         their key within the model), for a split that its neighbours' shapes determine."""
         raise NotImplementedError(template)
 
-    def check_values(self, source: Source, keys: Mapping[str, str], config: Any) -> list[Dropped]:
+    def check_values(self, source: Source, keys: Mapping[str, str], arch: Any) -> list[Dropped]:
         """Checks of saved values the output depends on (run before anything is written);
-        returns canonical keys to leave out after all. ``keys``: canonical key -> saved key."""
+        returns canonical keys to leave out after all. ``keys``: canonical key -> saved key,
+        and the buffers the era leaves out (``Era.dropped``), by their template."""
         return []
 
-    def assumptions(self, arch: Any, era: Era) -> list[str]:
-        """What the plan takes from the config that the shapes cannot confirm."""
+    def assumptions(self, arch: Any, era: Era, keys: Collection[str]) -> list[str]:
+        """What the plan takes from the config that the saved tensors (``keys``, as
+        ``check_values`` gets them) cannot confirm."""
         return []
 
     def reorder_block(self, arch: Any) -> int:
@@ -219,6 +221,7 @@ def build_plan(
     the other families, named in the error when one of them explains the keys."""
     dropped: list[Dropped] = []
     model: dict[str, str] = {}  # key within the model -> saved key
+    buffers: dict[str, str] = {}  # saved but never converted (Era.dropped) -> saved key
     nested = any(k.startswith(NESTED_PREFIX) for k in tensors)
     has_training_state = False
     unknown: list[str] = []
@@ -249,6 +252,7 @@ def build_plan(
         shape = tensors[key][0]
         if target is None:
             dropped.append(Dropped(key, era.dropped[template]))
+            buffers[_fill(template, layer)] = key
         elif template in era.split:
             for part, (part_shape, pieces) in family.split(
                 template, key, shape, config, source_name, model_shapes
@@ -270,9 +274,9 @@ def build_plan(
 
     arch = family.architecture({k: shape for k, (shape, _) in canonical.items()}, config)
     _check_complete(family, arch, canonical, config, era, source_name)
-    saved = {k: pieces[0].source for k, (_, pieces) in canonical.items()}
+    saved = {**{k: pieces[0].source for k, (_, pieces) in canonical.items()}, **buffers}
     shapes = {k: v[0] for k, v in tensors.items()}
-    for gone in family.check_values(Source(source_name, shapes, read), saved, config):
+    for gone in family.check_values(Source(source_name, shapes, read), saved, arch):
         canonical.pop(gone.key)
         dropped.append(Dropped(saved[gone.key], gone.reason))
 
@@ -292,7 +296,7 @@ def build_plan(
         tensors=_outputs(family, arch, canonical, names, tensors, export_dtype),
         dropped=dropped,
         tied=[(src, _output_name(names, emb)) for src, emb in tied],
-        assumptions=family.assumptions(arch, era),
+        assumptions=family.assumptions(arch, era, saved),
     )
     return plan, arch
 

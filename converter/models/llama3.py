@@ -19,14 +19,24 @@ halves, so its naming reorders the rows of ``wq`` and ``wk`` per head, as torcht
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import math
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from omegaconf import MISSING
 
 from converter.errors import ConversionError
-from converter.models.base import Era, ModelConfig, ModelFamily, Target, check_stated
+from converter.models.base import (
+    Dropped,
+    Era,
+    ModelConfig,
+    ModelFamily,
+    Source,
+    Target,
+    check_stated,
+)
 from converter.models.common import WK, WQ, WQKV, WV, split_fused_qkv
 from converter.plan import Piece, RowOrder
 
@@ -81,7 +91,21 @@ _QKV_LINEAR = {_WQ: _WQ, _WK: _WK, _WV: _WV}
 _META_QKV = {
     f"{_ATTENTION}{w}.weight": t for w, t in zip(("wq", "wk", "wv"), (_WQ, _WK, _WV), strict=True)
 }
-_FREQS = "RoPE frequencies (a buffer; every consumer recomputes them from rope_theta)"
+_FREQS = (
+    "RoPE frequencies (a buffer; every consumer recomputes them from rope_theta and the "
+    "rope_scaling settings, which were checked against it)"
+)
+# torchtitan #1839 (5bbda42c7, 2025-10-08) added Llama 3.1's RoPE scaling, on in every llama3
+# flavor from then on; models trained before had none. v0.1.0's saves keep the RoPE table
+# (freqs_cis), which is checked; #1347's layout was saved on both sides of the change and keeps
+# none, so the setting is an assumption there.
+_SPANS_ROPE_SCALING = frozenset({"#1347", "v0.1.0"})
+# What torchtune's Llama3ScaledRoPE fixes besides scale_factor (its builders take no others).
+_TORCHTUNE_ROPE = {
+    "rope_low_freq_factor": 1.0,
+    "rope_high_freq_factor": 4.0,
+    "rope_original_max_seq_len": 8192,
+}
 
 ERAS = (
     Era("#2937", "qkv_linear, lm_head; torchtitan 0.3.0", "2026-04-27",
@@ -208,21 +232,50 @@ class Llama3(ModelFamily):
     def required(self, arch: Any, layer: int) -> list[str]:
         return list(_LAYER_KEYS)
 
-    def assumptions(self, arch: Llama3Config, era: Era) -> list[str]:
+    def check_values(self, source: Source, keys: Mapping[str, str], arch: Any) -> list[Dropped]:
+        """The RoPE table a save kept (``freqs_cis``, torchtitan v0.1.0's), against the head
+        count and RoPE settings from which the output's consumers compute theirs."""
+        if "freqs_cis" in keys:
+            saved = keys["freqs_cis"]
+            _check_rope_table(source.read(saved), arch, f"{saved!r} in {source.name}")
+        return []
+
+    def assumptions(self, arch: Llama3Config, era: Era, keys: Collection[str]) -> list[str]:
+        said = []
         if era.split:
-            return [
+            said.append(
                 f"the fused QKV weights are split with n_heads={arch.n_heads} and "
                 f"n_kv_heads={arch.kv_heads} as configured: their shapes cannot tell these from "
                 "head counts in the same proportion (8/2 from 4/1, which splits differently). "
                 "If the model was trained with other head counts, set them and convert again."
-            ]
-        return [
-            f"n_heads={arch.n_heads} and n_kv_heads={arch.kv_heads} are taken from the "
-            "config: the weights fix n_heads x head_dim and the ratio n_kv_heads / n_heads, not "
-            "the head count itself (16 heads of 16 and 4 heads of 64 have the same shapes, and "
-            "torchtune computes other logits with the wrong one). Check them against the model "
-            f"that was trained, or use a preset: {self.presets()}."
-        ]
+            )
+        elif "freqs_cis" not in keys:  # its width is 2 x head_dim: checked
+            said.append(
+                f"n_heads={arch.n_heads} and n_kv_heads={arch.kv_heads} are taken from the "
+                "config: the weights fix n_heads x head_dim and the ratio n_kv_heads / n_heads, "
+                "not the head count itself (16 heads of 16 and 4 heads of 64 have the same "
+                "shapes, and torchtune computes other logits with the wrong one). Check them "
+                f"against the model that was trained, or use a preset: {self.presets()}."
+            )
+        if era.name in _SPANS_ROPE_SCALING and "freqs_cis" not in keys:
+            other = str(not arch.rope_scaling).lower()
+            said.append(
+                f"rope_scaling={str(arch.rope_scaling).lower()} is taken from the config: "
+                "torchtitan's llama3 trains with Llama 3.1 RoPE scaling since #1839 "
+                f"(2025-10-08) and without it before, and this layout ({era.name}) was saved "
+                "on both sides of that change with no RoPE table to tell. If the model was "
+                f"trained {'before' if arch.rope_scaling else 'after'} it, set "
+                f"experiment.model.rope_scaling={other} and convert again."
+            )
+        if _torchtune_rope_differs(arch):
+            said.append(
+                "rope_low_freq_factor, rope_high_freq_factor and rope_original_max_seq_len "
+                f"({arch.rope_low_freq_factor}, {arch.rope_high_freq_factor}, "
+                f"{arch.rope_original_max_seq_len}) are not torchtune's: its llama3 RoPE fixes "
+                "them at 1, 4 and 8192, so a torchtune model would compute other logits and no "
+                "recipe model: section is written. config.json carries them for transformers."
+            )
+        return said
 
     # ---------------------------------------------------------------- what formats write
 
@@ -265,8 +318,11 @@ class Llama3(ModelFamily):
             "rope_scaling": scaling,
         }
 
-    def torchtune_model(self, arch: Llama3Config) -> dict[str, Any]:
-        """torchtune's llama3-family component builder with the model's dimensions."""
+    def torchtune_model(self, arch: Llama3Config) -> dict[str, Any] | None:
+        """torchtune's llama3-family component builder with the model's dimensions; None if
+        its RoPE cannot be expressed (see ``assumptions``)."""
+        if _torchtune_rope_differs(arch):
+            return None
         args: dict[str, Any] = {
             "vocab_size": arch.vocab_size,
             "num_layers": arch.n_layers,
@@ -279,11 +335,12 @@ class Llama3(ModelFamily):
             "rope_base": arch.rope_theta,
         }
         if arch.tied_embeddings:
-            # llama3_2's builder ties the output projection to the embeddings; it applies
-            # Llama 3.1-style RoPE scaling with scale_factor 32 by default, torchtitan uses 8.
+            # llama3_2's builder ties the output projection to the embeddings; it always
+            # applies Llama 3.1-style RoPE scaling, by 32 unless told (torchtitan's is 8), and
+            # a factor of 1 leaves every frequency as it is.
             component = "torchtune.models.llama3_2.llama3_2"
             args["tie_word_embeddings"] = True
-            args["scale_factor"] = arch.rope_scaling_factor
+            args["scale_factor"] = arch.rope_scaling_factor if arch.rope_scaling else 1.0
         elif arch.rope_scaling:
             component = "torchtune.models.llama3_1.llama3_1"
             args["scale_factor"] = arch.rope_scaling_factor
@@ -294,3 +351,71 @@ class Llama3(ModelFamily):
     def torchtune_model_type(self, arch: Llama3Config) -> str:
         # LLAMA3_2 is torchtune's model type for tied embeddings (no output.weight).
         return "LLAMA3_2" if arch.tied_embeddings else "LLAMA3"
+
+
+def _torchtune_rope_differs(arch: Llama3Config) -> bool:
+    return arch.rope_scaling and any(getattr(arch, k) != v for k, v in _TORCHTUNE_ROPE.items())
+
+
+def _rope_table(arch: Llama3Config, positions: int) -> torch.Tensor:
+    """The complex RoPE table torchtitan's llama3 computes (``precompute_freqs_cis``, with
+    #1839's scaling when ``rope_scaling``): ``[positions, head_dim / 2]``."""
+    hd = arch.head_dim
+    freqs = 1.0 / (arch.rope_theta ** (torch.arange(0, hd, 2)[: hd // 2].float() / hd))
+    if arch.rope_scaling:
+        # Llama 3.1: long wavelengths slowed by the factor, short ones kept, the band between
+        # blended linearly in original_max_seq_len / wavelength.
+        context, low, high = (
+            arch.rope_original_max_seq_len,
+            arch.rope_low_freq_factor,
+            arch.rope_high_freq_factor,
+        )
+        wavelength = 2 * math.pi / freqs
+        slowed = freqs / arch.rope_scaling_factor
+        blend = (context / wavelength - low) / (high - low)
+        between = (1 - blend) * slowed + blend * freqs
+        freqs = torch.where(
+            wavelength > context / low,
+            slowed,
+            torch.where(wavelength < context / high, freqs, between),
+        )
+    angles = torch.outer(torch.arange(positions, dtype=torch.float32), freqs)
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def _check_rope_table(saved: torch.Tensor, arch: Llama3Config, where: str) -> None:
+    """``saved`` (a save's ``freqs_cis``) must be the table of ``arch``'s head_dim and RoPE
+    settings, to within float32 rounding of the angles (1e-3 at the longest positions)."""
+    if not saved.is_complex() or saved.dim() != 2:
+        raise ConversionError(
+            f"{where} is a {saved.dtype} tensor of shape {list(saved.shape)}, not a RoPE "
+            "table ([positions, head_dim / 2], complex) as torchtitan saves freqs_cis. The "
+            "checkpoint is not a torchtitan llama3 save, or is damaged."
+        )
+    head_dim = 2 * saved.shape[1]
+    if head_dim != arch.head_dim:
+        raise ConversionError(
+            f"{where} is the RoPE table of heads of {head_dim} values, so the model has "
+            f"n_heads = dim / {head_dim} = {arch.dim // head_dim}; experiment.model.n_heads="
+            f"{arch.n_heads} makes heads of {arch.head_dim}. Set the n_heads and n_kv_heads of "
+            "the model that was trained. Nothing was written."
+        )
+
+    def matches(settings: Llama3Config) -> bool:
+        table = _rope_table(settings, saved.shape[0])
+        return torch.allclose(torch.view_as_real(saved), torch.view_as_real(table), atol=1e-3)
+
+    if matches(arch):
+        return
+    flipped = dataclasses.replace(arch, rope_scaling=not arch.rope_scaling)
+    if matches(flipped):
+        fix = f"set experiment.model.rope_scaling={str(flipped.rope_scaling).lower()}"
+    else:
+        fix = "set the rope_theta and rope_scaling settings of the model that was trained"
+    raise ConversionError(
+        f"{where} is the RoPE table the model was trained with, and it is not the one that "
+        f"experiment.model.rope_theta={arch.rope_theta} with rope_scaling="
+        f"{str(arch.rope_scaling).lower()} gives, from which the output's consumers would "
+        f"compute theirs: {fix} (torchtitan added Llama 3.1 RoPE scaling in #1839, "
+        "2025-10-08; this layout is older). Nothing was written."
+    )

@@ -32,7 +32,7 @@ out; a non-zero one is an error unless ``accept_expert_bias`` says to leave it o
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -336,7 +336,7 @@ class Qwen3(ModelFamily):
             return [*_ATTENTION, *_MOE]
         return [*_ATTENTION, *_DENSE]
 
-    def check_values(self, source: Source, keys: Mapping[str, str], config: Any) -> list[Dropped]:
+    def check_values(self, source: Source, keys: Mapping[str, str], arch: Any) -> list[Dropped]:
         """The expert bias of each MoE layer: left out if zero; if not, an error unless the
         user accepts that the Hugging Face model routes without it."""
         dropped, steering = [], []
@@ -350,7 +350,7 @@ class Qwen3(ModelFamily):
                     "auxiliary-loss-free load-balancing bias, all zero: it never changed which "
                     "experts a token is routed to; Hugging Face's Qwen3-MoE has no such bias"
                 )
-            elif config.accept_expert_bias:
+            elif arch.accept_expert_bias:
                 why = (
                     f"auxiliary-loss-free load-balancing bias, max |bias| {largest:.6g} in this "
                     "layer: left out as experiment.model.accept_expert_bias=true allows; the "
@@ -374,7 +374,7 @@ class Qwen3(ModelFamily):
             )
         return dropped
 
-    def assumptions(self, arch: Qwen3Config, era: Era) -> list[str]:
+    def assumptions(self, arch: Qwen3Config, era: Era, keys: Collection[str]) -> list[str]:
         if not arch.n_experts:
             return []
         said = [

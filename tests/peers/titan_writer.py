@@ -90,20 +90,31 @@ CHECKPOINT_FOLDER = "checkpoint"
 
 
 def model_config(
-    variant: str = "debugmodel", attn_backend: str = "flex", rope_factor: float | None = None
+    variant: str = "debugmodel",
+    attn_backend: str = "flex",
+    rope_factor: float | None = None,
+    rope_scaling: bool = True,
 ):
     """Return the torchtitan ``Llama3Model.Config`` of a variant (see module docstring).
 
     ``rope_factor`` replaces the llama RoPE scaling factor of every layer (torchtitan's
-    configs all use its default, 8.0).
+    configs all use its default, 8.0); ``rope_scaling=False`` turns the scaling off, as
+    torchtitan's llama3 was before #1839.
     """
     cfg = _variant_config(variant, attn_backend)
-    if rope_factor is not None:
-        for layer in cfg.layers:
+    for layer in cfg.layers:
+        if rope_factor is not None:
             layer.attention.rope = dataclasses.replace(
                 layer.attention.rope, scaling_factor=float(rope_factor)
             )
+        if not rope_scaling:
+            layer.attention.rope = dataclasses.replace(layer.attention.rope, scaling="none")
     return cfg
+
+
+def model_config_of(model_json: dict):
+    """The ``Llama3Model.Config`` a ``model.json`` describes (its variant and RoPE scaling)."""
+    return model_config(model_json["variant"], rope_scaling=model_json["rope_scaling"] is not None)
 
 
 def _variant_config(variant: str, attn_backend: str):

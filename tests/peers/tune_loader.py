@@ -135,9 +135,11 @@ def model_component(model_json) -> tuple[str, dict[str, Any]]:
         "rope_base": _int_if_integral(d["rope_theta"]),
     }
     scaling = d["rope_scaling"]
-    if scaling is None:
-        if d["tied"]:
-            raise NotImplementedError("torchtune has no tied llama3 builder without RoPE scaling")
+    if scaling is None and d["tied"]:
+        # The tied builder always scales; by a factor of 1 every frequency stays as it is.
+        scaling = {"factor": 1, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+        scaling["original_max_position_embeddings"] = 8192
+    elif scaling is None:
         return "torchtune.models.llama3.llama3", kwargs
     fixed = {"low_freq_factor": 1.0, "high_freq_factor": 4.0}
     fixed["original_max_position_embeddings"] = 8192
