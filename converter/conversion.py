@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Collection
 from concurrent.futures import Future
 from dataclasses import astuple, dataclass
@@ -342,7 +343,7 @@ def _describe(
         texts = {n: _bytes(c) for n, c in texts.items()}
         files |= {str(n): content_digests(c, conf.sha256) for n, c in texts.items()}
     missing = fmt.missing(described)
-    for what in missing:
+    for what in [*missing, *_altered_values(filled, conf.experiment.export_dtype)]:
         log.warning("%s: %s", planned.name, what)
     manifest = build_manifest(
         experiment=planned.name,
@@ -358,11 +359,33 @@ def _describe(
         config=_config_record(conf),
         fingerprint=print_,
         slurm=dataclasses.asdict(slurm) if slurm else None,
+        nonfinite=filled.nonfinite,
+        flushed_to_zero=filled.flushed_to_zero,
     )
     texts[_described_name(manifest_path(output, fmt.folder), output, fmt)] = (
         json.dumps(manifest, indent=2) + "\n"
     )
     return manifest, texts
+
+
+def _altered_values(filled: Filled, export_dtype: ExportDtype) -> list[str]:
+    """What the log says of values written that are not the source's (see ``engine.Filled``)."""
+    said = []
+    for counts, what, where in (
+        (filled.nonfinite, "NaN/Inf values were written (allow_nonfinite=true)", "nonfinite"),
+        (
+            filled.flushed_to_zero,
+            f"non-zero values below the smallest {export_dtype} subnormal were written as 0",
+            "flushed_to_zero",
+        ),
+    ):
+        if counts:
+            name, most = max(counts.items(), key=lambda kv: kv[1])
+            said.append(
+                f"{sum(counts.values())} {what}, in {len(counts)} tensors (most in {name!r}: "
+                f"{most}); the manifest's {where} counts them per tensor."
+            )
+    return said
 
 
 def describe_plan(planned: _Planned) -> str:
@@ -508,11 +531,14 @@ def _with_answers(filled: Filled, group: TaskGroup) -> Filled:
     check_answers(answers, group)
     regions = {name: list(rs) for name, rs in filled.regions.items()}
     digests = dict(filled.source_digests)
+    nonfinite, flushed = Counter(filled.nonfinite), Counter(filled.flushed_to_zero)
     for answer in answers.values():
         for name, written in answer["regions"].items():
             regions[name] += [Region(*r) for r in written]
         digests.update(answer["digests"])
-    return Filled(regions, digests)
+        nonfinite.update(answer["nonfinite"])
+        flushed.update(answer["flushed_to_zero"])
+    return Filled(regions, digests, dict(nonfinite), dict(flushed))
 
 
 def _fill_share(planned: _Planned, group: TaskGroup) -> tuple[Status, int]:
@@ -540,6 +566,8 @@ def _fill_share(planned: _Planned, group: TaskGroup) -> tuple[Status, int]:
         {
             "regions": {n: [astuple(r) for r in rs] for n, rs in filled.regions.items() if rs},
             "digests": filled.source_digests,
+            "nonfinite": filled.nonfinite,
+            "flushed_to_zero": filled.flushed_to_zero,
         }
     )
     written = sum(r.length for rs in filled.regions.values() for r in rs)
@@ -697,6 +725,16 @@ def _already_done(planned: _Planned, print_: dict[str, Any]) -> bool:
     previous = read_manifest(manifest_path(output, folder))
     # The files themselves are checked too: an old manifest beside replaced bytes does not count.
     if previous and previous.get("fingerprint") == print_ and describes(previous, output, folder):
+        if previous.get("nonfinite") and not conf.allow_nonfinite:
+            if conf.overwrite:
+                log.info("Replacing %s (overwrite=true): it holds NaN/Inf values.", output)
+                return False
+            raise ConversionError(
+                f"Output {output} holds NaN/Inf values in {len(previous['nonfinite'])} tensors, "
+                "written with allow_nonfinite=true (its manifest's nonfinite lists them), and "
+                "this run does not allow them. Set allow_nonfinite=true to keep it as it is, "
+                "or overwrite=true to convert again (which fails on those values)."
+            )
         if not conf.force:
             return True
         log.info("Converting %s again (force=true), though it is up to date.", output)

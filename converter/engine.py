@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import math
 import threading
+from collections import Counter
 from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import xxhash
@@ -91,10 +92,13 @@ class BufferPool:
 class Filled:
     """What a conversion wrote: the regions of each output tensor, and the XXH3-128 digest of
     each source tensor's bytes as read (row-major, as saved), which names any tensor whose
-    bytes change later."""
+    bytes change later; and, per output tensor, the values written that are not the source's
+    (see ``_altered``): NaN/Inf (with ``allow_nonfinite``) and values flushed to zero."""
 
     regions: dict[str, list[Region]]
     source_digests: dict[str, str]
+    nonfinite: dict[str, int] = field(default_factory=dict)
+    flushed_to_zero: dict[str, int] = field(default_factory=dict)
 
 
 def convert_tensors(
@@ -119,6 +123,8 @@ def convert_tensors(
                 consumers.setdefault(p.source, []).append((tensor, p))
     regions: dict[str, list[Region]] = {t.name: [] for t in plan.tensors}
     digests: dict[str, str] = {}
+    nonfinite: Counter[str] = Counter()
+    flushed: Counter[str] = Counter()
     lock = threading.Lock()
     pool = BufferPool(budget_bytes)
     stop = threading.Event()
@@ -155,12 +161,15 @@ def convert_tensors(
                     row_bytes = _row_bytes(tensor.shape, tensor.dtype)
                     offset = (p.dst_start + lo - p.src_start) * row_bytes
                     data = _cast_into(source_rows, tensor.dtype, buffer[read_bytes:], p)
-                    if not allow_nonfinite and data.is_floating_point():
-                        _check_finite(data, source_rows, tensor, key, step_dir)
+                    bad, zeroed = _altered(data, source_rows)
+                    if bad and not allow_nonfinite:
+                        raise _nonfinite_error(bad, source_rows, tensor, key, step_dir)
                     out.write(tensor.name, offset, data)
                     region_digest = xxhash.xxh3_64_intdigest(data.view(torch.uint8).numpy())
                     with lock:
                         regions[tensor.name].append(Region(offset, data.nbytes, region_digest))
+                        nonfinite[tensor.name] += bad
+                        flushed[tensor.name] += zeroed
                 progress(rows * entry.row_bytes)
             finally:
                 pool.give_back(buffer)
@@ -187,7 +196,7 @@ def convert_tensors(
             stop.set()  # the other workers finish their current window and return
             wait(futures)
             raise failed[0].exception()  # type: ignore[misc]
-    return Filled(regions, digests)
+    return Filled(regions, digests, dict(+nonfinite), dict(+flushed))
 
 
 @contextmanager
@@ -246,29 +255,44 @@ def _row_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     return row_shape(shape)[1] * dtype.itemsize
 
 
-def _check_finite(
-    data: torch.Tensor, rows: torch.Tensor, tensor: OutputTensor, key: str, step_dir: str
-) -> None:
-    """Fails on NaN/Inf in the rows written, which come from NaN/Inf in the source or from
-    values the export dtype cannot hold (the cast makes them Inf); ``rows`` are the source rows
-    they were cast from, for the message.
+def _altered(data: torch.Tensor, rows: torch.Tensor) -> tuple[int, int]:
+    """How many of the values written (``data``, cast from ``rows``) are NaN/Inf, and how
+    many non-zero source values became zero: those below the smallest subnormal of an export
+    dtype with a narrower exponent range (float16 from bfloat16 or float32). bfloat16 keeps
+    float32's (the same smallest normal, 1.2e-38): only float32 subnormals below 9.2e-41
+    would become zero, and counting them would take a pass over every source byte, so that
+    cast is not counted.
 
-    DCP keeps no checksums, so this is what catches overwritten shard bytes. One ``aminmax``
-    pass answers it (NaN propagates into it; Inf shows in its ends) at several times the speed
-    of ``isfinite``, on the written rows: half the bytes of float32 ones for a bfloat16 export.
+    DCP keeps no checksums, so the first count is what catches overwritten shard bytes. One
+    ``aminmax`` pass answers whether there are any (NaN propagates into it; Inf shows in its
+    ends) at several times the speed of ``isfinite``, on the written rows: half the bytes of
+    float32 ones for a bfloat16 export; they are counted only if there are.
     """
+    if not data.is_floating_point():
+        return 0, 0
     low, high = (float(v) for v in torch.aminmax(data))
-    if math.isfinite(low) and math.isfinite(high):
-        return
-    bad = int((~torch.isfinite(rows)).sum()) if rows.is_floating_point() else 0
-    if bad:
-        what = f"{bad} NaN/Inf values"
+    bad = 0 if math.isfinite(low) and math.isfinite(high) else int((~torch.isfinite(data)).sum())
+    zeroed = 0
+    if rows.is_floating_point() and torch.finfo(data.dtype).tiny > torch.finfo(rows.dtype).tiny:
+        zeroed = int(torch.count_nonzero(rows)) - int(torch.count_nonzero(data))
+    return bad, zeroed
+
+
+def _nonfinite_error(
+    bad: int, rows: torch.Tensor, tensor: OutputTensor, key: str, step_dir: str
+) -> ConversionError:
+    """NaN/Inf in the rows written come from NaN/Inf in the source or from values the export
+    dtype cannot hold (the cast makes them Inf); ``rows`` are the source rows they were cast
+    from, which tell the two apart."""
+    in_source = int((~torch.isfinite(rows)).sum()) if rows.is_floating_point() else 0
+    if in_source:
+        what = f"{in_source} NaN/Inf values"
     else:
         largest = float(rows.abs().max())
         what = f"values up to {largest:.3g}, beyond what {tensor.dtype} holds"
-    raise ConversionError(
+    return ConversionError(
         f"{key!r} in {step_dir} holds {what} (output {tensor.name!r}). The shard data "
         "is corrupt, training diverged, or the export dtype is too narrow. Convert another "
         "step, choose another experiment.export_dtype, or set allow_nonfinite=true to write "
-        "the values anyway."
+        "the values anyway (the manifest counts them)."
     )

@@ -371,6 +371,31 @@ def _check_nan_written(root: Path, weights: dict[str, torch.Tensor]) -> None:
     loaded = torch.load(root / "out" / "model.pt", mmap=True, weights_only=True)
     assert int(torch.isnan(loaded[VICTIM]).sum()) == 16
     assert all(torch.isfinite(t).all() for k, t in loaded.items() if k != VICTIM)
+    manifest = json.loads((root / "out" / "model.pt.manifest.json").read_text())
+    assert manifest["nonfinite"] == {VICTIM: 16} and manifest["flushed_to_zero"] == {}
+
+
+TINY_VALUES = torch.full((4,), 1e-9, dtype=torch.float32)  # below float16's 6e-8
+
+
+def _below_float16(root: Path, pristine: Path, cleanup: ExitStack) -> dict[str, str]:
+    """Four non-zero float32 values (1e-9) that float16 rounds to 0, exported as float16."""
+    overwrite_tensor_bytes(copy_small(root, pristine), VICTIM, TINY_VALUES.numpy().tobytes())
+    return {**small_overrides(root), "experiment.export_dtype": "float16"}
+
+
+def _check_flushed_counted(root: Path, weights: dict[str, torch.Tensor]) -> None:
+    """The manifest counts, per tensor, every non-zero source value written as 0: the four
+    set, and any of the saved weights' own that float16 cannot hold either."""
+    source = dict(weights)
+    victim = source[VICTIM].flatten().clone()
+    victim[: len(TINY_VALUES)] = TINY_VALUES  # the chunk's first bytes: the tensor's first rows
+    source[VICTIM] = victim
+    expected = {k: int(((w != 0) & (w.half() == 0)).sum()) for k, w in source.items()}
+    manifest = json.loads((root / "out" / "model.pt.manifest.json").read_text())
+    assert manifest["flushed_to_zero"] == {k: n for k, n in expected.items() if n}
+    assert manifest["flushed_to_zero"][VICTIM] >= len(TINY_VALUES)
+    assert manifest["nonfinite"] == {}
 
 
 def _unknown_keys(root: Path, pristine: Path, cleanup: ExitStack) -> dict[str, str]:
@@ -665,11 +690,20 @@ CASES: dict[str, Case] = {
         _shard_overwritten, (repr(VICTIM), "16 NaN/Inf values", "allow_nonfinite=true")
     ),
     "shard_bytes_overwritten_allowed": Case(
-        _shard_overwritten_allowed, ("wrote",), ok=True, check=_check_nan_written
+        _shard_overwritten_allowed,
+        ("wrote", "16 NaN/Inf values were written (allow_nonfinite=true)"),
+        ok=True,
+        check=_check_nan_written,
     ),
     "shard_bytes_overwritten_two_workers": Case(
         _only_after(_shard_overwritten, workers="2"),
         (repr(VICTIM), "16 NaN/Inf values", "allow_nonfinite=true"),
+    ),
+    "value_below_float16": Case(
+        _below_float16,
+        ("non-zero values below the smallest float16 subnormal were written as 0", repr(VICTIM)),
+        ok=True,
+        check=_check_flushed_counted,
     ),
     "value_beyond_float16": Case(
         _beyond_float16, (repr(VICTIM), "values up to 1e+06, beyond what torch.float16 holds")
@@ -923,6 +957,30 @@ def test_shard_changed_in_place_is_converted_again(small, tmp_path):
     assert not torch.equal(written, weights[VICTIM].bfloat16())
     again = run()
     assert again.returncode == 0 and "skipped" in again.stderr, again.stderr
+
+
+def test_nan_allowed_once_is_not_up_to_date_for_a_run_that_refuses_it(small, tmp_path):
+    """An output written with allow_nonfinite=true holds NaN: a run without it is refused
+    (not skipped as up to date), and with overwrite=true converts again, failing on them."""
+    pristine, _ = small
+    overwrite_tensor_bytes(copy_small(tmp_path, pristine), VICTIM, b"\xff" * 64)
+    cmd = command({**small_overrides(tmp_path), "verify": "false"}, tmp_path / "hydra")
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [*cmd, *extra], cwd=REPO, env=child_env(), capture_output=True, text=True,
+            timeout=RUN_TIMEOUT,
+        )  # fmt: skip
+
+    assert run("allow_nonfinite=true").returncode == 0
+    assert "skipped" in run("allow_nonfinite=true").stderr
+    refused = run()
+    assert refused.returncode != 0 and "skipped" not in refused.stderr
+    assert "holds NaN/Inf values in 1 tensors, written with allow_nonfinite=true" in (
+        refused.stderr
+    )
+    again = run("overwrite=true")
+    assert again.returncode != 0 and "16 NaN/Inf values" in again.stderr
 
 
 def _victim_chunk(step_dir: Path) -> tuple[Path, int]:
