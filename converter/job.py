@@ -11,6 +11,7 @@ import logging
 import os
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -112,10 +113,16 @@ def _reraise_interruption(e: BaseException) -> None:
     """An error raised while the job was being stopped (submitit's preemption handler raises
     SystemExit, and torch may turn it into another error on its way out) is the interruption,
     not a failed conversion: re-raise it so no failure is reported for a job being requeued."""
-    seen: BaseException | None = e
-    while seen is not None:
+    for seen in _chain(e):
         if isinstance(seen, SystemExit | KeyboardInterrupt):
             raise seen
+
+
+def _chain(e: BaseException) -> Iterator[BaseException]:
+    """``e`` and the errors it was raised from or while handling, innermost last."""
+    seen: BaseException | None = e
+    while seen is not None:
+        yield seen
         seen = seen.__cause__ or seen.__context__
 
 
@@ -129,8 +136,11 @@ def _checked(cfg: DictConfig) -> ConvertConfig:
     try:
         return to_object(cfg)
     except InterpolationResolutionError as e:
-        if isinstance(e.__cause__, ConversionError):  # ${resolved_step:} found no step
-            raise e.__cause__ from None
+        # ${resolved_step:} found no step: OmegaConf wraps that error once per level of
+        # interpolation, by cause or by context.
+        for cause in _chain(e):
+            if isinstance(cause, ConversionError):
+                raise cause from None
         raise ConversionError(f"Invalid configuration: {e}.") from e
     except MissingMandatoryValue as e:
         key = e.full_key

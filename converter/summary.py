@@ -51,22 +51,26 @@ def _size(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n else "-"
 
 
-def planned_outputs(config: DictConfig) -> dict[str, list[str]]:
-    """Every output path the sweep's jobs resolve to -> the jobs (their overrides) that write
-    it, composed as the sweeper composes them, before any job runs."""
+def planned_jobs(config: DictConfig) -> list[list[str]]:
+    """The overrides of each job of the sweep, as the sweeper splits them."""
     # Unresolved: an override's value may hold an interpolation, e.g. ${experiment.name}.
     task = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
     overrides = OverridesParser.create().parse_overrides(task)
+    return [list(job) for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+
+
+def planned_outputs(config: DictConfig) -> dict[str, list[str]]:
+    """Every output path the sweep's jobs resolve to -> the jobs (their overrides) that write
+    it, composed as the sweeper composes them, before any job runs."""
     loader = GlobalHydra.instance().config_loader()
     outputs: dict[str, list[str]] = {}
-    for batch in BasicSweeper.split_arguments(overrides, None):
-        for job in batch:
-            cfg = loader.load_sweep_config(config, list(job))
-            try:
-                output = str(local_path(cfg.experiment.output).resolve())
-            except OmegaConfBaseException:  # e.g. ${resolved_step:} finds no step: the job
-                continue  # reports that itself, as one line
-            outputs.setdefault(output, []).append(" ".join(job) or "(no overrides)")
+    for job in planned_jobs(config):
+        cfg = loader.load_sweep_config(config, job)
+        try:
+            output = str(local_path(cfg.experiment.output).resolve())
+        except OmegaConfBaseException:  # e.g. ${resolved_step:} finds no step: the job
+            continue  # reports that itself, as one line
+        outputs.setdefault(output, []).append(" ".join(job) or "(no overrides)")
     return outputs
 
 
@@ -94,6 +98,10 @@ class SweepSummary(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         logging.getLogger("submitit").addFilter(_OnceEach("Bypassing sacct error"))
+        # A sweep folder given again (hydra.sweep.dir) holds the last sweep's results: only
+        # this sweep's jobs may be summed up.
+        for stale in Path(config.hydra.sweep.dir).glob(f"*/{STATUS_FILE}"):
+            stale.unlink()
         clashes = {out: jobs for out, jobs in planned_outputs(config).items() if len(jobs) > 1}
         if clashes:
             described = "; ".join(f"{out} by [{'], ['.join(j)}]" for out, j in clashes.items())
@@ -114,6 +122,16 @@ class SweepSummary(Callback):
             log.error("No job of this sweep reported a result (sweep folder %s).", sweep_dir)
             sys.exit(1)
         print("\n" + format_table(results), flush=True)
+        jobs = len(planned_jobs(config))
+        if len(results) < jobs:
+            log.error(
+                "%d of the sweep's %d jobs reported no result: killed before they ended (out "
+                "of memory, or by the scheduler)? Their logs are in their job folders under %s.",
+                jobs - len(results),
+                jobs,
+                sweep_dir,
+            )
+            sys.exit(1)
         failed = [r.experiment for r in results if not r.ok]
         if failed:
             log.error("%d of %d experiments failed: %s", len(failed), len(results), failed)

@@ -123,3 +123,18 @@ def test_sweep_fails_when_one_experiment_fails(demo_root, tmp_path):
     assert run.returncode != 0
     assert summary_statuses(run.stdout) == {"debug": "converted", "debug_pretrained": "failed"}
     assert (tmp_path / "debug.pt").exists() and not (tmp_path / "debug_pretrained.pt").exists()
+
+
+def test_a_sweep_folder_given_again_sums_up_this_sweep_alone(demo_root, tmp_path):
+    """hydra.sweep.dir reused: the last sweep's job results there are not this sweep's."""
+    root, _ = demo_root
+    fixed = [
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        f"experiment.output={tmp_path}/${{experiment.name}}.pt",
+    ]
+    first = sweep(root, "experiment=debug,debug_pretrained", "experiment.step=99", *fixed)
+    assert first.returncode != 0
+    assert summary_statuses(first.stdout) == {"debug": "failed", "debug_pretrained": "failed"}
+    second = sweep(root, "experiment=debug", *fixed)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert summary_statuses(second.stdout) == {"debug": "converted"}

@@ -230,6 +230,13 @@ def test_outputs_named_for_the_resolved_step(tiny_checkpoint, tmp_path):
     missing = run(f"experiment.checkpoint_dir={tmp_path / 'nothing'}")
     assert missing.returncode == 1 and "does not exist" in missing.stderr, missing.stderr[-2000:]
     assert "Traceback" not in missing.stderr
+    # The step resolved straight in the output's path, not through another interpolation.
+    literal = run(
+        f"experiment.checkpoint_dir={tmp_path / 'nothing'}",
+        f"experiment.output={tmp_path}/model_step${{resolved_step:}}.pt",
+    )
+    assert literal.returncode == 1 and "does not exist" in literal.stderr, literal.stderr
+    assert "Invalid configuration" not in literal.stderr and "full_key" not in literal.stderr
 
 
 def test_the_sweep_summary_shows_the_step_and_the_warnings(tiny_checkpoint, tmp_path):
@@ -336,3 +343,30 @@ def test_the_recipe_snippet_uses_public_builders_and_the_models_max_seq_len(
     assert re.fullmatch(r"torchtune\.models\.llama3(_[12])?\.llama3(_[12])?", builder), builder
     assert snippet["model"]["max_seq_len"] == 4096
     assert snippet["checkpointer"]["output_dir"] == str(tmp_path / "out_torchtune" / "model")
+
+
+def test_a_job_that_left_no_result_fails_the_sweep(tmp_path, capsys, caplog):
+    """A job killed before it ended (out of memory, by the scheduler) leaves no result: the
+    summary of the results that are there is printed, and the sweep fails, saying how many
+    are missing. The callback as Hydra calls it, on the composed config of a two-job sweep."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import open_dict
+
+    from converter.job import STATUS_FILE, JobResult, Status
+    from converter.summary import SweepSummary
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        config = hydra_compose("convert", ["experiment=debug"], return_hydra_config=True)
+    with open_dict(config):
+        config.hydra.overrides.task = ["experiment=debug,debug_pretrained"]
+        config.hydra.sweep.dir = str(tmp_path)
+    (tmp_path / "0_debug").mkdir()
+    done = JobResult("debug", Status.converted, seconds=1.0)
+    (tmp_path / "0_debug" / STATUS_FILE).write_text(done.to_json())
+    with pytest.raises(SystemExit) as exited:
+        SweepSummary().on_multirun_end(config)
+    assert exited.value.code == 1
+    table = capsys.readouterr().out.split()
+    assert table[table.index("debug") + 1] == "converted" and "debug_pretrained" not in table
+    assert "1 of the sweep's 2 jobs reported no result" in caplog.text
