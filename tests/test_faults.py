@@ -667,12 +667,17 @@ CASES: dict[str, Case] = {
     "step_is_a_hugging_face_save": Case(
         _hf_last_save, ("step-20", "Hugging Face safetensors save", "last_save_in_hf", "[10]")
     ),
+    "latest_passes_over_a_hugging_face_save": Case(
+        _only_after(_hf_last_save, **{"experiment.step": "latest"}),
+        ("step-20", "a Hugging Face save (torchtitan's checkpoint.last_save_in_hf)", "step-10"),
+        ok=True,
+    ),
     "step_missing_lists_steps": Case(
         _step_missing, ("no step-7 folder", "[10, 20]", "Set experiment.step")
     ),
     "latest_skips_unfinished_save": Case(
         _latest_unfinished,
-        ("step-20", "has no .metadata", "using the newest complete save, step-10"),
+        ("step-20", "has no .metadata (an unfinished save)", "using the newest DCP save, step-10"),
         ok=True,
         check=_check_latest,
     ),

@@ -69,12 +69,19 @@ def find_step_dir(storage: Storage, step: int | str) -> tuple[int, str]:
             )
         unfinished = [n for n in steps if n > chosen]
         if unfinished:
+            newest = max(unfinished)
+            what = (
+                "a Hugging Face save (torchtitan's checkpoint.last_save_in_hf), which needs no "
+                "conversion"
+                if _is_hf(storage.listdir(steps[newest]))
+                else "an unfinished save"
+            )
             log.warning(
-                "step-%s in %s has no %s (an unfinished save); using the newest complete "
-                "save, step-%s.",
-                max(unfinished),
+                "step-%s in %s has no %s (%s); using the newest DCP save, step-%s.",
+                newest,
                 shown,
                 METADATA_FILE,
+                what,
                 chosen,
             )
         return chosen, steps[chosen]
