@@ -15,6 +15,7 @@ every task fills its share of the tensors.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import logging
 import math
@@ -116,7 +117,7 @@ def convert(
     """Converts ``step_dir`` as ``conf`` says; returns whether it was converted or skipped,
     and the output's size. With a shared ``group``, the lead (task 0) does that and the other
     tasks fill their share of the tensors."""
-    _check_environment()
+    _check_environment(FORMATS[conf.output_format.name])
     times: dict[str, float] = {}
     t = time.perf_counter()
     planned = _plan(conf, storage, step, step_dir, group)
@@ -129,14 +130,20 @@ def convert(
     return _lead(planned, slurm, group, times)
 
 
-def _check_environment() -> None:
+def _check_environment(fmt: OutputFormat) -> None:
     """torch's bridge to numpy gives the byte views that every read, digest and write goes
-    through (numpy is a declared dependency, but a virtualenv can still lack it): checked
-    before any work, so that its absence is named as the environment's, not blamed on a shard."""
+    through, and the format's files are read back with their consumers' library (both
+    declared dependencies, which a virtualenv can still lack): checked before any work, so that
+    an absence is named as the environment's, not blamed on a shard after the conversion."""
     try:
         torch.empty(1).numpy()
     except (ImportError, RuntimeError) as e:
         raise environment_error("Viewing tensors as bytes (torch's bridge to numpy)", e) from e
+    for module in fmt.reads_back_with:
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise environment_error(f"Reading {fmt.name} files back with {module}", e) from e
 
 
 # -------------------------------------------------------------------- plan

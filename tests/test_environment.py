@@ -12,32 +12,45 @@ from tests.conftest import REPO, TINY, model_overrides
 # Starts ranks, subprocesses or servers: not in the fast layer (pytest -m 'not slow').
 pytestmark = pytest.mark.slow
 
-# Runs convert.py as `python convert.py ARGS` does, in an interpreter where numpy cannot be
-# imported, as in a virtualenv that lacks it.
-WITHOUT_NUMPY = """
+# Runs convert.py as `python convert.py ARGS` does, in an interpreter where the module named
+# by the first argument cannot be imported, as in a virtualenv that lacks it.
+WITHOUT = """
 import runpy, sys
 from importlib.abc import MetaPathFinder
 
-class HideNumpy(MetaPathFinder):
+hidden = sys.argv.pop(1)
+
+class Hide(MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name == "numpy" or name.startswith("numpy."):
+        if name == hidden or name.startswith(hidden + "."):
             raise ModuleNotFoundError(f"No module named {name!r}", name=name)
         return None
 
-sys.meta_path.insert(0, HideNumpy())
+sys.meta_path.insert(0, Hide())
 sys.argv = ["convert.py", *sys.argv[1:]]
 runpy.run_path("convert.py", run_name="__main__")
 """
 
 
-def test_missing_numpy_is_named_not_blamed_on_the_shard(tiny_checkpoint, tmp_path):
-    output = tmp_path / "out" / "model.pt"
+@pytest.mark.parametrize(
+    "module, output_format, said",
+    [
+        ("numpy", "meta", "Numpy is not available"),
+        ("safetensors", "hf", "Reading hf files back with safetensors failed"),
+    ],
+)
+def test_a_missing_module_is_named_before_any_work(
+    tiny_checkpoint, tmp_path, module, output_format, said
+):
+    output = tmp_path / "out" / ("model.pt" if output_format == "meta" else "model_hf")
     run = subprocess.run(
         [
             sys.executable,
             "-c",
-            WITHOUT_NUMPY,
+            WITHOUT,
+            module,
             "experiment=debug",
+            f"output_format={output_format}",
             f"experiment.checkpoint_dir={tiny_checkpoint}",
             f"experiment.output={output}",
             f"hydra.run.dir={tmp_path / 'hydra'}",
@@ -49,10 +62,10 @@ def test_missing_numpy_is_named_not_blamed_on_the_shard(tiny_checkpoint, tmp_pat
         timeout=300,
     )
     assert run.returncode != 0
-    assert "Numpy is not available" in run.stderr, run.stderr[-3000:]
+    assert said in run.stderr, run.stderr[-3000:]
     assert "Python environment, not the data" in run.stderr, run.stderr[-3000:]
-    assert "damaged" not in run.stderr, run.stderr[-3000:]
-    assert not output.exists()
+    assert "damaged" not in run.stderr and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert not output.exists() and not output.parent.exists()
 
 
 def test_demo_refuses_a_disk_too_small_before_writing(tmp_path):

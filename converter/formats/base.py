@@ -79,6 +79,8 @@ class OutputFormat(ABC):
     keeps_tied_head: ClassVar[bool]
     folder: ClassVar[bool]  # the output is a folder of files, not one file
     options: ClassVar[type[FormatConfig]]
+    # The modules that read the files back as their consumers do (imported when needed).
+    reads_back_with: ClassVar[tuple[str, ...]] = ()
 
     def check_output(self, output: str) -> None:  # noqa: B027 (most formats take any path)
         """Refuses an output path this format cannot write (raises ValueError)."""

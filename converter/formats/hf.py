@@ -78,6 +78,7 @@ class HfFormat(OutputFormat):
     # save_pretrained leaves the key out; torchtune's tied llama3_2 refuses it in a strict load.
     keeps_tied_head = False
     folder = True
+    reads_back_with = ("safetensors",)
 
     def loads_with(self, described: Described) -> str:
         loaders = ["transformers.AutoModelForCausalLM.from_pretrained(folder)"]
