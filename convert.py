@@ -86,8 +86,11 @@ if __name__ == "__main__":
     # this states that the job relies on it.)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     # Under SLURM, submitit's own handlers take these in the job's process (this is not it).
+    # A signal ignored already stays ignored: nohup ignores SIGHUP so the run outlives its
+    # terminal.
     for stopping in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(stopping, _stop)
+        if signal.getsignal(stopping) is signal.SIG_DFL:
+            signal.signal(stopping, _stop)
     if conflict := _single_mode_only(sys.argv[1:]):
         print(conflict, file=sys.stderr)
         sys.exit(2)

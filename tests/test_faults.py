@@ -1390,6 +1390,27 @@ def test_a_stopped_run_prints_one_line_leaves_nothing_and_exits_128_plus_n(
     assert snapshot(checkpoint) == sources
 
 
+def test_a_run_under_nohup_outlives_sighup(big, tmp_path):
+    """nohup ignores SIGHUP so that a run outlives its terminal: the converter leaves a signal
+    it finds ignored as it is, and the run converts."""
+    checkpoint, weights, _ = big
+    out = tmp_path / "out"
+    cmd = command(big_overrides(checkpoint, out / "model.pt", batch_mb="32"), tmp_path / "hydra")
+    partial = out / ".model.pt.partial"
+    proc = subprocess.Popen(
+        ["nohup", *cmd], cwd=REPO, env=child_env(), stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        while proc.poll() is None and not (partial.exists() and _written_fraction(partial) > 0.3):
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGHUP)
+    finally:
+        _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr.decode()
+    assert_matches(out / "model.pt", weights, torch.bfloat16)
+
+
 @pytest.mark.parametrize("kind", list(BIG_OUTPUTS))
 def test_two_runs_to_one_output_never_interleave(big, tmp_path, kind):
     """Started together, one run converts and the other fails at once, naming the lock; the

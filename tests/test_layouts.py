@@ -190,6 +190,6 @@ def test_a_saved_rope_table_that_contradicts_the_settings_is_refused(
     root, shape, _ = layout_checkpoints["v0.1.0", variant]
     result = convert(tmp_path, root, shape, f"experiment.step={FULL_STEP}")
     assert result.status == "failed"
-    assert "'model.freqs_cis' in " in result.error
+    assert "'model.freqs_cis' in " in result.error and "RoPE frequencies" in result.error
     assert "set experiment.model.rope_scaling=false" in result.error
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

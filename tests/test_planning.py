@@ -7,13 +7,14 @@ converter's own tables; the expected output names are written out here by hand."
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
 
 from converter.errors import ConversionError
 from converter.models.base import build_plan
-from converter.models.llama3 import Llama3, Llama3Config
+from converter.models.llama3 import Llama3, Llama3Config, _rope_frequencies
 from converter.plan import RowOrder
 from demo import writer as demo
 
@@ -32,10 +33,17 @@ OPTIMIZER = {
 NAMINGS = {"meta": True, "torchtune": False, "hf": False}
 
 
-def plan(shape: demo.ModelShape, layout: str, naming: str = "meta", **config):
+def plan(
+    shape: demo.ModelShape,
+    layout: str,
+    naming: str = "meta",
+    rope_table: torch.Tensor | None = None,
+    **config,
+):
     """The plan of a save of ``shape`` in ``layout``: values are zeros, but for a nested
-    save's RoPE table (checked against the config), which is demo.writer's, unscaled."""
+    save's RoPE table (checked against the config), demo.writer's (unscaled) unless given."""
     tensors = {**demo.model_state_shapes(shape, layout), **OPTIMIZER}
+    table = demo.rope_table(shape) if rope_table is None else rope_table
     stated = dict(
         n_heads=shape.n_heads,
         n_kv_heads=shape.n_kv_heads,
@@ -45,7 +53,7 @@ def plan(shape: demo.ModelShape, layout: str, naming: str = "meta", **config):
 
     def read(key: str) -> torch.Tensor:
         if key.endswith("freqs_cis"):
-            return demo.rope_table(shape)
+            return table
         return torch.zeros(tensors[key][0])
 
     return build_plan(
@@ -190,10 +198,42 @@ def test_a_saved_rope_table_is_checked_against_the_settings():
     # 4 heads of 16 (1 kv head) have the same shapes as 8 of 8 (2 kv heads); the table does not.
     with pytest.raises(ConversionError, match="heads of 8 values, so the model has n_heads = dim"):
         plan(GQA_TIED, nested, n_heads=4, n_kv_heads=1)
-    p, _ = plan(GQA_TIED, nested)
+    p, arch = plan(GQA_TIED, nested)
     assert not any("n_heads=" in said or "rope_scaling=" in said for said in p.assumptions)
     [dropped] = [d for d in p.dropped if d.key == "model.freqs_cis"]
     assert "checked against it" in dropped.reason
+    # Frequencies a last bit off (computed on a GPU, say), over 128k positions: accepted.
+    off = torch.nextafter(_rope_frequencies(arch), torch.tensor(1.0))
+    angles = torch.outer(torch.arange(131072, dtype=torch.float32), off)
+    plan(GQA_TIED, nested, rope_table=torch.polar(torch.ones_like(angles), angles))
+
+
+def test_a_nested_save_without_its_rope_table_predates_rope_scaling():
+    """Nested saves from #1338 (2025-06-26, no freqs_cis) to #1347 trained before torchtitan
+    had RoPE scaling: the presets' scaling is refused for them, as for those with a table."""
+    layout = "v0.1.0"
+    without = {
+        k: v for k, v in demo.model_state_shapes(GQA_TIED, layout).items() if "freqs" not in k
+    }
+    stated = dict(n_heads=GQA_TIED.n_heads, n_kv_heads=GQA_TIED.n_kv_heads, tied_embeddings=True)
+    for scaling in (True, False):
+        args = (
+            Llama3(),
+            Llama3Config(**stated, rope_scaling=scaling),
+            {**without, **OPTIMIZER},
+            ["dataloader.dp_rank_0"],
+            "meta",
+            True,
+            torch.bfloat16,
+            lambda key: torch.zeros(0),
+            "step-1",
+        )
+        if scaling:
+            with pytest.raises(ConversionError, match="Set experiment.model.rope_scaling=false"):
+                build_plan(*args)
+        else:
+            p, _ = build_plan(*args)
+            assert p.layout == layout and not any("#1839" in a for a in p.assumptions)
 
 
 @pytest.mark.parametrize(
@@ -227,20 +267,25 @@ def test_the_torchtune_builder_gets_the_models_rope():
     assert any("its llama3 RoPE fixes them at 1, 4 and 8192" in a for a in p.assumptions)
 
 
-def test_the_rope_table_is_torchtitans():
-    """The table the check compares with is torchtitan's own llama3 RoPE cache, scaled and not."""
+def test_the_rope_frequencies_are_torchtitans():
+    """The frequencies the check compares with are those of torchtitan's own llama3 RoPE
+    cache (row 1: one position turns each by its frequency), scaled and not, with a wavelength
+    in each band of Llama 3.1's scaling: kept, blended and slowed."""
     from torchtitan.models.common.rope import ComplexRoPE
 
-    from converter.models.llama3 import _rope_table
-
     _, arch = plan(GQA_TIED, demo.TORCHTITAN_0_3)
+    context = 400
+    settings = dataclasses.replace(arch, rope_original_max_seq_len=context)
+    wavelengths = 2 * math.pi / _rope_frequencies(dataclasses.replace(settings, rope_scaling=False))
+    assert (wavelengths < context / 4).any() and (wavelengths > context).any()
+    assert ((wavelengths > context / 4) & (wavelengths < context)).any()  # blended
     for scaling in (True, False):
-        settings = dataclasses.replace(arch, rope_scaling=scaling, rope_original_max_seq_len=64)
         rope = ComplexRoPE.Config(
             dim=arch.head_dim,
-            max_seq_len=512,
+            max_seq_len=16,
             theta=arch.rope_theta,
             scaling="llama" if scaling else "none",
-            original_max_position_embeddings=64,
+            original_max_position_embeddings=context,
         ).build()
-        assert torch.allclose(rope._precompute_cache(), _rope_table(settings, 512), atol=1e-6)
+        ours = _rope_frequencies(dataclasses.replace(settings, rope_scaling=scaling))
+        assert torch.allclose(rope._precompute_cache()[1].angle(), ours, rtol=1e-6, atol=0)

@@ -156,10 +156,12 @@ class ModelFamily(ABC):
         their key within the model), for a split that its neighbours' shapes determine."""
         raise NotImplementedError(template)
 
-    def check_values(self, source: Source, keys: Mapping[str, str], arch: Any) -> list[Dropped]:
+    def check_values(
+        self, source: Source, era: Era, keys: Mapping[str, str], arch: Any
+    ) -> list[Dropped]:
         """Checks of saved values the output depends on (run before anything is written);
-        returns canonical keys to leave out after all. ``keys``: canonical key -> saved key,
-        and the buffers the era leaves out (``Era.dropped``), by their template."""
+        returns canonical keys to leave out after all (not buffers). ``keys``: canonical key ->
+        saved key, and the buffers the era leaves out (``Era.dropped``), by their template."""
         return []
 
     def assumptions(self, arch: Any, era: Era, keys: Collection[str]) -> list[str]:
@@ -276,7 +278,7 @@ def build_plan(
     _check_complete(family, arch, canonical, config, era, source_name)
     saved = {**{k: pieces[0].source for k, (_, pieces) in canonical.items()}, **buffers}
     shapes = {k: v[0] for k, v in tensors.items()}
-    for gone in family.check_values(Source(source_name, shapes, read), saved, arch):
+    for gone in family.check_values(Source(source_name, shapes, read), era, saved, arch):
         canonical.pop(gone.key)
         dropped.append(Dropped(saved[gone.key], gone.reason))
 

@@ -7,9 +7,9 @@ Canonical names are torchtitan 0.3.0's. The layout eras, newest first:
 - #2937 with ``fuse_qkv=True``, before #3656: one fused ``attention.qkv_linear.wqkv`` per layer.
 - #2878 (2026-04-16, "Fused QKV GQAttention implementation"): ``attention.qkv_linear.{wq,wk,wv}``,
   or the fused ``wqkv`` with ``fuse_qkv=True``; ``output.weight``.
-- #1347 (2025-07-03, "Always flatten model state_dict"): Meta's names at the top level; the
-  ``freqs_cis`` buffer was saved until #1600 (2025-08-19) made it non-persistent.
-- v0.1.0 and before: the same names nested under ``model.``, with ``model.freqs_cis``.
+- #1347 (2025-07-03, "Always flatten model state_dict"): Meta's names at the top level.
+- v0.1.0 and before: the same names nested under ``model.``, with the RoPE table
+  ``model.freqs_cis`` until #1338 (2025-06-26, "Always ignore freqs_cis") left it out.
 
 RoPE is complex ("interleaved"), as in Meta's reference code and torchtune; Hugging Face rotates
 halves, so its naming reorders the rows of ``wq`` and ``wk`` per head, as torchtitan's own
@@ -96,10 +96,11 @@ _FREQS = (
     "rope_scaling settings, which were checked against it)"
 )
 # torchtitan #1839 (5bbda42c7, 2025-10-08) added Llama 3.1's RoPE scaling, on in every llama3
-# flavor from then on; models trained before had none. v0.1.0's saves keep the RoPE table
-# (freqs_cis), which is checked; #1347's layout was saved on both sides of the change and keeps
-# none, so the setting is an assumption there.
-_SPANS_ROPE_SCALING = frozenset({"#1347", "v0.1.0"})
+# flavor from then on; models trained before had none. Nested saves all predate it (and most
+# keep the RoPE table, which is checked besides); #1347's layout was saved on both sides of the
+# change with no table, so the setting is an assumption there.
+_BEFORE_ROPE_SCALING = frozenset({"v0.1.0"})
+_SPANS_ROPE_SCALING = frozenset({"#1347"})
 # What torchtune's Llama3ScaledRoPE fixes besides scale_factor (its builders take no others).
 _TORCHTUNE_ROPE = {
     "rope_low_freq_factor": 1.0,
@@ -232,12 +233,22 @@ class Llama3(ModelFamily):
     def required(self, arch: Any, layer: int) -> list[str]:
         return list(_LAYER_KEYS)
 
-    def check_values(self, source: Source, keys: Mapping[str, str], arch: Any) -> list[Dropped]:
-        """The RoPE table a save kept (``freqs_cis``, torchtitan v0.1.0's), against the head
-        count and RoPE settings from which the output's consumers compute theirs."""
+    def check_values(
+        self, source: Source, era: Era, keys: Mapping[str, str], arch: Any
+    ) -> list[Dropped]:
+        """The RoPE settings from which the output's consumers compute theirs: a layout from
+        before torchtitan had RoPE scaling cannot have trained with it, and a saved RoPE table
+        (``freqs_cis``) must be the settings' own, of the configured head size."""
         if "freqs_cis" in keys:
             saved = keys["freqs_cis"]
             _check_rope_table(source.read(saved), arch, f"{saved!r} in {source.name}")
+        elif era.name in _BEFORE_ROPE_SCALING and arch.rope_scaling:
+            raise ConversionError(
+                f"{source.name} is a {era.describe()} save, from before torchtitan added Llama "
+                "3.1 RoPE scaling (#1839, 2025-10-08), but experiment.model.rope_scaling=true "
+                "would make every consumer compute the model's RoPE scaled. Set "
+                "experiment.model.rope_scaling=false. Nothing was written."
+            )
         return []
 
     def assumptions(self, arch: Llama3Config, era: Era, keys: Collection[str]) -> list[str]:
@@ -357,35 +368,36 @@ def _torchtune_rope_differs(arch: Llama3Config) -> bool:
     return arch.rope_scaling and any(getattr(arch, k) != v for k, v in _TORCHTUNE_ROPE.items())
 
 
-def _rope_table(arch: Llama3Config, positions: int) -> torch.Tensor:
-    """The complex RoPE table torchtitan's llama3 computes (``precompute_freqs_cis``, with
-    #1839's scaling when ``rope_scaling``): ``[positions, head_dim / 2]``."""
+def _rope_frequencies(arch: Llama3Config) -> torch.Tensor:
+    """The RoPE frequencies torchtitan's llama3 computes (``precompute_freqs_cis``, with
+    #1839's scaling when ``rope_scaling``): ``head_dim / 2`` of them, in radians per position."""
     hd = arch.head_dim
     freqs = 1.0 / (arch.rope_theta ** (torch.arange(0, hd, 2)[: hd // 2].float() / hd))
-    if arch.rope_scaling:
-        # Llama 3.1: long wavelengths slowed by the factor, short ones kept, the band between
-        # blended linearly in original_max_seq_len / wavelength.
-        context, low, high = (
-            arch.rope_original_max_seq_len,
-            arch.rope_low_freq_factor,
-            arch.rope_high_freq_factor,
-        )
-        wavelength = 2 * math.pi / freqs
-        slowed = freqs / arch.rope_scaling_factor
-        blend = (context / wavelength - low) / (high - low)
-        between = (1 - blend) * slowed + blend * freqs
-        freqs = torch.where(
-            wavelength > context / low,
-            slowed,
-            torch.where(wavelength < context / high, freqs, between),
-        )
-    angles = torch.outer(torch.arange(positions, dtype=torch.float32), freqs)
-    return torch.polar(torch.ones_like(angles), angles)
+    if not arch.rope_scaling:
+        return freqs
+    # Llama 3.1: long wavelengths slowed by the factor, short ones kept, the band between
+    # blended linearly in original_max_seq_len / wavelength.
+    context, low, high = (
+        arch.rope_original_max_seq_len,
+        arch.rope_low_freq_factor,
+        arch.rope_high_freq_factor,
+    )
+    wavelength = 2 * math.pi / freqs
+    slowed = freqs / arch.rope_scaling_factor
+    blend = (context / wavelength - low) / (high - low)
+    between = (1 - blend) * slowed + blend * freqs
+    return torch.where(
+        wavelength > context / low,
+        slowed,
+        torch.where(wavelength < context / high, freqs, between),
+    )
 
 
 def _check_rope_table(saved: torch.Tensor, arch: Llama3Config, where: str) -> None:
-    """``saved`` (a save's ``freqs_cis``) must be the table of ``arch``'s head_dim and RoPE
-    settings, to within float32 rounding of the angles (1e-3 at the longest positions)."""
+    """``saved`` (a save's ``freqs_cis``: row ``t`` holds ``exp(i t f)`` for each frequency
+    ``f``) must be of ``arch``'s head size and frequencies. Compared on row 1, whose angles are
+    the frequencies themselves: later rows multiply a last-bit difference in a frequency (one
+    computed on a GPU, say) by the position."""
     if not saved.is_complex() or saved.dim() != 2:
         raise ConversionError(
             f"{where} is a {saved.dtype} tensor of shape {list(saved.shape)}, not a RoPE "
@@ -400,22 +412,26 @@ def _check_rope_table(saved: torch.Tensor, arch: Llama3Config, where: str) -> No
             f"{arch.n_heads} makes heads of {arch.head_dim}. Set the n_heads and n_kv_heads of "
             "the model that was trained. Nothing was written."
         )
+    if saved.shape[0] < 2:
+        return  # no frequencies to compare: position 0 turns nothing
+    trained = saved[1].angle()
 
     def matches(settings: Llama3Config) -> bool:
-        table = _rope_table(settings, saved.shape[0])
-        return torch.allclose(torch.view_as_real(saved), torch.view_as_real(table), atol=1e-3)
+        return torch.allclose(trained, _rope_frequencies(settings), rtol=1e-4, atol=0)
 
     if matches(arch):
         return
     flipped = dataclasses.replace(arch, rope_scaling=not arch.rope_scaling)
     if matches(flipped):
-        fix = f"set experiment.model.rope_scaling={str(flipped.rope_scaling).lower()}"
+        fix = (
+            f"set experiment.model.rope_scaling={str(flipped.rope_scaling).lower()} "
+            "(torchtitan added Llama 3.1 RoPE scaling in #1839, 2025-10-08)"
+        )
     else:
         fix = "set the rope_theta and rope_scaling settings of the model that was trained"
     raise ConversionError(
-        f"{where} is the RoPE table the model was trained with, and it is not the one that "
-        f"experiment.model.rope_theta={arch.rope_theta} with rope_scaling="
-        f"{str(arch.rope_scaling).lower()} gives, from which the output's consumers would "
-        f"compute theirs: {fix} (torchtitan added Llama 3.1 RoPE scaling in #1839, "
-        "2025-10-08; this layout is older). Nothing was written."
+        f"{where} holds the RoPE frequencies the model was trained with, and they are not "
+        f"those of experiment.model.rope_theta={arch.rope_theta} with rope_scaling="
+        f"{str(arch.rope_scaling).lower()}, from which the output's consumers would compute "
+        f"theirs: {fix}. Nothing was written."
     )

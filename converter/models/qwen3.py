@@ -336,7 +336,9 @@ class Qwen3(ModelFamily):
             return [*_ATTENTION, *_MOE]
         return [*_ATTENTION, *_DENSE]
 
-    def check_values(self, source: Source, keys: Mapping[str, str], arch: Any) -> list[Dropped]:
+    def check_values(
+        self, source: Source, era: Era, keys: Mapping[str, str], arch: Any
+    ) -> list[Dropped]:
         """The expert bias of each MoE layer: left out if zero; if not, an error unless the
         user accepts that the Hugging Face model routes without it."""
         dropped, steering = [], []
