@@ -350,7 +350,7 @@ def _describe(
         texts = {n: _bytes(c) for n, c in texts.items()}
         files |= {str(n): content_digests(c, conf.sha256) for n, c in texts.items()}
     missing = fmt.missing(described)
-    for what in [*missing, *_altered_values(filled, conf.experiment.export_dtype)]:
+    for what in [*missing, *_altered_values(filled, _torch_dtype(conf.experiment.export_dtype))]:
         log.warning("%s: %s", planned.name, what)
     manifest = build_manifest(
         experiment=planned.name,
@@ -367,7 +367,7 @@ def _describe(
         fingerprint=print_,
         slurm=dataclasses.asdict(slurm) if slurm else None,
         nonfinite=filled.nonfinite,
-        flushed_to_zero=filled.flushed_to_zero,
+        underflowed_to_zero=filled.underflowed_to_zero,
     )
     texts[_described_name(manifest_path(output, fmt.folder), output, fmt)] = (
         json.dumps(manifest, indent=2) + "\n"
@@ -375,24 +375,33 @@ def _describe(
     return manifest, texts
 
 
-def _altered_values(filled: Filled, export_dtype: ExportDtype) -> list[str]:
+def _altered_values(filled: Filled, export: torch.dtype | None) -> list[str]:
     """What the log says of values written that are not the source's (see ``engine.Filled``)."""
     said = []
-    for counts, what, where in (
-        (filled.nonfinite, "NaN/Inf values were written (allow_nonfinite=true)", "nonfinite"),
-        (
-            filled.flushed_to_zero,
-            f"non-zero values below the smallest {export_dtype} subnormal were written as 0",
-            "flushed_to_zero",
-        ),
-    ):
-        if counts:
-            name, most = max(counts.items(), key=lambda kv: kv[1])
-            said.append(
-                f"{sum(counts.values())} {what}, in {len(counts)} tensors (most in {name!r}: "
-                f"{most}); the manifest's {where} counts them per tensor."
-            )
+    if filled.nonfinite:
+        what = "NaN/Inf values were written (allow_nonfinite=true)"
+        said.append(_counted(filled.nonfinite, what, "nonfinite"))
+    if filled.underflowed_to_zero:
+        assert export is not None, "a cast underflows, and keep casts nothing"
+        info = torch.finfo(export)
+        what = (
+            f"non-zero values underflowed to 0 in {str(export).removeprefix('torch.')} (below "
+            f"{info.tiny * info.eps / 2:.2g}, half its smallest subnormal)"
+        )
+        said.append(_counted(filled.underflowed_to_zero, what, "underflowed_to_zero"))
     return said
+
+
+def _counted(counts: dict[str, int], what: str, field: str) -> str:
+    name, most = max(counts.items(), key=lambda kv: kv[1])
+    return (
+        f"{sum(counts.values())} {what}, in {_tensors(len(counts))} (most in {name!r}: {most}); "
+        f"the manifest's {field} counts them per tensor."
+    )
+
+
+def _tensors(n: int) -> str:
+    return f"{n} tensor{'s' * (n != 1)}"
 
 
 def describe_plan(planned: _Planned) -> str:
@@ -538,14 +547,14 @@ def _with_answers(filled: Filled, group: TaskGroup) -> Filled:
     check_answers(answers, group)
     regions = {name: list(rs) for name, rs in filled.regions.items()}
     digests = dict(filled.source_digests)
-    nonfinite, flushed = Counter(filled.nonfinite), Counter(filled.flushed_to_zero)
+    nonfinite, underflowed = Counter(filled.nonfinite), Counter(filled.underflowed_to_zero)
     for answer in answers.values():
         for name, written in answer["regions"].items():
             regions[name] += [Region(*r) for r in written]
         digests.update(answer["digests"])
         nonfinite.update(answer["nonfinite"])
-        flushed.update(answer["flushed_to_zero"])
-    return Filled(regions, digests, dict(nonfinite), dict(flushed))
+        underflowed.update(answer["underflowed_to_zero"])
+    return Filled(regions, digests, dict(nonfinite), dict(underflowed))
 
 
 def _fill_share(planned: _Planned, group: TaskGroup) -> tuple[Status, int]:
@@ -574,7 +583,7 @@ def _fill_share(planned: _Planned, group: TaskGroup) -> tuple[Status, int]:
             "regions": {n: [astuple(r) for r in rs] for n, rs in filled.regions.items() if rs},
             "digests": filled.source_digests,
             "nonfinite": filled.nonfinite,
-            "flushed_to_zero": filled.flushed_to_zero,
+            "underflowed_to_zero": filled.underflowed_to_zero,
         }
     )
     written = sum(r.length for rs in filled.regions.values() for r in rs)
@@ -737,7 +746,7 @@ def _already_done(planned: _Planned, print_: dict[str, Any]) -> bool:
                 log.info("Replacing %s (overwrite=true): it holds NaN/Inf values.", output)
                 return False
             raise ConversionError(
-                f"Output {output} holds NaN/Inf values in {len(previous['nonfinite'])} tensors, "
+                f"Output {output} holds NaN/Inf values in {_tensors(len(previous['nonfinite']))}, "
                 "written with allow_nonfinite=true (its manifest's nonfinite lists them), and "
                 "this run does not allow them. Set allow_nonfinite=true to keep it as it is, "
                 "or overwrite=true to convert again (which fails on those values)."

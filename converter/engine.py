@@ -93,12 +93,12 @@ class Filled:
     """What a conversion wrote: the regions of each output tensor, and the XXH3-128 digest of
     each source tensor's bytes as read (row-major, as saved), which names any tensor whose
     bytes change later; and, per output tensor, the values written that are not the source's
-    (see ``_altered``): NaN/Inf (with ``allow_nonfinite``) and values flushed to zero."""
+    (see ``_altered``): NaN/Inf (with ``allow_nonfinite``) and values that underflowed to zero."""
 
     regions: dict[str, list[Region]]
     source_digests: dict[str, str]
     nonfinite: dict[str, int] = field(default_factory=dict)
-    flushed_to_zero: dict[str, int] = field(default_factory=dict)
+    underflowed_to_zero: dict[str, int] = field(default_factory=dict)
 
 
 def convert_tensors(
@@ -124,12 +124,13 @@ def convert_tensors(
     regions: dict[str, list[Region]] = {t.name: [] for t in plan.tensors}
     digests: dict[str, str] = {}
     nonfinite: Counter[str] = Counter()
-    flushed: Counter[str] = Counter()
+    underflowed: Counter[str] = Counter()
     lock = threading.Lock()
     pool = BufferPool(budget_bytes)
     stop = threading.Event()
     # A window's buffer holds its stored bytes and, cast, up to twice as many (bfloat16 ->
-    # float32): windows of a third of each worker's share keep every worker busy in the budget.
+    # float32, or float16 from bfloat16 with the underflow count's scratch): windows of a third
+    # of each worker's share keep every worker busy in the budget.
     window_bytes = min(_WINDOW_BYTES, budget_bytes // (3 * workers))
     index = reader.index
     step_dir = index.storage.display(index.step_dir)
@@ -147,9 +148,12 @@ def convert_tensors(
                 raise ConversionError("Task 0 stopped the conversion: it failed (see its log).")
             rows = stop_row - start
             # Room for the stored rows (and a staging copy of column-sharded chunks), then
-            # for the cast rows.
+            # for the cast rows, and as much again for counting underflows (see _altered).
             read_bytes = _aligned(reader.buffer_bytes(entry, rows))
-            buffer = pool.borrow(read_bytes + rows * _row_bytes(entry.shape, out_dtype))
+            cast_bytes = rows * _row_bytes(entry.shape, out_dtype)
+            counting = _may_underflow(entry.dtype, out_dtype)
+            buffer = pool.borrow(read_bytes + cast_bytes * (2 if counting else 1))
+            scratch = buffer[read_bytes + cast_bytes :]
             try:
                 window = reader.read_rows(entry, start, stop_row, buffer[:read_bytes])
                 digest.update(window.view(torch.uint8).numpy())
@@ -161,7 +165,7 @@ def convert_tensors(
                     row_bytes = _row_bytes(tensor.shape, tensor.dtype)
                     offset = (p.dst_start + lo - p.src_start) * row_bytes
                     data = _cast_into(source_rows, tensor.dtype, buffer[read_bytes:], p)
-                    bad, zeroed = _altered(data, source_rows)
+                    bad, zeroed = _altered(data, source_rows, scratch if counting else None)
                     if bad and not allow_nonfinite:
                         raise _nonfinite_error(bad, source_rows, tensor, key, step_dir)
                     out.write(tensor.name, offset, data)
@@ -169,7 +173,7 @@ def convert_tensors(
                     with lock:
                         regions[tensor.name].append(Region(offset, data.nbytes, region_digest))
                         nonfinite[tensor.name] += bad
-                        flushed[tensor.name] += zeroed
+                        underflowed[tensor.name] += zeroed
                 progress(rows * entry.row_bytes)
             finally:
                 pool.give_back(buffer)
@@ -196,7 +200,7 @@ def convert_tensors(
             stop.set()  # the other workers finish their current window and return
             wait(futures)
             raise failed[0].exception()  # type: ignore[misc]
-    return Filled(regions, digests, dict(+nonfinite), dict(+flushed))
+    return Filled(regions, digests, dict(+nonfinite), dict(+underflowed))
 
 
 @contextmanager
@@ -255,13 +259,25 @@ def _row_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     return row_shape(shape)[1] * dtype.itemsize
 
 
-def _altered(data: torch.Tensor, rows: torch.Tensor) -> tuple[int, int]:
-    """How many of the values written (``data``, cast from ``rows``) are NaN/Inf, and how
-    many non-zero source values became zero: those below the smallest subnormal of an export
-    dtype with a narrower exponent range (float16 from bfloat16 or float32). bfloat16 keeps
-    float32's (the same smallest normal, 1.2e-38): only float32 subnormals below 9.2e-41
-    would become zero, and counting them would take a pass over every source byte, so that
-    cast is not counted.
+def _may_underflow(stored: torch.dtype, export: torch.dtype) -> bool:
+    """Whether a cast can turn non-zero values into zero: to a dtype of a narrower exponent
+    range (float16, from bfloat16 or float32). bfloat16 keeps float32's, the same smallest
+    normal (1.2e-38): only float32 values below half its smallest subnormal (4.6e-41) would
+    underflow, and counting them would take a pass over every source byte of the most common
+    export, so that cast is not counted."""
+    return (
+        stored.is_floating_point
+        and export.is_floating_point
+        and torch.finfo(export).tiny > torch.finfo(stored).tiny
+    )
+
+
+def _altered(
+    data: torch.Tensor, rows: torch.Tensor, scratch: torch.Tensor | None
+) -> tuple[int, int]:
+    """How many of the values written (``data``, cast from ``rows``) are NaN/Inf and, given
+    ``scratch`` (room for ``data``'s bytes, see ``_may_underflow``), how many non-zero source
+    values underflowed to zero.
 
     DCP keeps no checksums, so the first count is what catches overwritten shard bytes. One
     ``aminmax`` pass answers whether there are any (NaN propagates into it; Inf shows in its
@@ -272,10 +288,20 @@ def _altered(data: torch.Tensor, rows: torch.Tensor) -> tuple[int, int]:
         return 0, 0
     low, high = (float(v) for v in torch.aminmax(data))
     bad = 0 if math.isfinite(low) and math.isfinite(high) else int((~torch.isfinite(data)).sum())
-    zeroed = 0
-    if rows.is_floating_point() and torch.finfo(data.dtype).tiny > torch.finfo(rows.dtype).tiny:
-        zeroed = int(torch.count_nonzero(rows)) - int(torch.count_nonzero(data))
-    return bad, zeroed
+    if scratch is None:
+        return bad, 0
+    return bad, _nonzero(rows, scratch) - _nonzero(data, scratch)
+
+
+def _nonzero(values: torch.Tensor, scratch: torch.Tensor) -> int:
+    """The non-zero values (neither +0 nor -0) of a floating tensor. 16-bit ones are counted
+    by their magnitude bits, in ``scratch``: torch counts them as floats several times slower
+    than it casts them."""
+    if values.element_size() != 2:
+        return int(torch.count_nonzero(values))
+    bits = values.view(torch.int16)
+    magnitude = scratch[: values.nbytes].view(torch.int16).view(bits.shape)
+    return int(torch.count_nonzero(torch.bitwise_and(bits, 0x7FFF, out=magnitude)))
 
 
 def _nonfinite_error(

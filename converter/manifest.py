@@ -94,7 +94,7 @@ def build_manifest(
     fingerprint: dict[str, Any],
     slurm: dict[str, Any] | None,
     nonfinite: dict[str, int],
-    flushed_to_zero: dict[str, int],
+    underflowed_to_zero: dict[str, int],
 ) -> dict[str, Any]:
     """``source``: where the data came from (see ``conversion._source_record``); ``files``:
     each output file's size and digests, by its name in the output."""
@@ -118,9 +118,9 @@ def build_manifest(
         # Settings the checkpoint cannot confirm (head counts): what to check if logits differ.
         "assumptions": plan.assumptions,
         # Values written that are not the source's, per output tensor: NaN/Inf (only with
-        # allow_nonfinite=true) and non-zero values below the export dtype's range.
+        # allow_nonfinite=true) and non-zero values that underflowed to zero in the export dtype.
         "nonfinite": nonfinite,
-        "flushed_to_zero": flushed_to_zero,
+        "underflowed_to_zero": underflowed_to_zero,
         "durations_s": {k: round(v, 3) for k, v in durations.items()},
         "slurm": slurm,
         "config": config,

@@ -372,10 +372,10 @@ def _check_nan_written(root: Path, weights: dict[str, torch.Tensor]) -> None:
     assert int(torch.isnan(loaded[VICTIM]).sum()) == 16
     assert all(torch.isfinite(t).all() for k, t in loaded.items() if k != VICTIM)
     manifest = json.loads((root / "out" / "model.pt.manifest.json").read_text())
-    assert manifest["nonfinite"] == {VICTIM: 16} and manifest["flushed_to_zero"] == {}
+    assert manifest["nonfinite"] == {VICTIM: 16} and manifest["underflowed_to_zero"] == {}
 
 
-TINY_VALUES = torch.full((4,), 1e-9, dtype=torch.float32)  # below float16's 6e-8
+TINY_VALUES = torch.full((4,), 1e-9, dtype=torch.float32)  # float16 rounds below 3e-8 to 0
 
 
 def _below_float16(root: Path, pristine: Path, cleanup: ExitStack) -> dict[str, str]:
@@ -384,7 +384,7 @@ def _below_float16(root: Path, pristine: Path, cleanup: ExitStack) -> dict[str, 
     return {**small_overrides(root), "experiment.export_dtype": "float16"}
 
 
-def _check_flushed_counted(root: Path, weights: dict[str, torch.Tensor]) -> None:
+def _check_underflows_counted(root: Path, weights: dict[str, torch.Tensor]) -> None:
     """The manifest counts, per tensor, every non-zero source value written as 0: the four
     set, and any of the saved weights' own that float16 cannot hold either."""
     source = dict(weights)
@@ -393,8 +393,8 @@ def _check_flushed_counted(root: Path, weights: dict[str, torch.Tensor]) -> None
     source[VICTIM] = victim
     expected = {k: int(((w != 0) & (w.half() == 0)).sum()) for k, w in source.items()}
     manifest = json.loads((root / "out" / "model.pt.manifest.json").read_text())
-    assert manifest["flushed_to_zero"] == {k: n for k, n in expected.items() if n}
-    assert manifest["flushed_to_zero"][VICTIM] >= len(TINY_VALUES)
+    assert manifest["underflowed_to_zero"] == {k: n for k, n in expected.items() if n}
+    assert manifest["underflowed_to_zero"][VICTIM] >= len(TINY_VALUES)
     assert manifest["nonfinite"] == {}
 
 
@@ -706,9 +706,9 @@ CASES: dict[str, Case] = {
     ),
     "value_below_float16": Case(
         _below_float16,
-        ("non-zero values below the smallest float16 subnormal were written as 0", repr(VICTIM)),
+        ("non-zero values underflowed to 0 in float16 (below 3e-08", repr(VICTIM)),
         ok=True,
-        check=_check_flushed_counted,
+        check=_check_underflows_counted,
     ),
     "value_beyond_float16": Case(
         _beyond_float16, (repr(VICTIM), "values up to 1e+06, beyond what torch.float16 holds")
@@ -981,7 +981,7 @@ def test_nan_allowed_once_is_not_up_to_date_for_a_run_that_refuses_it(small, tmp
     assert "skipped" in run("allow_nonfinite=true").stderr
     refused = run()
     assert refused.returncode != 0 and "skipped" not in refused.stderr
-    assert "holds NaN/Inf values in 1 tensors, written with allow_nonfinite=true" in (
+    assert "holds NaN/Inf values in 1 tensor, written with allow_nonfinite=true" in (
         refused.stderr
     )
     again = run("overwrite=true")
