@@ -690,8 +690,8 @@ def _check_not_source(given: Path, output: Path, index: DcpIndex) -> None:
 
 def _check_not_folders(output: Path, fmt: OutputFormat) -> None:
     """Refuses, before any work, a folder where a file is to go (or a file where the folder
-    output is to go), and a folder that holds a DCP checkpoint (of any step): no run replaces
-    one, with overwrite=true or without."""
+    output is to go), and a folder that holds a DCP checkpoint anywhere in it (a step folder,
+    a run's checkpoint folder): no run replaces one, with overwrite=true or without."""
     if fmt.folder:
         if output.exists() and not output.is_dir():
             raise ConversionError(
@@ -725,11 +725,17 @@ def _check_not_folders(output: Path, fmt: OutputFormat) -> None:
 
 
 def _checkpoint_files(folder: Path) -> list[str]:
-    """The DCP index and shard files directly in ``folder``, first few by name."""
-    names = sorted(
-        p.name for p in folder.iterdir() if p.name == METADATA_FILE or p.suffix == ".distcp"
-    )
-    return names[:3] + ["..."] * (len(names) > 3)
+    """The first few DCP index and shard files anywhere under ``folder`` (relative paths)."""
+    found: list[str] = []
+    for top, _, names in os.walk(folder):
+        found += sorted(
+            os.path.relpath(os.path.join(top, n), folder)
+            for n in names
+            if n == METADATA_FILE or n.endswith(".distcp")
+        )
+        if len(found) > 3:
+            return [*found[:3], "..."]
+    return found
 
 
 def _already_done(planned: _Planned, print_: dict[str, Any]) -> bool:

@@ -94,14 +94,10 @@ class _OnceEach(logging.Filter):
 
 class SweepSummary(Callback):
     """Refuses a sweep whose jobs would write the same output; prints the summary table at the
-    end of a multirun and exits 1 if any experiment failed."""
+    end of a multirun and exits 1 if any experiment failed or left no result."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         logging.getLogger("submitit").addFilter(_OnceEach("Bypassing sacct error"))
-        # A sweep folder given again (hydra.sweep.dir) holds the last sweep's results: only
-        # this sweep's jobs may be summed up.
-        for stale in Path(config.hydra.sweep.dir).glob(f"*/{STATUS_FILE}"):
-            stale.unlink()
         clashes = {out: jobs for out, jobs in planned_outputs(config).items() if len(jobs) > 1}
         if clashes:
             described = "; ".join(f"{out} by [{'], ['.join(j)}]" for out, j in clashes.items())
@@ -112,6 +108,10 @@ class SweepSummary(Callback):
                 described,
             )
             sys.exit(1)
+        # A sweep folder given again (hydra.sweep.dir) holds the last sweep's results: only
+        # this sweep's jobs may be summed up.
+        for stale in Path(config.hydra.sweep.dir).glob(f"*/{STATUS_FILE}"):
+            stale.unlink()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -122,6 +122,9 @@ class SweepSummary(Callback):
             log.error("No job of this sweep reported a result (sweep folder %s).", sweep_dir)
             sys.exit(1)
         print("\n" + format_table(results), flush=True)
+        failed = [r.experiment for r in results if not r.ok]
+        if failed:
+            log.error("%d of %d experiments failed: %s", len(failed), len(results), failed)
         jobs = len(planned_jobs(config))
         if len(results) < jobs:
             log.error(
@@ -131,8 +134,5 @@ class SweepSummary(Callback):
                 jobs,
                 sweep_dir,
             )
-            sys.exit(1)
-        failed = [r.experiment for r in results if not r.ok]
-        if failed:
-            log.error("%d of %d experiments failed: %s", len(failed), len(results), failed)
+        if failed or len(results) < jobs:
             sys.exit(1)

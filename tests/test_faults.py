@@ -981,9 +981,7 @@ def test_nan_allowed_once_is_not_up_to_date_for_a_run_that_refuses_it(small, tmp
     assert "skipped" in run("allow_nonfinite=true").stderr
     refused = run()
     assert refused.returncode != 0 and "skipped" not in refused.stderr
-    assert "holds NaN/Inf values in 1 tensor, written with allow_nonfinite=true" in (
-        refused.stderr
-    )
+    assert "holds NaN/Inf values in 1 tensor, written with allow_nonfinite=true" in (refused.stderr)
     again = run("overwrite=true")
     assert again.returncode != 0 and "16 NaN/Inf values" in again.stderr
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -118,6 +119,13 @@ def test_a_folder_that_holds_a_checkpoint_is_never_replaced(layout_checkpoints, 
         )
         assert "never does, with overwrite=true or without" in refused.error
         assert {p.name: _sha(p) for p in other_step.iterdir()} == before
+    # Nor a folder that holds one further down: another run's checkpoint folder, say.
+    runs = tmp_path / "runs"
+    shutil.copytree(other_step, runs / "other_run" / "step-7")
+    refused = _run(root, shape, runs, "output_format=hf", "overwrite=true")
+    assert refused.status == "failed"
+    assert "holds a DCP checkpoint (other_run/step-7/.metadata, " in refused.error, refused.error
+    assert sorted(p.name for p in (runs / "other_run" / "step-7").iterdir()) == sorted(before)
 
 
 @contextmanager

@@ -575,3 +575,35 @@ def test_a_failing_task_fails_the_shared_conversion(demo_root, tmp_path):
     assert re.search(rf"Task 1 of 2 .* failed its share .*{re.escape(repr(victim))}", output)
     assert not out.parent.exists() or not list(out.parent.iterdir())
     assert not list((tmp_path / "sweep").rglob("tasks")), "the tasks' messages were left behind"
+
+
+def test_values_a_task_altered_are_counted_in_the_shared_conversions_manifest(
+    demo_root, tmp_path
+):
+    """With allow_nonfinite=true, the NaN written by task 1 into its share are counted in
+    the manifest that task 0 writes for the whole output."""
+    root, _ = demo_root
+    pristine = latest_step(root / "outputs" / "checkpoint_debug")
+    step_dir = tmp_path / "checkpoint" / pristine.name
+    shutil.copytree(pristine, step_dir)
+    index = DcpIndex(LocalStorage(str(step_dir.parent)), str(step_dir))
+    sizes = {k: e.nbytes for k, e in index.tensors.items() if k.endswith(".weight")}
+    victim = TaskGroup(rank=1, count=2).share_of(sizes)[0]
+    overwrite_tensor_bytes(step_dir, victim, b"\xff" * 64)
+    out = tmp_path / "out" / "final_model.pt"
+
+    code, output = sweep(
+        root,
+        "experiment=debug",
+        f"experiment.checkpoint_dir={step_dir.parent}",
+        f"experiment.output={out}",
+        "allow_nonfinite=true",
+        "hydra.launcher.tasks_per_node=2",
+        "hydra.launcher.cpus_per_task=1",  # one CPU a task, as above
+        f"{SWEEP_DIR}{tmp_path}/sweep",
+    )
+    assert code == 0, output[-5000:]
+    manifest = json.loads(out.with_name(out.name + ".manifest.json").read_text())
+    [(name, count)] = manifest["nonfinite"].items()
+    assert count == 64 // index.tensors[victim].dtype.itemsize
+    assert manifest["converted"][name] == [victim]

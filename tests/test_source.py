@@ -182,3 +182,24 @@ def _grown(chunk, rows: int):
 
     sizes = torch.Size([chunk.sizes[0] + rows, *chunk.sizes[1:]])
     return ChunkStorageMetadata(offsets=chunk.offsets, sizes=sizes)
+
+
+@pytest.mark.parametrize(
+    "boxes, fault",
+    [
+        ([((0, 0), (2, 3)), ((0, 3), (2, 3)), ((2, 0), (2, 6))], None),  # TP inside FSDP
+        ([((0, 0), (2, 3)), ((2, 0), (2, 6))], "leave part of it uncovered"),
+        ([((0, 0), (2, 4)), ((0, 3), (2, 3)), ((2, 0), (2, 6))], "overlap"),
+        ([((0, 0), (4, 6)), ((4, 0), (0, 6))], None),  # a rank with no rows (uneven FSDP)
+        ([((2, 0), (2, 6)), ((4, 0), (0, 6))], "leave part of it uncovered"),
+        ([((0, 0), (4, 6)), ((0, 0), (4, 6))], "overlap"),
+    ],
+    ids=["grid", "grid_gap", "grid_overlap", "empty_chunk", "rows_gap", "twice_whole"],
+)
+def test_chunk_tilings(boxes, fault):
+    """Chunks split along two dimensions (tensor inside data parallelism) are checked on the
+    grid their boundaries make; along one, as ranges; an empty chunk covers nothing."""
+    from converter.sources.dcp import Chunk, TensorEntry, _tiling_fault
+
+    chunks = tuple(Chunk(offsets, sizes, "__0_0.distcp", 0, 0) for offsets, sizes in boxes)
+    assert _tiling_fault(TensorEntry("w", torch.float32, (4, 6), chunks)) == fault

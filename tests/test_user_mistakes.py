@@ -345,6 +345,19 @@ def test_the_recipe_snippet_uses_public_builders_and_the_models_max_seq_len(
     assert snippet["checkpointer"]["output_dir"] == str(tmp_path / "out_torchtune" / "model")
 
 
+def test_rope_factors_torchtune_cannot_build_leave_the_model_section_out(tiny_checkpoint, tmp_path):
+    """torchtune's llama3 RoPE fixes low/high frequency factors of 1 and 4: with others the
+    snippet keeps the checkpointer (which loads the weights) and has no model: section, and the
+    log says why; config.json would carry them for transformers."""
+    run = convert(tiny_checkpoint, tmp_path, "experiment.model.rope_high_freq_factor=2.0")
+    assert run.returncode == 0, run.stderr[-2000:]
+    text = (tmp_path / "out" / "model.pt.torchtune.yaml").read_text()
+    snippet = yaml.safe_load(text)
+    assert "model" not in snippet and snippet["checkpointer"]["checkpoint_files"] == ["model.pt"]
+    assert "No model: section: torchtune has no builder of this model" in text
+    assert "its llama3 RoPE fixes them at 1, 4 and 8192" in run.stderr
+
+
 def test_a_job_that_left_no_result_fails_the_sweep(tmp_path, capsys, caplog):
     """A job killed before it ended (out of memory, by the scheduler) leaves no result: the
     summary of the results that are there is printed, and the sweep fails, saying how many

@@ -23,10 +23,16 @@ def torchtune_recipe(
         "output_dir": str(output_dir),
         "model_type": d.family.torchtune_model_type(d.arch),
     }
-    doc = {"checkpointer": section, "model": d.family.torchtune_model(d.arch)}
+    model = d.family.torchtune_model(d.arch)
+    doc = {"checkpointer": section, **({"model": model} if model else {})}
     header = (
         f"# torchtune recipe sections for {d.output.name} (experiment {d.experiment}),\n"
         "# written by titan2tune. Paste them into a recipe config, or instantiate them with\n"
         "# torchtune.config.instantiate. output_dir is where torchtune writes its own saves.\n"
     )
+    if not model:
+        header += (
+            "# No model: section: torchtune has no builder of this model (the conversion's\n"
+            "# log and the manifest's assumptions say why).\n"
+        )
     return header + yaml.safe_dump(doc, sort_keys=False)

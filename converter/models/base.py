@@ -279,6 +279,7 @@ def build_plan(
     saved = {**{k: pieces[0].source for k, (_, pieces) in canonical.items()}, **buffers}
     shapes = {k: v[0] for k, v in tensors.items()}
     for gone in family.check_values(Source(source_name, shapes, read), era, saved, arch):
+        assert gone.key in canonical, f"{family.name}.check_values left out a buffer: {gone}"
         canonical.pop(gone.key)
         dropped.append(Dropped(saved[gone.key], gone.reason))
 

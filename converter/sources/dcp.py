@@ -124,8 +124,9 @@ def _tiling_fault(entry: TensorEntry) -> str | None:
 
     The reader places each chunk's rows where the index says and reads nothing else, so a
     chunk missing from a damaged index would leave rows of whatever its buffer held. Checked
-    on the grid the chunks' own boundaries make, one counter per cell: a few cells per shard
-    dimension for the FSDP/TP/EP shardings torchtitan saves."""
+    on the grid the chunks' own boundaries make, one counter per cell (a few cells per shard
+    dimension for the FSDP/TP/EP shardings torchtitan saves), or, where the chunks split one
+    dimension only, as ranges of it."""
     shape, chunks = entry.shape, entry.chunks
     for c in chunks:
         if len(c.offsets) != len(shape) or len(c.sizes) != len(shape):
@@ -134,6 +135,15 @@ def _tiling_fault(entry: TensorEntry) -> str | None:
             o < 0 or s < 0 or o + s > n for o, s, n in zip(c.offsets, c.sizes, shape, strict=True)
         ):
             return f"include one at {list(c.offsets)} of sizes {list(c.sizes)}, beyond the shape"
+    split = [d for d, n in enumerate(shape) if any(c.sizes[d] != n for c in chunks)]
+    if len(split) == 1:  # the usual FSDP/EP save: ranges of one dimension, in order
+        d = split[0]
+        end = 0
+        for c in sorted((c for c in chunks if c.sizes[d]), key=lambda c: c.offsets[d]):
+            if c.offsets[d] != end:
+                return "leave part of it uncovered" if c.offsets[d] > end else "overlap"
+            end += c.sizes[d]
+        return None if end == shape[d] else "leave part of it uncovered"
     # Per dimension, the cuts that the chunks' starts and ends make there.
     cuts = [
         sorted(
