@@ -577,9 +577,7 @@ def test_a_failing_task_fails_the_shared_conversion(demo_root, tmp_path):
     assert not list((tmp_path / "sweep").rglob("tasks")), "the tasks' messages were left behind"
 
 
-def test_values_a_task_altered_are_counted_in_the_shared_conversions_manifest(
-    demo_root, tmp_path
-):
+def test_values_a_task_altered_are_counted_in_the_shared_conversions_manifest(demo_root, tmp_path):
     """With allow_nonfinite=true, the NaN written by task 1 into its share are counted in
     the manifest that task 0 writes for the whole output."""
     root, _ = demo_root
