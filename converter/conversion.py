@@ -240,7 +240,7 @@ def _lead(
             group.announce({"status": "skipped"})
             group.answers()
             return Status.skipped, _size(output)
-        staged, filled, syncing = _convert_into(out, planned, group, times)
+        staged, filled, syncing = _convert_into(out, planned, group, times, print_)
         files = _read_back(planned, staged, filled, syncing, times)
         manifest, described = _describe(planned, filled, files, times, print_, slurm)
         out.publish(described)
@@ -272,10 +272,15 @@ def _staged_manifest_describes(output: Path) -> Callable[[dict[Path, Path]], boo
 
 
 def _convert_into(
-    out: Output, planned: _Planned, group: TaskGroup, times: dict[str, float]
+    out: Output,
+    planned: _Planned,
+    group: TaskGroup,
+    times: dict[str, float],
+    print_: dict[str, Any],
 ) -> tuple[list[Staged], Filled, Future[None]]:
-    """The format's files created and filled (by every task of a shared group); returns
-    them, what was written and read, and the sync of the files, under way."""
+    """The format's files created and filled (by every task of a shared group, which must
+    have planned from the same source and settings: ``print_``); returns them, what was
+    written and read, and the sync of the files, under way."""
     t = time.perf_counter()
     staged, filler = _create(out, planned, group)
     group.announce(
@@ -284,6 +289,7 @@ def _convert_into(
             "files": {name: str(path) for name, path in filler.files.items()},
             "inodes": {name: path.stat().st_ino for name, path in filler.files.items()},
             "offsets": filler.offsets,
+            "fingerprint": print_,
         }
     )
     mine = group.share_of({k: planned.index.tensors[k].nbytes for k in planned.plan.sources})
@@ -571,6 +577,17 @@ def _fill_share(planned: _Planned, group: TaskGroup) -> tuple[Status, int]:
     for name, path in files.items():
         if path.stat().st_ino != told["inodes"][name]:
             raise ConversionError(f"{path} is not the file task 0 created (another run's?).")
+    # Each task finds the step and lists its files itself: a save that finished, or files
+    # that changed, between two tasks' listings would mix two sources in one output.
+    seen, lead_seen = fingerprint(planned), told["fingerprint"]
+    if seen != lead_seen:
+        differ = sorted(k for k in {*seen, *lead_seen} if seen.get(k) != lead_seen.get(k))
+        raise ConversionError(
+            f"{group} planned from another source or other settings than task 0 (their "
+            f"{', '.join(differ)} differ: task 0 read {lead_seen['step_dir']}, this task "
+            f"{seen['step_dir']}). A save finished, or the checkpoint's files changed, between "
+            "the tasks' listings; run the job again, or name experiment.step."
+        )
     mine = group.share_of({k: planned.index.tensors[k].nbytes for k in plan.sources})
     filler = Filler(files, offsets, planned.output)
     try:
