@@ -762,8 +762,18 @@ def _already_done(planned: _Planned, print_: dict[str, Any]) -> bool:
     if not output.exists() or (folder and output.is_dir() and not any(output.iterdir())):
         return False  # nothing there, or an empty folder: nothing to lose
     previous = read_manifest(manifest_path(output, folder))
+    # A file the store lists no version of could have changed unseen: never up to date.
+    unversioned = sorted(name for name, seen in print_["files"].items() if "" in seen.values())
     # The files themselves are checked too: an old manifest beside replaced bytes does not count.
     if previous and previous.get("fingerprint") == print_ and describes(previous, output, folder):
+        if unversioned:
+            log.info(
+                "Converting %s again: the store lists no version (ETag, modification time) of "
+                "%s, so a changed source could not be told from this one.",
+                output,
+                ", ".join(unversioned[:3]) + (" and more" if len(unversioned) > 3 else ""),
+            )
+            return False
         if previous.get("nonfinite") and not conf.allow_nonfinite:
             if conf.overwrite:
                 log.info("Replacing %s (overwrite=true): it holds NaN/Inf values.", output)

@@ -7,6 +7,7 @@ A full training checkpoint is converted without reading a byte of its optimizer 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -525,6 +526,15 @@ def test_other_backends_read_through_fsspec(clean, tiny_checkpoint, tmp_path):
     result = run_here(tmp_path, "memory://tiny/checkpoint", TINY)
     assert result.status == "converted", result.error
     assert Path(result.output).read_bytes() == clean[0]
+    # A store without ETags: files are versioned by their modification time, so an unchanged
+    # source is up to date and a rewritten one (same size) is not.
+    files = manifest_of(Path(result.output))["source"]["files"]
+    assert all(seen["etag"].startswith("created=") for seen in files.values()), files
+    assert run_here(tmp_path, "memory://tiny/checkpoint", TINY).status == "skipped"
+    shard = next(p for p in tiny_checkpoint.rglob("*.distcp"))
+    memory.pipe(f"/tiny/checkpoint/{shard.relative_to(tiny_checkpoint)}", shard.read_bytes())
+    changed = run_here(tmp_path, "memory://tiny/checkpoint", TINY)
+    assert changed.status == "failed" and "the source files changed" in changed.error
 
     data = os.urandom(2 * GENERIC_PART_BYTES + 999)
     memory.pipe("/blob/data", data)
@@ -538,6 +548,27 @@ def test_other_backends_read_through_fsspec(clean, tiny_checkpoint, tmp_path):
         assert got == [len(b) for b in buffers]
         assert b"".join(buffers) == data[: at[-1] + GENERIC_PART_BYTES]
         assert storage.read_into("/blob/data", len(data) - 9, memoryview(bytearray(20))) == 9
+
+
+def test_a_store_without_versions_never_calls_the_output_up_to_date(
+    tiny_checkpoint, tmp_path, caplog
+):
+    """fsspec's reference file system lists sizes and no version of any kind (no ETag, no
+    modification time): a changed source could not be told from the one converted, so the
+    output is converted again, saying why, rather than skipped."""
+    refs = {
+        f"checkpoint/{p.relative_to(tiny_checkpoint)}": [str(p), 0, p.stat().st_size]
+        for p in tiny_checkpoint.rglob("*")
+        if p.is_file()
+    }
+    (tmp_path / "refs.json").write_text(json.dumps({"version": 1, "refs": refs}))
+    fo = f"+experiment.storage_options.fo={tmp_path / 'refs.json'}"
+    caplog.set_level(logging.INFO)
+    first = run_here(tmp_path, "reference://checkpoint", TINY, fo)
+    assert first.status == "converted", first.error
+    again = run_here(tmp_path, "reference://checkpoint", TINY, fo)
+    assert again.status == "converted", again.error
+    assert "the store lists no version (ETag, modification time) of .metadata" in caplog.text
 
 
 # --------------------------------------------------------------------------------------------

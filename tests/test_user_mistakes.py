@@ -383,3 +383,26 @@ def test_a_job_that_left_no_result_fails_the_sweep(tmp_path, capsys, caplog):
     table = capsys.readouterr().out.split()
     assert table[table.index("debug") + 1] == "converted" and "debug_pretrained" not in table
     assert "1 of the sweep's 2 jobs reported no result" in caplog.text
+
+
+def test_a_local_url_is_the_local_file_system(tiny_checkpoint, tmp_path):
+    """``local://`` (fsspec's name for it) is read as a plain path is: an output that would
+    replace the checkpoint is refused (with overwrite=true too), and files go by mtime."""
+    root = tmp_path / "checkpoint"
+    shutil.copytree(tiny_checkpoint, root)
+    before = sorted(p.name for p in (root / "step-5").iterdir())
+    refused = convert(
+        root,
+        tmp_path,
+        f"experiment.checkpoint_dir=local://{root}",
+        "output_format=hf",
+        f"experiment.output={root}",
+        "overwrite=true",
+    )
+    assert refused.returncode == 1 and "holds the source step folder" in refused.stderr
+    assert sorted(p.name for p in (root / "step-5").iterdir()) == before
+    run = convert(root, tmp_path, f"experiment.checkpoint_dir=local://{root}")
+    assert run.returncode == 0, run.stderr[-2000:]
+    manifest = json.loads((tmp_path / "out" / "model.pt.manifest.json").read_text())
+    assert manifest["source"]["storage"]["kind"] == "local"
+    assert all("mtime_ns" in seen for seen in manifest["source"]["files"].values())

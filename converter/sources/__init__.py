@@ -19,13 +19,16 @@ def open_storage(location: str, options: dict[str, Any] | None = None) -> Iterat
     with ``experiment.storage_options``), or a local path (``~`` expanded, relative to where
     the user ran the command)."""
     storage: Storage
-    if "://" in location and not location.startswith("file://"):
+    # fsspec's names for the local file system: its files are versioned by mtime, and
+    # protected from being overwritten by the output, as plain paths are.
+    local = next((p for p in ("file://", "local://") if location.startswith(p)), None)
+    if "://" in location and local is None:
         from converter.sources.remote import FsspecStorage  # fsspec only for a URL
 
         storage = FsspecStorage(location, dict(options or {}))
     else:
-        local = os.path.expanduser(location.removeprefix("file://"))
-        storage = LocalStorage(to_absolute_path(local))
+        path = os.path.expanduser(location.removeprefix(local or ""))
+        storage = LocalStorage(to_absolute_path(path))
     try:
         yield storage
     finally:

@@ -115,6 +115,12 @@ class _Part:
         return out
 
 
+# What identifies an object's version in fsspec's listings, by backend (S3 and most stores:
+# ETag; GCS: generation; versioned buckets: VersionId), and else its modification time.
+_VERSIONS = ("ETag", "etag", "generation", "VersionId", "version_id")
+_MODIFIED = ("mtime", "LastModified", "last_modified", "updated", "created")
+
+
 class FsspecStorage(Storage):
     """An object store reached through fsspec: ``root`` is the URL's path without protocol."""
 
@@ -219,14 +225,9 @@ class FsspecStorage(Storage):
     def _entry(self, found: dict[str, Any]) -> FileInfo:
         name = str(found["name"]).rstrip("/")
         is_dir = found.get("type") == "directory"
-        version = next(
-            (
-                str(found[k]).strip('"')
-                for k in ("ETag", "etag", "generation", "VersionId", "version_id")
-                if found.get(k)
-            ),
-            "",
-        )
+        version = next((str(found[k]).strip('"') for k in _VERSIONS if found.get(k)), "")
+        if not version:  # a store without object versions: its modification time, if any
+            version = next((f"{k}={found[k]}" for k in _MODIFIED if found.get(k)), "")
         entry = FileInfo(self.name(name), is_dir, 0 if is_dir else int(found.get("size") or 0),
                          version)  # fmt: skip
         if not is_dir:
