@@ -207,6 +207,11 @@ Your own experiments: a YAML per run in a folder of yours, added with --config-d
 """
 
 
+# The steps ``${resolved_step:}`` found in this job, by (checkpoint_dir, step): the job then
+# converts the very step its output is named for, though a newer save may finish in between.
+RESOLVED_STEPS: dict[tuple[str, str], int] = {}
+
+
 def resolved_step(*, _root_: Any) -> int:
     """``${resolved_step:}`` in a setting: the step number that ``experiment.step`` resolves
     to (``latest`` included), so that an output can be named for the step converted, as in
@@ -217,7 +222,9 @@ def resolved_step(*, _root_: Any) -> int:
     experiment = _root_.experiment
     options = OmegaConf.to_container(experiment.storage_options, resolve=True)
     with open_storage(experiment.checkpoint_dir, options) as storage:
-        return find_step_dir(storage, experiment.step)[0]
+        step = find_step_dir(storage, experiment.step)[0]
+    RESOLVED_STEPS[str(experiment.checkpoint_dir), str(experiment.step)] = step
+    return step
 
 
 def _families() -> dict[str, type]:

@@ -20,7 +20,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
-from converter.config import ConvertConfig, local_path, to_object
+from converter.config import RESOLVED_STEPS, ConvertConfig, local_path, to_object
 from converter.conversion import Status, convert
 from converter.errors import ConversionError
 from converter.publish import write_atomic
@@ -71,13 +71,15 @@ def run(cfg: DictConfig) -> JobResult:
     result = JobResult(name, Status.failed, **_environment(slurm))
     warnings = _WarningsKept(result.warnings)
     logging.getLogger().addHandler(warnings)
+    RESOLVED_STEPS.clear()
     try:
         with group.running():
             conf = _checked(cfg)
             result.output = str(local_path(conf.experiment.output).resolve())
             exp = conf.experiment
             with open_storage(exp.checkpoint_dir, exp.storage_options) as storage:
-                step, step_dir = find_step_dir(storage, conf.experiment.step)
+                asked = (str(exp.checkpoint_dir), str(exp.step))
+                step, step_dir = find_step_dir(storage, RESOLVED_STEPS.get(asked, exp.step))
                 result.step = step
                 result.status, result.bytes = convert(conf, storage, step, step_dir, slurm, group)
     except ConversionError as e:

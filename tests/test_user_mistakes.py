@@ -406,3 +406,39 @@ def test_a_local_url_is_the_local_file_system(tiny_checkpoint, tmp_path):
     manifest = json.loads((tmp_path / "out" / "model.pt.manifest.json").read_text())
     assert manifest["source"]["storage"]["kind"] == "local"
     assert all("mtime_ns" in seen for seen in manifest["source"]["files"].values())
+
+
+def test_the_step_an_output_is_named_for_is_the_step_converted(
+    tiny_checkpoint, tmp_path, monkeypatch
+):
+    """``step=latest`` named in the output by ``${resolved_step:}``: a newer save finishing
+    right after the name was resolved is not the one converted into that name."""
+    from converter import job
+    from converter.sources import steps
+    from tests.conftest import compose
+
+    root = tmp_path / "checkpoint"
+    root.mkdir()
+    (root / "step-5").symlink_to(tiny_checkpoint / "step-5")
+    resolve = steps.find_step_dir
+
+    def then_a_save_finishes(storage, step):
+        found = resolve(storage, step)
+        if not (root / "step-7").exists():
+            shutil.copytree(tiny_checkpoint / "step-5", root / "step-7")
+        return found
+
+    monkeypatch.setattr(steps, "find_step_dir", then_a_save_finishes)  # what the resolver calls
+    result = job.run(
+        compose(
+            [
+                "experiment=debug",
+                f"experiment.checkpoint_dir={root}",
+                "experiment.output=${experiment.checkpoint_dir}/model_step${resolved_step:}.pt",
+                *model_overrides(TINY),
+            ]
+        )
+    )
+    assert (root / "step-7").exists()
+    assert result.status == "converted" and result.step == 5, result.error
+    assert result.output == str(root / "model_step5.pt")
