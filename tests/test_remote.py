@@ -414,8 +414,17 @@ def test_step_discovery_in_a_bucket(s3, via_proxy, tiny_checkpoint, caplog):
         f"set experiment.checkpoint_dir=s3://{BUCKET}/steps/checkpoint and experiment.step=5"
         in str(e.value)
     )
-    missing = pytest.raises(ConversionError, match=f"s3://{BUCKET}/no/such/run does not exist")
+    missing = pytest.raises(
+        ConversionError, match=f"s3://{BUCKET}/no/such/run does not exist at {via_proxy.url}"
+    )
     with open_storage(f"s3://{BUCKET}/no/such/run") as storage, missing:
+        find_step_dir(storage, "latest")
+    typo = pytest.raises(
+        ConversionError,
+        match=f"Bucket s3://{BUCKET}x of experiment.checkpoint_dir .* does not exist at "
+        f"{via_proxy.url}. Check its name; check the endpoint too",
+    )
+    with open_storage(f"s3://{BUCKET}x/steps/checkpoint") as storage, typo:
         find_step_dir(storage, "latest")
 
     s3c.delete_object(Bucket=BUCKET, Key="steps/checkpoint/step-5/__1_0.distcp")

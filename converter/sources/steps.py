@@ -30,6 +30,31 @@ def list_steps(storage: Storage, folder: str) -> dict[int, str]:
     return dict(sorted(steps.items()))
 
 
+def _missing(storage: Storage, root: str) -> str:
+    """Why the checkpoint folder is not found: for an object store, its bucket may be missing,
+    or the endpoint not the store's, and the message names the endpoint asked."""
+    shown = storage.display(root)
+    what = (
+        "Set experiment.checkpoint_dir to the folder that holds the step-<N> folders "
+        "(torchtitan's <dump_folder>/<checkpoint.folder>)."
+    )
+    if not storage.remote:
+        return f"Checkpoint folder {shown} does not exist. {what}"
+    endpoint = storage.describe().get("endpoint")
+    at = f" at {endpoint}" if endpoint else ""
+    where = (
+        "check the endpoint too (storage_options.endpoint_url, AWS_ENDPOINT_URL), and that "
+        "these credentials can see it"
+    )
+    bucket = root.split("/", 1)[0]
+    if bucket != root and storage.info(bucket) is None:
+        return (
+            f"Bucket {storage.display(bucket)} of experiment.checkpoint_dir {shown} does not "
+            f"exist{at}. Check its name; {where}."
+        )
+    return f"Checkpoint folder {shown} does not exist{at}. {what} Or {where}."
+
+
 def find_step_dir(storage: Storage, step: int | str) -> tuple[int, str]:
     """Resolves ``step`` (a number or ``latest``) to a step folder with a finished save in the
     checkpoint folder ``storage.root``."""
@@ -37,11 +62,7 @@ def find_step_dir(storage: Storage, step: int | str) -> tuple[int, str]:
     shown = storage.display(root)
     info = storage.info(root)
     if info is None:
-        raise ConversionError(
-            f"Checkpoint folder {shown} does not exist. Set experiment.checkpoint_dir "
-            "to the folder that holds the step-<N> folders (torchtitan's "
-            "<dump_folder>/<checkpoint.folder>)."
-        )
+        raise ConversionError(_missing(storage, root))
     if not info.is_dir:
         raise ConversionError(
             f"experiment.checkpoint_dir {shown} is a file, not a folder; point it at "
