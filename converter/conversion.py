@@ -241,6 +241,7 @@ def _lead(
             group.answers()
             return Status.skipped, _size(output)
         staged, filled, syncing = _convert_into(out, planned, group, times, print_)
+        _check_unchanged(planned)
         files = _read_back(planned, staged, filled, syncing, times)
         manifest, described = _describe(planned, filled, files, times, print_, slurm)
         out.publish(described)
@@ -257,6 +258,22 @@ def _lead(
     )
     _record_rate(planned, sum(times.values()))
     return Status.converted, manifest["output"]["bytes"]
+
+
+def _check_unchanged(planned: _Planned) -> None:
+    """The source files, listed again once every tensor was read: a file rewritten meanwhile
+    (a new size or version) may have given the output bytes of two saves. Object stores pin
+    their reads to the version listed; this catches the rest (a local folder, most of all)."""
+    index = planned.index
+    now = {e.name: e for e in index.storage.listdir(index.step_dir) if not e.is_dir}
+    for path, was in index.files.items():
+        seen = now.get(index.storage.name(path))
+        if seen is None or (seen.size, seen.version) != (was.size, was.version):
+            raise ConversionError(
+                f"{index.storage.display(path)} changed while it was being converted (it is "
+                f"{'gone' if seen is None else 'rewritten'}): the output could mix two saves, "
+                "and was not kept. Convert again once nothing writes to the step folder."
+            )
 
 
 def _staged_manifest_describes(output: Path) -> Callable[[dict[Path, Path]], bool]:

@@ -442,3 +442,37 @@ def test_the_step_an_output_is_named_for_is_the_step_converted(
     assert (root / "step-7").exists()
     assert result.status == "converted" and result.step == 5, result.error
     assert result.output == str(root / "model_step5.pt")
+
+
+def test_a_shard_rewritten_during_the_conversion_fails_it(tiny_checkpoint, tmp_path, monkeypatch):
+    """A local shard rewritten while its tensors are read (another job saving into the step
+    folder) could mix two saves in the output: the files are listed again once all is read,
+    and the conversion fails, keeping nothing."""
+    from converter import conversion, job
+    from tests.conftest import compose
+
+    root = tmp_path / "checkpoint"
+    shutil.copytree(tiny_checkpoint, root)
+    shard = sorted((root / "step-5").glob("*.distcp"))[0]
+    fill = conversion.convert_tensors
+
+    def rewritten_meanwhile(*args, **kwargs):
+        filled = fill(*args, **kwargs)
+        shard.write_bytes(shard.read_bytes())  # the same size, a new mtime
+        return filled
+
+    monkeypatch.setattr(conversion, "convert_tensors", rewritten_meanwhile)
+    out = tmp_path / "out" / "model.pt"
+    result = job.run(
+        compose(
+            [
+                "experiment=debug",
+                f"experiment.checkpoint_dir={root}",
+                f"experiment.output={out}",
+                *model_overrides(TINY),
+            ]
+        )
+    )
+    assert result.status == "failed"
+    assert f"{shard} changed while it was being converted (it is rewritten)" in result.error
+    assert not out.parent.exists() or not list(out.parent.iterdir())
