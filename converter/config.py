@@ -28,6 +28,7 @@ from converter.formats import FORMATS
 from converter.formats.base import FormatConfig
 from converter.models import FAMILIES
 from converter.models.base import ModelConfig
+from converter.sources.storage import local_part
 
 
 def _doc(default: Any, help: str) -> Any:
@@ -91,7 +92,7 @@ class ExperimentConfig:
         # stays local, where torchtune and the Hugging Face loaders read it.
         for key in ("output", "tokenizer_dir"):
             value = getattr(self, key)
-            if value is not None and "://" in value and not value.startswith("file://"):
+            if value is not None and local_part(value) is None:
                 raise ValueError(
                     f"experiment.{key}={value!r} is a URL, but the converter writes its output "
                     "and reads the tokenizer on a local or mounted file system, where "
@@ -155,9 +156,10 @@ def redacted(options: Any) -> Any:
 
 
 def local_path(value: str) -> Path:
-    """A path setting as the job uses it: ``~`` expanded, then relative to where the user ran
-    the command (Hydra changes the working folder of a job)."""
-    return Path(to_absolute_path(os.path.expanduser(value)))
+    """A path setting as the job uses it (a local URL's path): ``~`` expanded, then relative to
+    where the user ran the command (Hydra changes the working folder of a job)."""
+    path = local_part(value)  # a store's URL: refused by check(), before any job uses it
+    return Path(to_absolute_path(os.path.expanduser(value if path is None else path)))
 
 
 def settings_help(schema: type = ConvertConfig, prefix: str = "") -> list[str]:
@@ -220,11 +222,12 @@ def resolved_step(*, _root_: Any) -> int:
     from converter.sources.steps import find_step_dir
 
     experiment = _root_.experiment
-    options = OmegaConf.to_container(experiment.storage_options, resolve=True)
-    with open_storage(experiment.checkpoint_dir, options) as storage:
-        step = find_step_dir(storage, experiment.step)[0]
-    RESOLVED_STEPS[str(experiment.checkpoint_dir), str(experiment.step)] = step
-    return step
+    asked = (str(experiment.checkpoint_dir), str(experiment.step))
+    if asked not in RESOLVED_STEPS:  # the first answer holds for every setting of the job
+        options = OmegaConf.to_container(experiment.storage_options, resolve=True)
+        with open_storage(experiment.checkpoint_dir, options) as storage:
+            RESOLVED_STEPS[asked] = find_step_dir(storage, experiment.step)[0]
+    return RESOLVED_STEPS[asked]
 
 
 def _families() -> dict[str, type]:

@@ -599,11 +599,20 @@ def _fill_share(planned: _Planned, group: TaskGroup) -> tuple[Status, int]:
     seen, lead_seen = fingerprint(planned), told["fingerprint"]
     if seen != lead_seen:
         differ = sorted(k for k in {*seen, *lead_seen} if seen.get(k) != lead_seen.get(k))
+        if {"step_dir", "metadata_xxh3_128", "files"} & set(differ):
+            why = (
+                "A save finished, or the checkpoint's files changed, between the tasks' "
+                "listings; run the job again, or name experiment.step."
+            )
+        else:  # the installed converter, the tokenizer files, the settings composed
+            why = (
+                "The tasks' environments differ (the titan2tune installed, the tokenizer "
+                "files, the config they composed): run every task from one installation."
+            )
         raise ConversionError(
             f"{group} planned from another source or other settings than task 0 (their "
             f"{', '.join(differ)} differ: task 0 read {lead_seen['step_dir']}, this task "
-            f"{seen['step_dir']}). A save finished, or the checkpoint's files changed, between "
-            "the tasks' listings; run the job again, or name experiment.step."
+            f"{seen['step_dir']}). {why}"
         )
     mine = group.share_of({k: planned.index.tensors[k].nbytes for k in plan.sources})
     filler = Filler(files, offsets, planned.output)
@@ -779,18 +788,19 @@ def _already_done(planned: _Planned, print_: dict[str, Any]) -> bool:
     if not output.exists() or (folder and output.is_dir() and not any(output.iterdir())):
         return False  # nothing there, or an empty folder: nothing to lose
     previous = read_manifest(manifest_path(output, folder))
+    same = previous is not None and previous.get("fingerprint") == print_
     # A file the store lists no version of could have changed unseen: never up to date.
     unversioned = sorted(name for name, seen in print_["files"].items() if "" in seen.values())
+    if same and unversioned:
+        log.info(
+            "Converting %s again: the store lists no version (ETag, modification time) of %s, "
+            "so a changed source could not be told from this one.",
+            output,
+            ", ".join(unversioned[:3]) + (" and more" if len(unversioned) > 3 else ""),
+        )
+        return False
     # The files themselves are checked too: an old manifest beside replaced bytes does not count.
-    if previous and previous.get("fingerprint") == print_ and describes(previous, output, folder):
-        if unversioned:
-            log.info(
-                "Converting %s again: the store lists no version (ETag, modification time) of "
-                "%s, so a changed source could not be told from this one.",
-                output,
-                ", ".join(unversioned[:3]) + (" and more" if len(unversioned) > 3 else ""),
-            )
-            return False
+    if same and describes(previous, output, folder):
         if previous.get("nonfinite") and not conf.allow_nonfinite:
             if conf.overwrite:
                 log.info("Replacing %s (overwrite=true): it holds NaN/Inf values.", output)

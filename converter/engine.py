@@ -284,7 +284,7 @@ def _altered(
     ends) at several times the speed of ``isfinite``, on the written rows: half the bytes of
     float32 ones for a bfloat16 export; they are counted only if there are.
     """
-    if not data.is_floating_point():
+    if not data.is_floating_point() or not data.numel():
         return 0, 0
     low, high = (float(v) for v in torch.aminmax(data))
     bad = 0 if math.isfinite(low) and math.isfinite(high) else int((~torch.isfinite(data)).sum())

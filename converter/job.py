@@ -64,6 +64,7 @@ class JobResult:
 def run(cfg: DictConfig) -> JobResult:
     """Runs one conversion; never raises for bad input, it reports it in the result."""
     start = time.perf_counter()
+    RESOLVED_STEPS.clear()  # before any setting is resolved: the job's own steps
     name = str(cfg.experiment.get("name", "?"))
     slurm = _slurm_info()
     _name_slurm_job(slurm, name)
@@ -71,7 +72,6 @@ def run(cfg: DictConfig) -> JobResult:
     result = JobResult(name, Status.failed, **_environment(slurm))
     warnings = _WarningsKept(result.warnings)
     logging.getLogger().addHandler(warnings)
-    RESOLVED_STEPS.clear()
     try:
         with group.running():
             conf = _checked(cfg)

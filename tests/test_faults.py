@@ -1402,6 +1402,7 @@ def test_a_run_under_nohup_outlives_sighup(big, tmp_path):
     try:
         while proc.poll() is None and not (partial.exists() and _written_fraction(partial) > 0.3):
             time.sleep(0.005)
+        assert proc.poll() is None, "the run ended before the signal"
         proc.send_signal(signal.SIGHUP)
     finally:
         _, stderr = proc.communicate(timeout=300)

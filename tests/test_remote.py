@@ -559,6 +559,33 @@ def test_other_backends_read_through_fsspec(clean, tiny_checkpoint, tmp_path):
         assert storage.read_into("/blob/data", len(data) - 9, memoryview(bytearray(20))) == 9
 
 
+def test_an_object_replaced_after_it_was_read_fails_the_conversion(
+    s3, via_proxy, tiny_checkpoint, tmp_path, monkeypatch
+):
+    """Once every tensor is read, the step folder is listed again, past fsspec's listings
+    cache: an object replaced meanwhile (after its bytes were read, so no pinned read sees
+    it) fails the conversion, and nothing is kept."""
+    from converter import conversion
+
+    upload_folder(s3, tiny_checkpoint, BUCKET, "replaced/checkpoint")
+    shard = sorted(tiny_checkpoint.glob("step-5/*.distcp"))[0]
+    key = f"replaced/checkpoint/step-5/{shard.name}"
+    fill = conversion.convert_tensors
+
+    def replaced_meanwhile(*args, **kwargs):
+        filled = fill(*args, **kwargs)
+        body = bytearray(shard.read_bytes())
+        body[-1] ^= 0xFF  # the same size, other bytes: a new ETag
+        client(s3).put_object(Bucket=BUCKET, Key=key, Body=bytes(body))
+        return filled
+
+    monkeypatch.setattr(conversion, "convert_tensors", replaced_meanwhile)
+    result = run_here(tmp_path, f"s3://{BUCKET}/replaced/checkpoint", TINY)
+    assert result.status == "failed"
+    assert f"s3://{BUCKET}/{key} changed while it was being converted" in result.error
+    assert left_in(tmp_path / "out") == []
+
+
 def test_a_store_without_versions_never_calls_the_output_up_to_date(
     tiny_checkpoint, tmp_path, caplog
 ):

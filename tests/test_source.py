@@ -192,9 +192,18 @@ def _grown(chunk, rows: int):
         ([((0, 0), (2, 4)), ((0, 3), (2, 3)), ((2, 0), (2, 6))], "overlap"),
         ([((0, 0), (4, 6)), ((4, 0), (0, 6))], None),  # a rank with no rows (uneven FSDP)
         ([((2, 0), (2, 6)), ((4, 0), (0, 6))], "leave part of it uncovered"),
+        ([((0, 0), (3, 6)), ((2, 0), (2, 6))], "overlap"),
         ([((0, 0), (4, 6)), ((0, 0), (4, 6))], "overlap"),
     ],
-    ids=["grid", "grid_gap", "grid_overlap", "empty_chunk", "rows_gap", "twice_whole"],
+    ids=[
+        "grid",
+        "grid_gap",
+        "grid_overlap",
+        "empty_chunk",
+        "rows_gap",
+        "rows_overlap",
+        "twice_whole",
+    ],
 )
 def test_chunk_tilings(boxes, fault):
     """Chunks split along two dimensions (tensor inside data parallelism) are checked on the

@@ -406,6 +406,19 @@ def test_a_local_url_is_the_local_file_system(tiny_checkpoint, tmp_path):
     manifest = json.loads((tmp_path / "out" / "model.pt.manifest.json").read_text())
     assert manifest["source"]["storage"]["kind"] == "local"
     assert all("mtime_ns" in seen for seen in manifest["source"]["files"].values())
+    # The default output, beside the checkpoint: a local URL's path, not a folder named "file:".
+    for scheme in ("local://", "file://"):
+        beside = convert_py(
+            "experiment=debug",
+            f"experiment.checkpoint_dir={scheme}{root}",
+            f"hydra.run.dir={tmp_path / 'hydra'}",
+            *model_overrides(TINY),
+            "overwrite=true",
+            cwd=tmp_path,
+        )
+        assert beside.returncode == 0, beside.stderr[-2000:]
+        assert (root / "final_model.pt").is_file()
+        assert not list(tmp_path.glob("*:")), "a folder named for the URL's scheme"
 
 
 def test_the_step_an_output_is_named_for_is_the_step_converted(

@@ -10,7 +10,7 @@ from typing import Any
 
 from hydra.utils import to_absolute_path
 
-from converter.sources.storage import LocalStorage, Storage
+from converter.sources.storage import LocalStorage, Storage, local_part
 
 
 @contextmanager
@@ -19,16 +19,15 @@ def open_storage(location: str, options: dict[str, Any] | None = None) -> Iterat
     with ``experiment.storage_options``), or a local path (``~`` expanded, relative to where
     the user ran the command)."""
     storage: Storage
-    # fsspec's names for the local file system: its files are versioned by mtime, and
-    # protected from being overwritten by the output, as plain paths are.
-    local = next((p for p in ("file://", "local://") if location.startswith(p)), None)
-    if "://" in location and local is None:
+    # A local URL is the local file system: its files are versioned by mtime, and protected
+    # from being overwritten by the output, as plain paths are.
+    path = local_part(location)
+    if path is None:
         from converter.sources.remote import FsspecStorage  # fsspec only for a URL
 
         storage = FsspecStorage(location, dict(options or {}))
     else:
-        path = os.path.expanduser(location.removeprefix(local or ""))
-        storage = LocalStorage(to_absolute_path(path))
+        storage = LocalStorage(to_absolute_path(os.path.expanduser(path)))
     try:
         yield storage
     finally:

@@ -154,6 +154,9 @@ class FsspecStorage(Storage):
         return None if found is None else self._entry(found)
 
     def listdir(self, folder: str) -> list[FileInfo]:
+        """The folder as the store lists it now: fsspec caches listings per folder, and a
+        second listing (the check that nothing changed during the run) must not be the first."""
+        self.fs.invalidate_cache(folder)
         found = self._call(folder, None, lambda: self.fs.ls(folder, detail=True))
         entries = [self._entry(d) for d in found if d["name"].rstrip("/") != folder.rstrip("/")]
         return sorted(entries, key=lambda e: e.name)
@@ -225,7 +228,7 @@ class FsspecStorage(Storage):
     def _entry(self, found: dict[str, Any]) -> FileInfo:
         name = str(found["name"]).rstrip("/")
         is_dir = found.get("type") == "directory"
-        version = next((str(found[k]).strip('"') for k in _VERSIONS if found.get(k)), "")
+        version = next((v for k in _VERSIONS if (v := str(found.get(k) or "").strip('"'))), "")
         if not version:  # a store without object versions: its modification time, if any
             version = next((f"{k}={found[k]}" for k in _MODIFIED if found.get(k)), "")
         entry = FileInfo(self.name(name), is_dir, 0 if is_dir else int(found.get("size") or 0),
@@ -294,7 +297,9 @@ class FsspecStorage(Storage):
 
         bucket, key, _ = self.fs.split_path(path)
         entry = self._listed.get(path)
-        pin = {"IfMatch": f'"{entry.version}"'} if entry and entry.version else {}
+        # Only an ETag pins: a store without them is versioned by a modification time.
+        etag = entry.version if entry and "=" not in entry.version else ""
+        pin = {"IfMatch": f'"{etag}"'} if etag else {}
         length = sum(len(v) for v in views)
 
         async def fill() -> None:

@@ -38,16 +38,20 @@ def _missing(storage: Storage, root: str) -> str:
         "Set experiment.checkpoint_dir to the folder that holds the step-<N> folders "
         "(torchtitan's <dump_folder>/<checkpoint.folder>)."
     )
-    if not storage.remote:
+    described = storage.describe()
+    if described.get("protocol") not in ("s3", "s3a"):
         return f"Checkpoint folder {shown} does not exist. {what}"
-    endpoint = storage.describe().get("endpoint")
-    at = f" at {endpoint}" if endpoint else ""
+    at = f" at {described['endpoint']}"
     where = (
         "check the endpoint too (storage_options.endpoint_url, AWS_ENDPOINT_URL), and that "
         "these credentials can see it"
     )
     bucket = root.split("/", 1)[0]
-    if bucket != root and storage.info(bucket) is None:
+    try:
+        missing_bucket = bucket != root and storage.info(bucket) is None
+    except ConversionError:  # credentials for a prefix alone may not look at the bucket
+        missing_bucket = False
+    if missing_bucket:
         return (
             f"Bucket {storage.display(bucket)} of experiment.checkpoint_dir {shown} does not "
             f"exist{at}. Check its name; {where}."

@@ -21,6 +21,17 @@ from typing import Any
 
 from converter.errors import ConversionError
 
+# fsspec's names for the local file system: such a URL is read, and written, as a plain path.
+LOCAL_SCHEMES = ("file://", "local://")
+
+
+def local_part(location: str) -> str | None:
+    """``location`` as a plain path if it is one (or a local URL), else None (a store's URL)."""
+    for scheme in LOCAL_SCHEMES:
+        if location.startswith(scheme):
+            return location.removeprefix(scheme)
+    return None if "://" in location else location
+
 
 @dataclass(frozen=True)
 class FileInfo:
