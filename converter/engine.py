@@ -139,6 +139,7 @@ def convert_tensors(
         entry = index.tensors[key]
         uses = consumers[key]
         out_dtype = uses[0][0].dtype
+        counting = _may_underflow(entry.dtype, out_dtype)
         digest = xxhash.xxh3_128()
         cuts = {run.row for run in reader.runs(entry)}
         for start, stop_row in _windows(entry, cuts, uses, window_bytes):
@@ -151,7 +152,6 @@ def convert_tensors(
             # for the cast rows, and as much again for counting underflows (see _altered).
             read_bytes = _aligned(reader.buffer_bytes(entry, rows))
             cast_bytes = rows * _row_bytes(entry.shape, out_dtype)
-            counting = _may_underflow(entry.dtype, out_dtype)
             buffer = pool.borrow(read_bytes + cast_bytes * (2 if counting else 1))
             scratch = buffer[read_bytes + cast_bytes :]
             try:

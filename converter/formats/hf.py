@@ -82,7 +82,7 @@ class HfFormat(OutputFormat):
 
     def loads_with(self, described: Described) -> str:
         loaders = ["transformers.AutoModelForCausalLM.from_pretrained(folder)"]
-        if described.family.torchtune_model(described.arch) is not None:
+        if _torchtune_builds(described):
             loaders.append(_TORCHTUNE_CHECKPOINTER)
         return "; ".join(loaders)
 
@@ -141,7 +141,7 @@ class HfFormat(OutputFormat):
             described[hf_assets.GENERATION_CONFIG] = hf_assets.generation_config(ids)
         if len(shards) > 1:
             described[INDEX] = _json(_index(shards))
-        if d.family.torchtune_model(d.arch) is not None:  # torchtune builds this model
+        if _torchtune_builds(d):
             output_dir = d.output.with_name(f"{d.output.name}_torchtune")
             described[RECIPE] = torchtune_recipe(
                 d, _TORCHTUNE_CHECKPOINTER, d.output, list(shards), output_dir
@@ -186,3 +186,8 @@ def _index(shards: dict[str, list[OutputTensor]]) -> dict[str, Any]:
 
 def _json(value: dict[str, Any]) -> str:
     return json.dumps(value, indent=2, sort_keys=True) + "\n"
+
+
+def _torchtune_builds(d: Described) -> bool:
+    """Whether torchtune has a builder of the model, so that its HF checkpointer loads it."""
+    return d.family.torchtune_model(d.arch) is not None
