@@ -196,6 +196,8 @@ def _plan(
             exp.export_dtype,
             len(plan.dropped),
         )
+        for line in plan.left_out():
+            log.info("%s: left out: %s", exp.name, line)
         for assumption in plan.assumptions:
             log.warning("%s: %s", exp.name, assumption)
         if storage.remote and conf.workers < _REMOTE_WORKERS:
@@ -446,13 +448,8 @@ def describe_plan(planned: _Planned) -> str:
             f"    {t.name:<{width}}  {str(t.dtype).removeprefix('torch.')}{list(t.shape)}"
             f"  <- {', '.join(sources)}{how}"
         )
-    reasons: dict[str, list[str]] = {}
-    for d in plan.dropped:
-        reasons.setdefault(d.reason, []).append(d.key)
     lines.append(f"  left out: {len(plan.dropped)} keys")
-    for reason, keys in reasons.items():
-        more = f" and {len(keys) - 2} more" if len(keys) > 2 else ""
-        lines.append(f"    {len(keys)} x {reason}: {', '.join(keys[:2])}{more}")
+    lines += [f"    {line}" for line in plan.left_out()]
     for assumption in plan.assumptions:
         lines.append(f"  assumed: {assumption}")
     read = planned.source_bytes(plan.sources)

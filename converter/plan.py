@@ -97,3 +97,15 @@ class Plan:
     @property
     def sources(self) -> set[str]:
         return {p.source for t in self.tensors for p in t.pieces}
+
+    def left_out(self) -> list[str]:
+        """What is left out, a line per reason with its first keys: for the log and the
+        dry run (the manifest lists every key)."""
+        reasons: dict[str, list[str]] = {}
+        for d in self.dropped:
+            reasons.setdefault(d.reason, []).append(d.key)
+        return [
+            f"{len(keys)} x {reason}: {', '.join(keys[:2])}"
+            + (f" and {len(keys) - 2} more" if len(keys) > 2 else "")
+            for reason, keys in reasons.items()
+        ]

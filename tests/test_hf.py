@@ -18,6 +18,7 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from converter import job
 from converter.formats import FORMATS
+from converter.formats.base import Described
 from converter.formats.hf import HfOptions, shard_bytes
 from converter.manifest import FOLDER_MANIFEST
 from converter.plan import OutputTensor, Plan
@@ -272,6 +273,37 @@ def test_config_json_loads_in_transformers_as_the_model(tmp_path, layout_checkpo
             assert config.rope_parameters == {"rope_type": "default", "rope_theta": 500000.0}
             assert written["rope_scaling"] is None
             torch.testing.assert_close(inv_freq, plain)
+
+
+@pytest.mark.parametrize(
+    ("kept", "said"),
+    [
+        ({"bfloat16"}, "bfloat16"),
+        ({"bfloat16", "float32"}, "float32"),
+        ({"bfloat16", "float16"}, "float32"),
+        ({"float64", "bfloat16"}, "float64"),
+    ],
+)
+def test_config_json_dtype_holds_every_weight(kept, said):
+    """from_pretrained loads every weight in config.json's dtype: weights kept in several
+    (export_dtype=keep) get the one that holds each of them exactly."""
+    from converter.models.base import build_plan
+    from converter.models.llama3 import Llama3, Llama3Config
+
+    shape = demo.ModelShape(**VARIANTS["mha"])
+    dtypes = [getattr(torch, d) for d in sorted(kept)]
+    tensors = {
+        k: (s, dtypes[-1] if "norm" in k else dtypes[0])
+        for k, (s, _) in demo.model_state_shapes(shape, TORCHTITAN_0_3).items()
+    }
+    plan, arch = build_plan(
+        Llama3(), Llama3Config(n_heads=shape.n_heads, n_kv_heads=shape.n_kv_heads), tensors,
+        [], "hf", False, None, lambda k: torch.zeros(tensors[k][0]), "step-1",
+    )  # fmt: skip
+    fmt = FORMATS["hf"]
+    described = Described(Path("out"), "x", Llama3(), arch, plan, HfOptions(), None, {})
+    config = fmt.config(described, {})
+    assert config["dtype"] == config["torch_dtype"] == said
 
 
 def test_tokenizer_files_are_copied_and_give_the_token_ids(tmp_path, layout_checkpoints):

@@ -60,19 +60,20 @@ def convert(tmp_path, root, shape, *overrides: str) -> job.JobResult:
 @pytest.mark.parametrize("output_format", ["meta", "torchtune"])
 @pytest.mark.parametrize("export_dtype", ["bfloat16", "float16", "float32", "keep"])
 def test_layout_converts_exactly(
-    tmp_path, layout_checkpoints, layout, variant, kind, output_format, export_dtype
+    tmp_path, layout_checkpoints, layout, variant, kind, output_format, export_dtype, caplog
 ):
     root, shape, saved = layout_checkpoints[layout, variant]
     step = FULL_STEP if kind == "full" else WEIGHTS_ONLY_STEP
-    result = convert(
-        tmp_path,
-        root,
-        shape,
-        f"experiment.step={step}",
-        f"experiment.export_dtype={export_dtype}",
-        f"output_format={output_format}",
-        *layout_overrides(layout),
-    )
+    with caplog.at_level("INFO"):
+        result = convert(
+            tmp_path,
+            root,
+            shape,
+            f"experiment.step={step}",
+            f"experiment.export_dtype={export_dtype}",
+            f"output_format={output_format}",
+            *layout_overrides(layout),
+        )
     assert result.status == "converted", result.error
 
     out = torch.load(result.output, mmap=True, weights_only=True)
@@ -96,6 +97,12 @@ def test_layout_converts_exactly(
     assert not converted & set(manifest["dropped"])
     if kind == "full":
         assert any(k.startswith("optimizer.") for k in manifest["dropped"])
+    # ... and the log says what, a line per reason.
+    for reason in set(manifest["dropped"].values()):
+        assert (
+            f"left out: {sum(r == reason for r in manifest['dropped'].values())} x {reason}: "
+            in caplog.text
+        )
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from converter.errors import ConversionError
+from converter.models import FAMILIES
 from converter.models.base import build_plan
 from converter.models.llama3 import Llama3, Llama3Config, _rope_frequencies
 from converter.plan import RowOrder
@@ -184,6 +185,69 @@ def test_unknown_and_missing_keys_fail_naming_them():
     del tensors["layers.1.feed_forward.w2.weight"]
     with pytest.raises(ConversionError, match="lacks model weights: layers.1.feed_forward.w2"):
         run(tensors)
+
+
+def run_plan(tensors, byte_entries=(), naming="meta", **config):
+    """The plan of the MHA model's keys as ``tensors`` gives them, all families known."""
+    return build_plan(
+        Llama3(), Llama3Config(**{"n_heads": 4, **config}), tensors, list(byte_entries), naming,
+        True, None, lambda k: torch.zeros(tensors[k][0]), "step-1", FAMILIES.values(),
+    )  # fmt: skip
+
+
+def test_a_layer_index_spelled_otherwise_is_unknown():
+    """ "01" is not torchtitan's spelling of layer 1: were it read as one, its tensor would take
+    the place of the real layer 1's in the output."""
+    tensors = demo.model_state_shapes(MHA, demo.TORCHTITAN_0_3)
+    stray = {"layers.01.feed_forward.w1.weight": tensors["layers.1.feed_forward.w1.weight"]}
+    with pytest.raises(ConversionError, match=r"no known torchtitan layout.*: layers\.01\."):
+        run_plan({**tensors, **stray})
+
+
+def test_a_layer_of_other_sizes_fails():
+    """The architecture is read from layer 0, and the config.json or torchtune builder gives
+    every layer its sizes: a wider layer 1 would load into neither."""
+    tensors = demo.model_state_shapes(MHA, demo.TORCHTITAN_0_3)
+    wider = {
+        "layers.1.feed_forward.w1.weight": ((192, 64), torch.float32),
+        "layers.1.feed_forward.w2.weight": ((64, 192), torch.float32),
+        "layers.1.feed_forward.w3.weight": ((192, 64), torch.float32),
+    }
+    with pytest.raises(ConversionError, match=r"layers of step-1 differ in size.*\(192, 64\)"):
+        run_plan({**tensors, **wider})
+
+
+def test_an_integer_weight_is_refused():
+    tensors = demo.model_state_shapes(MHA, demo.TORCHTITAN_0_3)
+    tensors["layers.0.feed_forward.w1.weight"] = ((160, 64), torch.int8)
+    with pytest.raises(ConversionError, match="'layers.0.feed_forward.w1.weight' as int8"):
+        run_plan(tensors)
+
+
+def test_a_stray_key_names_itself_alone():
+    """A stray "model." key does not make a flat save's every key unknown (nor crash on the
+    family that was never saved nested), and a stray non-model entry is not blamed on the
+    family: qwen3's tables explain llama3's keys too."""
+    tensors = demo.model_state_shapes(MHA, demo.TORCHTITAN_0_3)
+    with pytest.raises(ConversionError, match=r"explains \(closest: llama3 .*\): model\.foo\."):
+        run_plan({**tensors, "model.foo": ((3,), torch.float32)})
+    with pytest.raises(ConversionError, match=r"\): layers\.0\._extra_state\. This") as e:
+        run_plan(tensors, byte_entries=["layers.0._extra_state"])
+    assert "qwen3 model" not in str(e.value)
+
+
+def test_heads_not_of_dim_over_n_heads_get_no_torchtune_builder():
+    """torchtitan 0.3.0's attention takes a head_dim of its own (its to_hf: ``attn.head_dim or
+    dim // n_heads``); torchtune's llama3 builders make heads dim // n_heads wide."""
+    tensors = demo.model_state_shapes(MHA, demo.TORCHTITAN_0_3)
+    for i in range(MHA.n_layers):
+        for w in ("wq", "wk", "wv"):
+            tensors[f"layers.{i}.attention.qkv_linear.{w}.weight"] = ((128, 64), torch.float32)
+        tensors[f"layers.{i}.attention.wo.weight"] = ((64, 128), torch.float32)
+    plan_, arch = run_plan(tensors)
+    assert arch.head_dim == 32 and Llama3().hf_config(arch)["head_dim"] == 32
+    assert Llama3().torchtune_model(arch) is None
+    assert any("not dim // n_heads = 16" in a for a in plan_.assumptions)
 
 
 def test_a_saved_rope_table_is_checked_against_the_settings():

@@ -383,10 +383,25 @@ def test_a_key_no_era_explains_is_an_error():
         plan_of(config_of("moe"), state)
 
 
+def test_weights_the_model_has_no_place_for_are_an_error():
+    """transformers loads a checkpoint without the weights its config has no place for (it
+    lists them as unexpected): a MoE layer that also has a dense feed-forward, whose config
+    makes it dense, or experts in a dense model, would load without them."""
+    moe, dense = titan_state("moe_mixed"), titan_state("dense_tied")
+    both = {**moe, **{k.replace("layers.1.", "layers.0."): v for k, v in moe.items()
+                      if k.startswith("layers.1.feed_forward.")}}  # fmt: skip
+    with pytest.raises(ConversionError, match=r"no place for: .*layers\.0\.moe\.routed_experts"):
+        plan_of(config_of("moe_mixed"), both)
+    experts = {k.replace("layers.0.", "layers.1."): v for k, v in moe.items()
+               if k.startswith("layers.0.moe.routed_experts.")}  # fmt: skip
+    with pytest.raises(ConversionError, match=r"no place for: .*layers\.1\.moe\.routed_experts"):
+        plan_of(config_of("dense_tied"), {**dense, **experts})
+
+
 def test_layers_of_different_sizes_are_an_error():
     state = titan_state("moe")
     state["layers.1.moe.router.gate.weight"] = torch.zeros(8, 64)
-    with pytest.raises(ConversionError, match="layers differ in size"):
+    with pytest.raises(ConversionError, match="layers of .* differ in size"):
         plan_of(config_of("moe"), state)
 
 

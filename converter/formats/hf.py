@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from converter.formats import hf_assets, safetensors_file
 from converter.formats.base import Described, FormatConfig, OutputFormat
 from converter.formats.recipe import torchtune_recipe
@@ -152,9 +154,13 @@ class HfFormat(OutputFormat):
         """The family's ``config.json``, with the weights' dtype and the special token ids.
 
         The dtype is written under transformers 5's name (``dtype``) and its older one
-        (``torch_dtype``): ``from_pretrained`` loads the weights in it by default."""
-        floating = [t.dtype for t in d.plan.tensors if t.dtype.is_floating_point]
-        dtype = str(floating[0]).removeprefix("torch.") if floating else None
+        (``torch_dtype``): ``from_pretrained`` loads every weight in it by default. Weights
+        kept in several dtypes (``export_dtype=keep``) get one that holds each of them
+        exactly: float32 holds bfloat16 and float16."""
+        floating = {t.dtype for t in d.plan.tensors if t.dtype.is_floating_point}
+        if len(floating) > 1:
+            floating = {max(floating | {torch.float32}, key=lambda t: t.itemsize)}
+        dtype = str(floating.pop()).removeprefix("torch.") if floating else None
         config = d.family.hf_config(d.arch)
         return {**config, **ids, "dtype": dtype, "torch_dtype": dtype}
 

@@ -142,6 +142,11 @@ class ModelFamily(ABC):
     def required(self, arch: Any, layer: int) -> list[str]:
         """The canonical templates that layer ``layer`` of a complete model has."""
 
+    def optional(self, arch: Any, layer: int) -> list[str]:
+        """Canonical templates that layer ``layer`` may have beside the required ones, which
+        ``check_values`` leaves out or refuses."""
+        return []
+
     def split(
         self,
         template: str,
@@ -187,20 +192,20 @@ class ModelFamily(ABC):
 
     # ---------------------------------------------------------------- matching an era
 
-    def match(self, model_keys: Iterable[str], nested: bool) -> tuple[Era, list[str]]:
+    def match(self, model_keys: Iterable[str], nested: bool) -> tuple[Era | None, list[str]]:
         """The era that explains the model's keys, or the one that explains most of them, with
-        the keys it leaves unexplained."""
+        the keys it leaves unexplained; no era, and every key, if the family was never saved
+        ``nested`` so."""
         keys = list(model_keys)
-        best: tuple[Era, list[str]] | None = None
+        best: tuple[Era | None, list[str]] = None, keys
         for era in self.eras:
             if era.nested != nested:
                 continue
             unknown = [k for k in keys if _translate(k, _patterns(era)) is _UNKNOWN]
             if not unknown:
                 return era, []
-            if best is None or len(unknown) < len(best[1]):
+            if best[0] is None or len(unknown) < len(best[1]):
                 best = era, unknown
-        assert best is not None
         return best
 
 
@@ -224,7 +229,10 @@ def build_plan(
     dropped: list[Dropped] = []
     model: dict[str, str] = {}  # key within the model -> saved key
     buffers: dict[str, str] = {}  # saved but never converted (Era.dropped) -> saved key
-    nested = any(k.startswith(NESTED_PREFIX) for k in tensors)
+    # Most of the model's keys under "model.", not any: one stray key must not make every
+    # other key unknown.
+    model_like = [k for k in tensors if k.split(".", 1)[0] not in TRAINING_STATE]
+    nested = 2 * sum(k.startswith(NESTED_PREFIX) for k in model_like) > len(model_like)
     has_training_state = False
     unknown: list[str] = []
     for key in [*tensors, *byte_entries]:
@@ -239,9 +247,9 @@ def build_plan(
 
     era, unexplained = family.match(model, nested)
     unknown += [model[k] for k in unexplained]
-    if unknown:
+    if unknown or era is None:
         raise ConversionError(
-            _unknown_keys(family, era, sorted(unknown), list(model), nested, source_name, others)
+            _unknown_keys(family, era, sorted(unknown), unexplained, nested, source_name, others)
         )
 
     canonical: dict[str, tuple[tuple[int, ...], list[Piece]]] = {}
@@ -251,7 +259,13 @@ def build_plan(
         found = _translate(inner, patterns)
         assert found is not _UNKNOWN
         template, layer, target = found
-        shape = tensors[key][0]
+        shape, dtype = tensors[key]
+        if target is not None and not dtype.is_floating_point:
+            raise ConversionError(
+                f"{source_name} holds {key!r} as {str(dtype).removeprefix('torch.')}, but every "
+                f"weight of a torchtitan {family.name} model is floating point: this is not a "
+                "checkpoint of its training (a quantized export?). Nothing was written."
+            )
         if target is None:
             dropped.append(Dropped(key, era.dropped[template]))
             buffers[_fill(template, layer)] = key
@@ -274,6 +288,7 @@ def build_plan(
     elif config.tied_embeddings and keeps_tied_head and embeddings in canonical:
         canonical[head] = canonical[embeddings]
 
+    _check_uniform(canonical, source_name)
     arch = family.architecture({k: shape for k, (shape, _) in canonical.items()}, config)
     _check_complete(family, arch, canonical, config, era, source_name)
     saved = {**{k: pieces[0].source for k, (_, pieces) in canonical.items()}, **buffers}
@@ -328,13 +343,16 @@ class _Unknown:
 
 
 _UNKNOWN = _Unknown()
+# A layer index as torchtitan writes one (str(int)): "01" is not layer 1, so a key spelled so
+# is unknown rather than a second tensor for the same place.
+_INDEX = r"(0|[1-9][0-9]*)"
 _PATTERN_CACHE: dict[int, list[tuple[re.Pattern[str], str, str | None]]] = {}
 
 
 def _patterns(era: Era) -> list[tuple[re.Pattern[str], str, str | None]]:
     if id(era) not in _PATTERN_CACHE:
         _PATTERN_CACHE[id(era)] = [
-            (re.compile(re.escape(src).replace(re.escape(LAYER), r"(\d+)") + "$"), src, dst)
+            (re.compile(re.escape(src).replace(re.escape(LAYER), _INDEX) + "$"), src, dst)
             for src, dst in era.keys.items()
         ]
     return _PATTERN_CACHE[id(era)]
@@ -371,6 +389,27 @@ def _output_name(names: Mapping[str, Target], key: str) -> str:
 # -------------------------------------------------------------------- planning steps
 
 
+def _check_uniform(
+    canonical: Mapping[str, tuple[tuple[int, ...], list[Piece]]], source_name: str
+) -> None:
+    """A weight has the same shape in every layer that has it: a family's architecture reads
+    its sizes from the first such layer, and the files written beside the output (a
+    config.json, a torchtune builder) give every layer those sizes."""
+    first: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for key, (shape, _) in canonical.items():
+        template, layer = _template_of(key)
+        if layer is None:
+            continue
+        seen, seen_shape = first.setdefault(template, (key, shape))
+        if shape != seen_shape:
+            raise ConversionError(
+                f"The layers of {source_name} differ in size: {seen} is {seen_shape}, but {key} "
+                f"is {shape} (names as torchtitan 0.3.0 saves them). A config.json or a "
+                "torchtune builder gives every layer the same sizes; such a model cannot be "
+                "converted."
+            )
+
+
 def _check_complete(
     family: ModelFamily,
     arch: Any,
@@ -379,12 +418,23 @@ def _check_complete(
     era: Era,
     source_name: str,
 ) -> None:
+    """Every tensor the architecture requires is there, and nothing it has no place for: a
+    consumer would ignore such a tensor (transformers lists it as unexpected and goes on)."""
     layers = sorted({layer for k in canonical if (layer := _template_of(k)[1]) is not None})
     expected = {_fill(t, str(i)) for i in layers for t in family.required(arch, i)}
     expected |= {t for t in family.order if LAYER not in t}
     head, _ = family.tied
     if config.tied_embeddings and head not in canonical:
         expected.discard(head)
+    optional = {_fill(t, str(i)) for i in layers for t in family.optional(arch, i)}
+    if extra := sorted(set(canonical) - expected - optional):
+        raise ConversionError(
+            f"{source_name} (layout {era.describe()}) holds weights that the {family.name} model "
+            f"its other weights describe has no place for: {_quote(extra)} (names as torchtitan "
+            "0.3.0 saves them). Its consumers would load the model without them, and no "
+            f"torchtitan {family.name} model saves such a set: this is another model. Nothing "
+            "was written."
+        )
     missing = sorted(expected - set(canonical))
     if layers and layers != list(range(len(layers))):
         missing += [f"layers.{i}.*" for i in sorted(set(range(layers[-1] + 1)) - set(layers))]
@@ -425,8 +475,7 @@ def _outputs(
         shape, pieces = canonical[key]
         template, _ = _template_of(key)
         target = names[template]
-        saved_dtype = tensors[pieces[0].source][1]
-        dtype = export_dtype if export_dtype and saved_dtype.is_floating_point else saved_dtype
+        dtype = export_dtype or tensors[pieces[0].source][1]
         reorder = Reorder(target.reorder, family.reorder_block(arch)) if target.reorder else None
         name = _output_name(names, key)
         if EXPERT not in name:
@@ -461,25 +510,33 @@ def _quote(keys: list[str], limit: int = 12) -> str:
 
 def _unknown_keys(
     family: ModelFamily,
-    era: Era,
+    era: Era | None,
     unknown: list[str],
-    model_keys: list[str],
+    unexplained: list[str],
     nested: bool,
     source_name: str,
     others: Iterable[ModelFamily],
 ) -> str:
+    """The error for keys that no era of ``family`` explains; it names another family only if
+    that one explains the model's keys that ``family`` does not (``unexplained``)."""
     hint = ""
     for other in others:
-        other_era, left = other.match(model_keys, nested)
-        if other is not family and not left:
+        if other is family or not unexplained:
+            continue
+        other_era, left = other.match(unexplained, nested)
+        if other_era is not None and not left:
             hint = (
                 f" They are the keys of a {other.name} model (layout {other_era.describe()}): "
                 f"choose a {other.name} preset, {other.presets()}."
             )
+    closest = (
+        f"{family.name} layout {era.describe()}"
+        if era
+        else f"none: {family.name} was never saved under {NESTED_PREFIX!r}"
+    )
     known = "; ".join(f"{f.name} ({', '.join(e.name for e in f.eras)})" for f in {family, *others})
     return (
         f"{source_name} holds keys that no known torchtitan layout explains (closest: "
-        f"{family.name} layout {era.describe()}): {_quote(unknown)}.{hint} This converter knows "
-        f"the torchtitan families and layouts {known} (see README); another model family is "
-        "not supported."
+        f"{closest}): {_quote(unknown)}.{hint} This converter knows the torchtitan families and "
+        f"layouts {known} (see README); another model family is not supported."
     )

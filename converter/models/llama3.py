@@ -278,15 +278,7 @@ class Llama3(ModelFamily):
                 f"trained {'before' if arch.rope_scaling else 'after'} it, set "
                 f"experiment.model.rope_scaling={other} and convert again."
             )
-        if _torchtune_rope_differs(arch):
-            said.append(
-                "rope_low_freq_factor, rope_high_freq_factor and rope_original_max_seq_len "
-                f"({arch.rope_low_freq_factor}, {arch.rope_high_freq_factor}, "
-                f"{arch.rope_original_max_seq_len}) are not torchtune's: its llama3 RoPE fixes "
-                "them at 1, 4 and 8192, so a torchtune model would compute other logits and no "
-                "recipe model: section is written. config.json carries them for transformers."
-            )
-        return said
+        return said + _beyond_torchtune(arch)
 
     # ---------------------------------------------------------------- what formats write
 
@@ -331,8 +323,8 @@ class Llama3(ModelFamily):
 
     def torchtune_model(self, arch: Llama3Config) -> dict[str, Any] | None:
         """torchtune's llama3-family component builder with the model's dimensions; None if
-        its RoPE cannot be expressed (see ``assumptions``)."""
-        if _torchtune_rope_differs(arch):
+        it cannot build this model (see ``assumptions``)."""
+        if _beyond_torchtune(arch):
             return None
         args: dict[str, Any] = {
             "vocab_size": arch.vocab_size,
@@ -364,8 +356,24 @@ class Llama3(ModelFamily):
         return "LLAMA3_2" if arch.tied_embeddings else "LLAMA3"
 
 
-def _torchtune_rope_differs(arch: Llama3Config) -> bool:
-    return arch.rope_scaling and any(getattr(arch, k) != v for k, v in _TORCHTUNE_ROPE.items())
+def _beyond_torchtune(arch: Llama3Config) -> list[str]:
+    """Why torchtune's llama3 builders cannot build this model, if they cannot."""
+    why = []
+    if arch.rope_scaling and any(getattr(arch, k) != v for k, v in _TORCHTUNE_ROPE.items()):
+        why.append(
+            "rope_low_freq_factor, rope_high_freq_factor and rope_original_max_seq_len "
+            f"({arch.rope_low_freq_factor}, {arch.rope_high_freq_factor}, "
+            f"{arch.rope_original_max_seq_len}) are not torchtune's: its llama3 RoPE fixes "
+            "them at 1, 4 and 8192, so a torchtune model would compute other logits and no "
+            "recipe model: section is written. config.json carries them for transformers."
+        )
+    if arch.head_dim != arch.dim // arch.n_heads:
+        why.append(
+            f"the attention heads are {arch.head_dim} wide, not dim // n_heads = "
+            f"{arch.dim // arch.n_heads} as torchtune's llama3 builders make them, so no "
+            "recipe model: section is written. config.json states head_dim for transformers."
+        )
+    return why
 
 
 def _rope_frequencies(arch: Llama3Config) -> torch.Tensor:

@@ -332,9 +332,10 @@ class Qwen3(ModelFamily):
         return dataclasses.replace(config, **derived)
 
     def required(self, arch: Any, layer: int) -> list[str]:
-        if arch.n_experts and layer not in (arch.dense_layers or ()):
-            return [*_ATTENTION, *_MOE]
-        return [*_ATTENTION, *_DENSE]
+        return [*_ATTENTION, *(_MOE if _is_moe(arch, layer) else _DENSE)]
+
+    def optional(self, arch: Any, layer: int) -> list[str]:
+        return [_BIAS] if _is_moe(arch, layer) else []
 
     def check_values(
         self, source: Source, era: Era, keys: Mapping[str, str], arch: Any
@@ -440,7 +441,8 @@ class Qwen3(ModelFamily):
 
 
 class _Sizes:
-    """The shape of a template, the same in every layer that has it."""
+    """The shape of a template in the first layer that has it (every layer that has it has
+    the same: ``build_plan`` checked)."""
 
     def __init__(self, shapes: Mapping[str, tuple[int, ...]], layers: list[int]) -> None:
         self.shapes = shapes
@@ -448,21 +450,17 @@ class _Sizes:
 
     def of(self, template: str, layers: list[int] | None = None) -> tuple[int, ...]:
         keys = [template.format(i) for i in (self.layers if layers is None else layers)]
-        found = {k: self.shapes[k] for k in keys if k in self.shapes}
+        found = [self.shapes[k] for k in keys if k in self.shapes]
         if not found:
             raise ConversionError(
                 f"The checkpoint lacks {keys[0] if keys else template} (named as torchtitan "
                 "0.3.0 saves it). A partial model cannot be converted."
             )
-        first, *_ = found.values()
-        if any(s != first for s in found.values()):
-            differ = ", ".join(f"{k} {s}" for k, s in found.items() if s != first)
-            raise ConversionError(
-                f"The checkpoint's layers differ in size: {next(iter(found))} is {first}, but "
-                f"{differ}. A Hugging Face config gives every layer the same sizes; such a "
-                "model cannot be converted."
-            )
-        return first
+        return found[0]
+
+
+def _is_moe(arch: Qwen3Config, layer: int) -> bool:
+    return bool(arch.n_experts) and layer not in (arch.dense_layers or ())
 
 
 def _is(key: str, template: str) -> bool:
