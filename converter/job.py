@@ -135,6 +135,7 @@ def _show_tracebacks(cfg: DictConfig) -> bool:
 
 def _checked(cfg: DictConfig) -> ConvertConfig:
     _check_launcher()
+    _check_choices_unambiguous()
     try:
         return to_object(cfg)
     except InterpolationResolutionError as e:
@@ -158,13 +159,34 @@ def _experiment_file() -> str:
     """The YAML file the chosen experiment was read from, as a user would look for it."""
     if not HydraConfig.initialized():
         return "the experiment's config"
-    runtime = HydraConfig.get().runtime
-    choice = runtime.choices.get("experiment")
-    for source in runtime.config_sources:
-        path = Path(source.path) / "experiment" / f"{choice}.yaml"
-        if source.schema == "file" and path.is_file():
-            return str(path)
-    return f"experiment/{choice}.yaml"
+    choice = HydraConfig.get().runtime.choices.get("experiment")
+    return next(iter(_option_files("experiment", choice)), f"experiment/{choice}.yaml")
+
+
+def _option_files(group: str, option: str) -> list[str]:
+    """The files on Hydra's search path that define ``option`` of config group ``group``,
+    in the order Hydra searches them: it reads the first."""
+    return [
+        str(path)
+        for source in HydraConfig.get().runtime.config_sources
+        if source.schema == "file"
+        and (path := Path(source.path) / group / f"{option}.yaml").is_file()
+    ]
+
+
+def _check_choices_unambiguous() -> None:
+    """An experiment (or model preset, launcher profile) in a --config-dir folder that has the
+    name of one in conf/ is not read: Hydra searches conf/ first, and the job would convert
+    the checkpoint the other file names."""
+    if not HydraConfig.initialized():
+        return
+    for group, option in HydraConfig.get().runtime.choices.items():
+        if isinstance(option, str) and len(files := _option_files(group, option)) > 1:
+            raise ConversionError(
+                f"{group}={option} is defined by {len(files)} files: {', '.join(files)}. "
+                f"Hydra reads the first and ignores the others. Give yours another name "
+                f"(copy it to {Path(files[-1]).with_stem(f'my_{Path(option).name}')}) and choose that."
+            )
 
 
 def _check_launcher() -> None:

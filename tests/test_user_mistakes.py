@@ -193,6 +193,29 @@ def test_a_key_missing_from_a_users_own_experiment_is_one_line(tmp_path, left_ou
     assert "Traceback" not in run.stderr
 
 
+@pytest.mark.parametrize(
+    "own, choice",
+    [("experiment/debug.yaml", "experiment=debug"),
+     ("experiment/model/llama3/debugmodel.yaml", "experiment/model=llama3/debugmodel")],
+)  # fmt: skip
+def test_a_users_file_named_as_one_of_ours_is_refused(tmp_path, own, choice):
+    """Hydra searches conf/ before a --config-dir folder: a user's experiment named as one of
+    ours would be ignored, and the job would convert the checkpoint ours names."""
+    group, option = choice.split("=")
+    ours = REPO / "conf" / f"{group}/{option}.yaml"
+    theirs = tmp_path / "mine" / own
+    theirs.parent.mkdir(parents=True)
+    theirs.write_text(ours.read_text())
+    run = convert_py(
+        "--config-dir", str(tmp_path / "mine"), "experiment=debug", choice,
+        f"hydra.run.dir={tmp_path / 'hydra'}", "dry_run=true",
+    )  # fmt: skip
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert f"{choice} is defined by 2 files: {ours}, {theirs}. Hydra reads the first" in (
+        run.stderr
+    ), run.stderr[-2000:]
+
+
 def test_cfg_with_a_sweep_is_one_line():
     run = convert_py("-m", "experiment=debug,500M", "--cfg", "job")
     assert run.returncode == 2, run.stderr
