@@ -30,7 +30,9 @@ from converter.tasks import SlurmInfo, TaskGroup
 
 log = logging.getLogger("titan2tune")
 
-STATUS_FILE = "titan2tune_status.json"
+def status_dir(sweep_dir: str | Path) -> Path:
+    """Where a sweep's jobs leave their results, one ``<hydra.job.num>.json`` each."""
+    return Path(sweep_dir) / "titan2tune_status"
 
 
 @dataclass
@@ -182,10 +184,11 @@ def _check_choices_unambiguous() -> None:
         return
     for group, option in HydraConfig.get().runtime.choices.items():
         if isinstance(option, str) and len(files := _option_files(group, option)) > 1:
+            renamed = Path(files[-1]).with_stem(f"my_{Path(option).name}")
             raise ConversionError(
                 f"{group}={option} is defined by {len(files)} files: {', '.join(files)}. "
-                f"Hydra reads the first and ignores the others. Give yours another name "
-                f"(copy it to {Path(files[-1]).with_stem(f'my_{Path(option).name}')}) and choose that."
+                "Hydra reads the first and ignores the others. Give yours another name (copy "
+                f"it to {renamed}) and choose that."
             )
 
 
@@ -274,7 +277,8 @@ def _task_group(slurm: SlurmInfo | None) -> TaskGroup:
 
 
 def _write_status(result: JobResult) -> None:
-    """Leaves the result in the job's Hydra output folder, where the sweep summary finds it."""
-    if HydraConfig.initialized():
-        folder = Path(HydraConfig.get().runtime.output_dir)
-        write_atomic(folder / STATUS_FILE, result.to_json())
+    """Leaves a sweep job's result where the sweep summary finds it."""
+    if HydraConfig.initialized() and (hc := HydraConfig.get()).mode == RunMode.MULTIRUN:
+        folder = status_dir(hc.sweep.dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_atomic(folder / f"{hc.job.num}.json", result.to_json())

@@ -1,15 +1,19 @@
 """The sweep's callbacks: a check of the planned jobs before any runs, and the end-of-sweep
 summary, one table for every experiment and a failing exit if any failed.
 
-Each job leaves its result as a small JSON file in its own Hydra output folder (on the compute
-node, when the sweep runs on SLURM); this callback runs in the launching process after all jobs
-have ended, reads them back from the shared sweep folder and prints them together.
+Each job leaves its result as a small JSON file in the sweep folder, named for its job number
+(written on the compute node, when the sweep runs on SLURM): not in its own output folder,
+which ``hydra.sweep.subdir`` may give two jobs. This callback runs in the launching process
+after all jobs have ended, reads them back from the shared sweep folder and prints them in the
+order of the jobs.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from converter.config import local_path
-from converter.job import STATUS_FILE, JobResult
+from converter.job import JobResult, status_dir
 
 log = logging.getLogger("titan2tune")
 
@@ -47,15 +51,24 @@ def format_table(results: list[JobResult]) -> str:
     return "\n".join(lines)
 
 
+def _job_num(status: Path) -> int:
+    return int(status.stem)
+
+
 def _size(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n else "-"
 
 
 def planned_jobs(config: DictConfig) -> list[list[str]]:
-    """The overrides of each job of the sweep, as the sweeper splits them."""
+    """The overrides of each job of the sweep, as Hydra's basic sweeper makes them: its
+    ``params`` (``hydra.sweeper.params``, from a config file) first, then the command line's.
+    The config loader lets the parser expand ``glob(...)`` over a config group's options."""
     # Unresolved: an override's value may hold an interpolation, e.g. ${experiment.name}.
+    params = config.hydra.sweeper.get("params")
+    params = OmegaConf.to_container(params, resolve=False) if params else {}
     task = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
-    overrides = OverridesParser.create().parse_overrides(task)
+    parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+    overrides = parser.parse_overrides([*(f"{k}={v}" for k, v in params.items()), *task])
     return [list(job) for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
 
 
@@ -92,10 +105,31 @@ class _OnceEach(logging.Filter):
         return True
 
 
+def _fails_the_sweep(callback: Callable[..., None]) -> Callable[..., None]:
+    """Hydra turns an error raised in a callback into a warning and goes on: the sweep would
+    then run unchecked, or end with exit 0 whatever its jobs did. Any error fails it."""
+
+    @functools.wraps(callback)
+    def wrapped(*args: Any, **kwargs: Any) -> None:
+        try:
+            callback(*args, **kwargs)
+        except Exception as e:
+            log.error(
+                "The sweep's %s failed, a bug of titan2tune's: %s: %s. Please report it.",
+                callback.__name__,
+                type(e).__name__,
+                e,
+            )
+            sys.exit(1)
+
+    return wrapped
+
+
 class SweepSummary(Callback):
     """Refuses a sweep whose jobs would write the same output; prints the summary table at the
     end of a multirun and exits 1 if any experiment failed or left no result."""
 
+    @_fails_the_sweep
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         logging.getLogger("submitit").addFilter(_OnceEach("Bypassing sacct error"))
         clashes = {out: jobs for out, jobs in planned_outputs(config).items() if len(jobs) > 1}
@@ -110,14 +144,14 @@ class SweepSummary(Callback):
             sys.exit(1)
         # A sweep folder given again (hydra.sweep.dir) holds the last sweep's results: only
         # this sweep's jobs may be summed up.
-        for stale in Path(config.hydra.sweep.dir).glob(f"*/{STATUS_FILE}"):
+        for stale in status_dir(config.hydra.sweep.dir).glob("*.json"):
             stale.unlink()
 
+    @_fails_the_sweep
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        results = [
-            JobResult.from_json(p.read_text()) for p in sorted(sweep_dir.glob(f"*/{STATUS_FILE}"))
-        ]
+        found = status_dir(sweep_dir).glob("*.json")
+        results = [JobResult.from_json(p.read_text()) for p in sorted(found, key=_job_num)]
         if not results:
             log.error("No job of this sweep reported a result (sweep folder %s).", sweep_dir)
             sys.exit(1)

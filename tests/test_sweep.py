@@ -110,18 +110,26 @@ def test_sweep_with_overrides(demo_root):
         assert saves == str(out.parent.with_name("tune_fp32_torchtune") / "model")
 
 
-def test_sweep_fails_when_one_experiment_fails(demo_root, tmp_path):
+@pytest.mark.parametrize(
+    "spelled", [["experiment=debug,debug_pretrained"], ["experiment=glob(debug*)"]]
+)
+@pytest.mark.parametrize("subdir", [[], ["hydra.sweep.subdir=shared"]])
+def test_sweep_fails_when_one_experiment_fails(demo_root, tmp_path, spelled, subdir):
+    """However the sweep is spelled, and when its jobs share an output folder for their logs
+    (a hydra.sweep.subdir without the job number), each job's result is summed up."""
     root, _ = demo_root
     run = sweep(
         root,
-        "experiment=debug,debug_pretrained",
+        *spelled,
+        *subdir,
         f"experiment.output={tmp_path}/${{experiment.name}}.pt",
         # Valid for debug (16 heads), contradicts debug_pretrained's fused QKV shapes.
         "experiment.model.n_heads=16",
         "experiment.model.n_kv_heads=null",
     )
-    assert run.returncode != 0
+    assert run.returncode == 1, run.stdout[-2000:] + run.stderr[-2000:]
     assert summary_statuses(run.stdout) == {"debug": "converted", "debug_pretrained": "failed"}
+    assert "reported no result" not in run.stdout + run.stderr
     assert (tmp_path / "debug.pt").exists() and not (tmp_path / "debug_pretrained.pt").exists()
 
 

@@ -106,17 +106,34 @@ def test_the_same_run_without_a_mistake_converts(tiny_checkpoint, tmp_path):
     assert any(said in line for line in manifest["assumptions"])
 
 
-@pytest.mark.parametrize("launcher", ["basic", "slurm"])
+@pytest.mark.parametrize(
+    "launcher, spelling",
+    [("basic", "list"), ("slurm", "list"), ("basic", "glob"), ("basic", "file")],
+)
 def test_a_sweep_whose_jobs_share_an_output_is_refused_before_it_runs(
-    tiny_checkpoint, tmp_path, launcher
+    tiny_checkpoint, tmp_path, launcher, spelling
 ):
     """Refused in the launching process, before any job starts (locally) or is submitted (on
-    SLURM: hydra/launcher=slurm would write its sbatch scripts to the sweep's .submitit/)."""
+    SLURM: hydra/launcher=slurm would write its sbatch scripts to the sweep's .submitit/),
+    however the sweep is spelled: a list, a glob over the experiments, or the sweeper's
+    params in a config file."""
+    mine = tmp_path / "mine" / "sweep" / "both.yaml"
+    mine.parent.mkdir(parents=True)
+    mine.write_text(
+        "# @package _global_\nhydra:\n  sweeper:\n    params:\n"
+        "      experiment: debug,debug_pretrained\n"
+    )
+    experiments = {
+        "list": ["experiment=debug,debug_pretrained"],
+        "glob": ["experiment=glob(debug*)"],
+        "file": ["+sweep=both"],
+    }[spelling]
     output = tmp_path / "out" / "same.pt"
     run = convert_py(
+        *(["--config-dir", str(mine.parents[1])] if spelling == "file" else []),
         "-m",
         f"hydra/launcher={launcher}",
-        "experiment=debug,debug_pretrained",
+        *experiments,
         f"experiment.checkpoint_dir={tiny_checkpoint}",
         f"experiment.output={output}",
         "overwrite=true",
@@ -128,6 +145,7 @@ def test_a_sweep_whose_jobs_share_an_output_is_refused_before_it_runs(
     assert "Jobs of this sweep would write the same output" in said, said[-2000:]
     assert f"{output} by [experiment=debug " in said
     assert "[experiment=debug_pretrained " in said
+    assert "Traceback" not in said and "a bug of titan2tune" not in said
     assert not (tmp_path / "out").exists()
     assert not (tmp_path / "sweep" / ".submitit").exists()  # where the slurm profile submits
 
@@ -389,19 +407,19 @@ def test_a_job_that_left_no_result_fails_the_sweep(tmp_path, capsys, caplog):
     from hydra import initialize_config_dir
     from omegaconf import open_dict
 
-    from converter.job import STATUS_FILE, JobResult, Status
+    from converter.job import JobResult, Status, status_dir
     from converter.summary import SweepSummary
 
+    status_dir(tmp_path).mkdir()
+    done = JobResult("debug", Status.converted, seconds=1.0)
+    (status_dir(tmp_path) / "0.json").write_text(done.to_json())
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         config = hydra_compose("convert", ["experiment=debug"], return_hydra_config=True)
-    with open_dict(config):
-        config.hydra.overrides.task = ["experiment=debug,debug_pretrained"]
-        config.hydra.sweep.dir = str(tmp_path)
-    (tmp_path / "0_debug").mkdir()
-    done = JobResult("debug", Status.converted, seconds=1.0)
-    (tmp_path / "0_debug" / STATUS_FILE).write_text(done.to_json())
-    with pytest.raises(SystemExit) as exited:
-        SweepSummary().on_multirun_end(config)
+        with open_dict(config):
+            config.hydra.overrides.task = ["experiment=debug,debug_pretrained"]
+            config.hydra.sweep.dir = str(tmp_path)
+        with pytest.raises(SystemExit) as exited:
+            SweepSummary().on_multirun_end(config)
     assert exited.value.code == 1
     table = capsys.readouterr().out.split()
     assert table[table.index("debug") + 1] == "converted" and "debug_pretrained" not in table
