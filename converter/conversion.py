@@ -284,7 +284,7 @@ def _staged_manifest_describes(output: Path) -> Callable[[dict[Path, Path]], boo
     def describes_output(staged: dict[Path, Path]) -> bool:
         manifest = manifest_path(output, False)
         return manifest in staged and describes(
-            read_manifest(staging_path(manifest)), output, False
+            read_manifest(staging_path(manifest)), output, False, staged
         )
 
     return describes_output
@@ -370,10 +370,16 @@ def _describe(
         planned.tokenizer_dir,
         planned.assets,
     )
-    texts = _describing_files(fmt.describe(described), output, fmt)
-    if fmt.folder:  # files of the output: in the manifest with their digests, as the shards
-        texts = {n: _bytes(c) for n, c in texts.items()}
-        files |= {str(n): content_digests(c, conf.sha256) for n, c in texts.items()}
+    texts = {
+        n: _bytes(c) for n, c in _describing_files(fmt.describe(described), output, fmt).items()
+    }
+    # In the manifest with their digests: a folder's, as its shards; a file's (the recipe
+    # snippet beside a .pt), as its sidecars, so that an edited or lost one is not up to date.
+    digests = {
+        str(n) if fmt.folder else n.name: content_digests(c, conf.sha256) for n, c in texts.items()
+    }
+    files |= digests if fmt.folder else {}
+    sidecars = {} if fmt.folder else digests
     missing = fmt.missing(described)
     for what in [*missing, *_altered_values(filled, _torch_dtype(conf.experiment.export_dtype))]:
         log.warning("%s: %s", planned.name, what)
@@ -386,6 +392,7 @@ def _describe(
         loads_with=fmt.loads_with(described),
         export_dtype=str(conf.experiment.export_dtype),
         files=files,
+        sidecars=sidecars,
         missing=missing,
         durations=times,
         config=_config_record(conf),
@@ -808,10 +815,13 @@ def _already_done(planned: _Planned, print_: dict[str, Any]) -> bool:
                 "this run does not allow them. Set allow_nonfinite=true to keep it as it is, "
                 "or overwrite=true to convert again (which fails on those values)."
             )
-        if not conf.force:
-            return True
-        log.info("Converting %s again (force=true), though it is up to date.", output)
-        return False
+        if conf.force:
+            log.info("Converting %s again (force=true), though it is up to date.", output)
+            return False
+        if asked := _not_given(previous, conf):
+            log.info("Converting %s again: this run asks for %s.", output, " and ".join(asked))
+            return False
+        return True
     if conf.overwrite:  # force=true only converts an up-to-date output again
         log.info("Replacing %s (overwrite=true).", output)
         return False
@@ -823,6 +833,21 @@ def _already_done(planned: _Planned, print_: dict[str, Any]) -> bool:
         f"Output {output} already exists, {why}. Set overwrite=true to replace it, or choose "
         "another experiment.output."
     )
+
+
+def _not_given(previous: dict[str, Any], conf: ConvertConfig) -> list[str]:
+    """What this run asks of its output that the same conversion on disk was not given."""
+    was = previous.get("config") or {}
+    asked = []
+    if conf.verify and not was.get("verify"):
+        asked.append("verify=true (it was written with verify=false, and never read back)")
+    recorded = [
+        *previous["output"]["files"].values(),
+        *previous["output"].get("sidecars", {}).values(),
+    ]
+    if conf.sha256 and not all("sha256" in f for f in recorded):
+        asked.append("sha256=true (its manifest records no sha256)")
+    return asked
 
 
 def _differences(

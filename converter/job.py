@@ -30,6 +30,7 @@ from converter.tasks import SlurmInfo, TaskGroup
 
 log = logging.getLogger("titan2tune")
 
+
 def status_dir(sweep_dir: str | Path) -> Path:
     """Where a sweep's jobs leave their results, one ``<hydra.job.num>.json`` each."""
     return Path(sweep_dir) / "titan2tune_status"

@@ -12,6 +12,7 @@ import json
 import math
 import platform
 from collections import Counter
+from collections.abc import Mapping
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
@@ -46,9 +47,15 @@ def read_manifest(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def describes(manifest: dict[str, Any] | None, output: Path, folder: bool) -> bool:
-    """Whether ``manifest`` was written for the output now at ``output``: every file of it
-    has the size and the XXH3-128 digest recorded (and a folder holds no other file)."""
+def describes(
+    manifest: dict[str, Any] | None,
+    output: Path,
+    folder: bool,
+    staged: Mapping[Path, Path] | None = None,
+) -> bool:
+    """Whether ``manifest`` was written for the output now at ``output``: every file of it,
+    and beside it, has the size and the XXH3-128 digest recorded (and a folder holds no other
+    file). ``staged``: sidecars not published yet, final path -> where they are."""
     try:
         files = manifest["output"]["files"] if manifest else None
         if not files:
@@ -57,8 +64,14 @@ def describes(manifest: dict[str, Any] | None, output: Path, folder: bool) -> bo
             present = {p.relative_to(output).as_posix() for p in output.rglob("*") if p.is_file()}
             if present != {*files, FOLDER_MANIFEST}:
                 return False
-        for name, recorded in files.items():
-            path = output / name if folder else output
+        recorded_at = [(output / name if folder else output, r) for name, r in files.items()]
+        sidecars = manifest["output"].get("sidecars", {})  # none recorded before 2026-12-07
+        at = {} if staged is None else staged
+        recorded_at += [
+            (at.get(output.with_name(name), output.with_name(name)), r)
+            for name, r in sidecars.items()
+        ]
+        for path, recorded in recorded_at:
             if path.stat().st_size != recorded["bytes"]:
                 return False
             if file_digest(path) != recorded["xxh3_128"]:
@@ -88,6 +101,7 @@ def build_manifest(
     loads_with: str,
     export_dtype: str,
     files: dict[str, dict[str, Any]],
+    sidecars: dict[str, dict[str, Any]],
     missing: list[str],
     durations: dict[str, float],
     config: dict[str, Any],
@@ -97,7 +111,8 @@ def build_manifest(
     underflowed_to_zero: dict[str, int],
 ) -> dict[str, Any]:
     """``source``: where the data came from (see ``conversion._source_record``); ``files``:
-    each output file's size and digests, by its name in the output."""
+    each output file's size and digests, by its name in the output; ``sidecars``: those of
+    the files written beside a one-file output, by their names."""
     return {
         "experiment": experiment,
         "source": source,
@@ -110,6 +125,7 @@ def build_manifest(
             "parameters": sum(math.prod(t.shape) for t in plan.tensors),
             "bytes": sum(f["bytes"] for f in files.values()),
             "files": files,
+            "sidecars": sidecars,
             "missing": missing,
         },
         "converted": {t.name: sorted({p.source for p in t.pieces}) for t in plan.tensors},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import shutil
 from contextlib import contextmanager
@@ -79,6 +80,50 @@ def test_existing_output_is_replaced_only_with_overwrite(layout_checkpoints, tmp
     assert replaced.status == "converted"
     loaded = torch.load(out, mmap=True, weights_only=True)
     assert torch.equal(loaded["norm.weight"], saved[FULL_STEP]["norm.weight"].float())
+
+
+def test_an_output_not_given_what_this_run_asks_is_converted_again(layout_checkpoints, tmp_path):
+    """An output written with verify=false was never read back, and one without sha256 has
+    none to give: a run that asks for either converts it again (the same bytes), and only then
+    is it up to date."""
+    root, shape, _ = layout_checkpoints[TORCHTITAN_0_3, "mha"]
+    out = tmp_path / "model.pt"
+    manifest = tmp_path / "model.pt.manifest.json"
+    assert _run(root, shape, out, "verify=false").status == "converted"
+    before = _sha(out)
+    verified = _run(root, shape, out)
+    assert verified.status == "converted" and _sha(out) == before
+    assert json.loads(manifest.read_text())["config"]["verify"] is True
+    assert _run(root, shape, out).status == "skipped"
+    hashed = _run(root, shape, out, "sha256=true")
+    assert hashed.status == "converted"
+    written = json.loads(manifest.read_text())["output"]
+    assert written["files"][""]["sha256"] == before
+    assert "sha256" in written["sidecars"]["model.pt.torchtune.yaml"]
+    assert _run(root, shape, out, "sha256=true").status == "skipped"
+    assert _run(root, shape, out).status == "skipped"  # sha256 recorded and not asked: kept
+
+
+@pytest.mark.parametrize("damage", ["removed", "edited"])
+def test_a_recipe_snippet_beside_a_pt_that_is_not_ours_is_not_up_to_date(
+    layout_checkpoints, tmp_path, damage
+):
+    """The recipe snippet is the output's as much as the .pt is: lost or edited, the output
+    is not this conversion's, and is replaced only with overwrite=true (which writes it
+    again)."""
+    root, shape, _ = layout_checkpoints[TORCHTITAN_0_3, "mha"]
+    out = tmp_path / "model.pt"
+    snippet = tmp_path / "model.pt.torchtune.yaml"
+    assert _run(root, shape, out).status == "converted"
+    written = snippet.read_text()
+    if damage == "removed":
+        snippet.unlink()
+    else:
+        snippet.write_text("garbage\n")
+    refused = _run(root, shape, out)
+    assert refused.status == "failed" and "no longer match its manifest" in refused.error
+    assert _run(root, shape, out, "overwrite=true").status == "converted"
+    assert snippet.read_text() == written
 
 
 def test_a_file_not_ours_at_the_output_is_replaced_as_the_error_advises(
