@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -367,6 +368,26 @@ def test_without_tokenizer_the_manifest_says_what_to_copy(tmp_path, layout_check
     [missing] = manifest(Path(run.output))["output"]["missing"]
     assert "experiment.tokenizer_dir is not set" in missing and "tokenizer.json" in missing
     assert run.warnings and "no tokenizer files" in run.warnings[-1]
+    config = json.loads((Path(run.output) / "config.json").read_text())
+    assert config["bos_token_id"] is None and config["eos_token_id"] is None
+
+
+def test_a_tokenizer_that_names_no_special_token_is_said(tmp_path, layout_checkpoints):
+    """tokenizer.json alone gives no bos or eos token: config.json and generation_config.json
+    get null, and the manifest and the log say so (generation would not stop at an eos)."""
+    root, shape, _ = layout_checkpoints[TORCHTITAN_0_3, "mha"]
+    assets = tmp_path / "assets"
+    make_tokenizer(assets, shape.vocab_size)
+    for name in os.listdir(assets):
+        if name != "tokenizer.json":
+            (assets / name).unlink()
+    run = convert(
+        tmp_path, root, shape, f"experiment.step={FULL_STEP}", f"experiment.tokenizer_dir={assets}"
+    )
+    assert run.status == "converted", run.error
+    [missing] = manifest(Path(run.output))["output"]["missing"]
+    assert missing.startswith("bos_token_id and eos_token_id null in ") and str(assets) in missing
+    assert run.warnings and run.warnings[-1].endswith(missing)
     config = json.loads((Path(run.output) / "config.json").read_text())
     assert config["bos_token_id"] is None and config["eos_token_id"] is None
 
