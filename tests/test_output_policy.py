@@ -126,6 +126,21 @@ def test_a_recipe_snippet_beside_a_pt_that_is_not_ours_is_not_up_to_date(
     assert snippet.read_text() == written
 
 
+def test_a_torchtune_output_dir_that_cannot_be_made_is_said(layout_checkpoints, tmp_path):
+    """The recipe snippet sends torchtune's saves to a sibling of the output's folder; where
+    that cannot be created, the manifest and the log say to set it."""
+    root, shape, _ = layout_checkpoints[TORCHTITAN_0_3, "mha"]
+    out = tmp_path / "run" / "model.pt"
+    (tmp_path / "run_torchtune").write_text("a file where the folder would go\n")
+    result = _run(root, shape, out)
+    assert result.status == "converted", result.error
+    [missing] = json.loads((tmp_path / "run" / "model.pt.manifest.json").read_text())["output"][
+        "missing"
+    ]
+    assert missing.startswith(f"torchtune cannot create {tmp_path / 'run_torchtune' / 'model'}")
+    assert result.warnings[-1].endswith(missing)
+
+
 def test_a_file_not_ours_at_the_output_is_replaced_as_the_error_advises(
     layout_checkpoints, tmp_path
 ):

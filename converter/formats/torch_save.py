@@ -9,6 +9,7 @@ the engine then writes each tensor's bytes straight into its record.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -82,10 +83,28 @@ class TorchSaveFormat(OutputFormat):
 
     def recipe_snippet(self, d: Described) -> str:
         output = d.output
-        # One output_dir per output, in a sibling of the checkpoint folder: two outputs
-        # converted into one folder do not share where torchtune saves.
-        output_dir = output.parent.with_name(f"{output.parent.name}_torchtune") / output.stem
-        return torchtune_recipe(d, self.checkpointer, output.parent, [output.name], output_dir)
+        return torchtune_recipe(
+            d, self.checkpointer, output.parent, [output.name], _torchtune_output_dir(output)
+        )
+
+    def missing(self, d: Described) -> list[str]:
+        output_dir = _torchtune_output_dir(d.output)
+        made = next(p for p in (output_dir, *output_dir.parents) if p.exists())
+        if made.is_dir() and os.access(made, os.W_OK | os.X_OK):
+            return []
+        return [
+            f"torchtune cannot create {output_dir}, the checkpointer.output_dir of "
+            f"{d.output.name}{TORCHTUNE_SUFFIX} ({made} is not a folder it may write in): set "
+            f"it to a folder outside {d.output.parent} that it may write, before instantiating "
+            "the checkpointer."
+        ]
+
+
+def _torchtune_output_dir(output: Path) -> Path:
+    """Where torchtune saves what it trains from ``output``: one folder per output, in a sibling
+    of the output's folder (torchtune refuses one inside it), so that two outputs converted into
+    one folder do not share it."""
+    return output.parent.with_name(f"{output.parent.name}_torchtune") / output.stem
 
 
 def record_offsets(path: Path, loaded: dict[str, torch.Tensor] | None = None) -> dict[str, int]:
