@@ -77,6 +77,7 @@ def test_bad_values_fail_at_composition(override, message):
         ("experiment.step=newest", "must be a step number or 'latest', got 'newest'"),
         ("experiment.model.n_kv_heads=3", "n_kv_heads=3 must be a positive divisor of n_heads=16"),
         ("batch_mb=0", "batch_mb must be positive"),
+        ("experiment.model.n_heads=null", "n_heads must be a positive number, got None"),
     ],
 )
 def test_values_a_type_cannot_express_fail_before_any_work(override, message):

@@ -60,8 +60,11 @@ class Llama3Config(ModelConfig):
     )
 
     def check(self) -> None:
-        if self.n_heads <= 0:
-            raise ValueError(f"experiment.model.n_heads must be positive, got {self.n_heads}")
+        if self.n_heads is None or self.n_heads <= 0:  # null: the base schema allows it
+            raise ValueError(
+                f"experiment.model.n_heads must be a positive number, got {self.n_heads}: the "
+                "weights cannot tell the head count, so a llama3 model states it"
+            )
         if self.n_kv_heads is not None and (self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads):
             raise ValueError(
                 f"experiment.model.n_kv_heads={self.n_kv_heads} must be a positive divisor of "
