@@ -73,6 +73,10 @@ def test_existing_output_is_replaced_only_with_overwrite(layout_checkpoints, tmp
     assert f"it was converted from {root.resolve() / f'step-{FULL_STEP}'}" in other_step.error
 
     assert _run(root, shape, out, "experiment.export_dtype=bfloat16").status == "skipped"
+    # The same checkpoint reached through a symbolic link is the same source.
+    (tmp_path / "link").symlink_to(root)
+    linked = _run(tmp_path / "link", shape, out, "experiment.export_dtype=bfloat16")
+    assert linked.status == "skipped", linked.error
     forced = _run(root, shape, out, "experiment.export_dtype=bfloat16", "force=true")
     assert forced.status == "converted" and _sha(out) == before
 
