@@ -79,6 +79,8 @@ def planned_outputs(config: DictConfig) -> dict[str, list[str]]:
     outputs: dict[str, list[str]] = {}
     for job in planned_jobs(config):
         cfg = loader.load_sweep_config(config, job)
+        if cfg.dry_run:  # writes nothing
+            continue
         try:
             output = str(local_path(cfg.experiment.output).resolve())
         except OmegaConfBaseException:  # e.g. ${resolved_step:} finds no step: the job
@@ -137,8 +139,9 @@ class SweepSummary(Callback):
             described = "; ".join(f"{out} by [{'], ['.join(j)}]" for out, j in clashes.items())
             log.error(
                 "Jobs of this sweep would write the same output, each replacing the last: %s. "
-                "Nothing was run. Give each job its own experiment.output, e.g. with "
-                "${experiment.name} in the path.",
+                "Nothing was run. Give each job its own experiment.output: put what the jobs "
+                "differ in into the path, e.g. ${experiment.name}, ${resolved_step:} or "
+                "${output_format.name}.",
                 described,
             )
             sys.exit(1)

@@ -150,6 +150,24 @@ def test_a_sweep_whose_jobs_share_an_output_is_refused_before_it_runs(
     assert not (tmp_path / "sweep" / ".submitit").exists()  # where the slurm profile submits
 
 
+def test_a_dry_run_sweep_may_share_an_output(tiny_checkpoint, tmp_path):
+    """A dry run writes nothing, so its jobs may name one output: each prints its plan."""
+    run = convert_py(
+        "-m",
+        "experiment=debug",
+        "experiment.step=5,latest",
+        "dry_run=true",
+        f"experiment.checkpoint_dir={tiny_checkpoint}",
+        f"experiment.output={tmp_path / 'out' / 'same.pt'}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        *model_overrides(TINY),
+    )
+    said = run.stdout + run.stderr
+    assert run.returncode == 0, said[-2000:]
+    assert said.count("nothing was written (dry_run=true)") == 2
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_home_relative_path_is_expanded(tiny_checkpoint, tmp_path):
     """As typed in a shell: 'experiment.checkpoint_dir="~/ckpt"' (Hydra's grammar needs the
     quotes around a value that starts with ~). Both paths are taken from the user's home."""
