@@ -23,6 +23,7 @@ from typing import Any, Union
 from hydra.core.config_store import ConfigStore
 from hydra.utils import to_absolute_path
 from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from converter.formats import FORMATS
 from converter.formats.base import FormatConfig
@@ -265,6 +266,24 @@ def register_configs() -> None:
     )
 
 
+def _typed(cfg: Any) -> Any:
+    """``cfg`` typed by the schema. Hydra composes the config against it, but a job's saved
+    config (``.hydra/config.yaml``) given back as the primary one (``--config-dir
+    <job>/.hydra --config-name config``, to run that job again) is plain YAML: it is typed
+    here, with the classes its model's ``family`` and its format's ``name`` choose."""
+    if OmegaConf.get_type(cfg) is ConvertConfig:
+        return cfg
+    schema = OmegaConf.structured(ConvertConfig)
+    if (family := OmegaConf.select(cfg, "experiment.model.family")) in FAMILIES:
+        schema.experiment.model = OmegaConf.structured(FAMILIES[family].config)
+    if (name := OmegaConf.select(cfg, "output_format.name")) in FORMATS:
+        schema.output_format = OmegaConf.structured(FORMATS[name].options)
+    try:
+        return OmegaConf.merge(schema, cfg)
+    except OmegaConfBaseException as e:
+        raise ValueError(f"the config does not fit the schema: {e}") from e
+
+
 def unknown_keys(cfg: Any, schema: type = ConvertConfig, prefix: str = "") -> list[str]:
     """Keys of ``cfg`` that the schema does not define, each with a did-you-mean and the valid
     keys. Hydra's ``+key=value`` adds a key the schema lacks; without this check a typo such as
@@ -293,6 +312,7 @@ def unknown_keys(cfg: Any, schema: type = ConvertConfig, prefix: str = "") -> li
 
 def to_object(cfg: Any) -> ConvertConfig:
     """Turns a composed DictConfig into dataclasses and runs their value checks."""
+    cfg = _typed(cfg)
     if problems := unknown_keys(cfg):
         raise ValueError(
             "; ".join(problems)

@@ -150,6 +150,21 @@ def test_a_sweep_whose_jobs_share_an_output_is_refused_before_it_runs(
     assert not (tmp_path / "sweep" / ".submitit").exists()  # where the slurm profile submits
 
 
+def test_a_jobs_saved_config_runs_that_job_again(tiny_checkpoint, tmp_path):
+    """Hydra saves each job's composed config in .hydra/config.yaml; given back as the primary
+    config, it is the same conversion: up to date, and converted again with force=true."""
+    first = convert(tiny_checkpoint, tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    saved = ["--config-dir", str(tmp_path / "hydra" / ".hydra"), "--config-name", "config"]
+    again = convert_py(*saved, f"hydra.run.dir={tmp_path / 'again'}")
+    assert again.returncode == 0, again.stderr[-2000:]
+    # Hydra's own logging: the saved config does not choose ours, which logs to stderr.
+    assert "is up to date with this source and settings; skipped" in again.stdout + again.stderr
+    forced = convert_py(*saved, f"hydra.run.dir={tmp_path / 'forced'}", "force=true")
+    assert forced.returncode == 0, forced.stderr[-2000:]
+    assert "wrote " in forced.stdout + forced.stderr
+
+
 def test_a_dry_run_sweep_may_share_an_output(tiny_checkpoint, tmp_path):
     """A dry run writes nothing, so its jobs may name one output: each prints its plan."""
     run = convert_py(
