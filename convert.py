@@ -18,8 +18,10 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 
 import hydra
+import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
@@ -41,6 +43,22 @@ def main(cfg: DictConfig) -> job.JobResult:
     if not result.ok and HydraConfig.get().mode == RunMode.RUN:
         sys.exit(1)
     return result
+
+
+def _broken_yaml(argv: list[str]) -> str | None:
+    """A YAML syntax error in a --config-dir folder, in one paragraph that names the file and
+    the line: Hydra reports it with a traceback of its config loader."""
+    folders = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--config-dir", "-cd")]
+    folders += [a.split("=", 1)[1] for a in argv if a.startswith("--config-dir=")]
+    for path in sorted(p for folder in folders for p in Path(folder).rglob("*.yaml")):
+        try:
+            with open(path) as f:
+                yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            return f"{path} is not valid YAML: {' '.join(str(e).split())}. Fix it, then run again."
+        except OSError as e:
+            return f"{path} cannot be read: {e}."
+    return None
 
 
 def _single_mode_only(argv: list[str]) -> str | None:
@@ -94,6 +112,9 @@ if __name__ == "__main__":
     if conflict := _single_mode_only(sys.argv[1:]):
         print(conflict, file=sys.stderr)
         sys.exit(2)
+    if broken := _broken_yaml(sys.argv[1:]):
+        print(broken, file=sys.stderr)
+        sys.exit(1)
     # Hydra composes the config before it prints --help, and the experiment group has no
     # default: name one, so that the help lists the experiments instead of failing.
     asks_help = {"-h", "--help"} & set(sys.argv[1:])

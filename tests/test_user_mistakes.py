@@ -267,6 +267,16 @@ def test_a_users_file_named_as_one_of_ours_is_refused(tmp_path, own, choice):
     ), run.stderr[-2000:]
 
 
+def test_a_yaml_error_in_a_users_own_experiment_is_one_line(tmp_path):
+    own = tmp_path / "mine" / "experiment" / "run8.yaml"
+    own.parent.mkdir(parents=True)
+    own.write_text("name: run8\nstep: 10\n  model:\n    dim: 3\n")  # indented by mistake
+    run = convert_py("--config-dir", str(tmp_path / "mine"), "experiment=run8")
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert run.stderr.startswith(f"{own} is not valid YAML: mapping values are not allowed")
+    assert "line 3, column 8" in run.stderr and len(run.stderr.splitlines()) == 1
+
+
 def test_cfg_with_a_sweep_is_one_line():
     run = convert_py("-m", "experiment=debug,500M", "--cfg", "job")
     assert run.returncode == 2, run.stderr
