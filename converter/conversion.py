@@ -45,6 +45,7 @@ from converter.manifest import (
     build_manifest,
     describes,
     manifest_path,
+    mismatches,
     package_versions,
     read_manifest,
 )
@@ -878,8 +879,11 @@ def _differences(
             found.append(f"the source files changed since it was converted ({what})")
     if old.get("converter") != print_["converter"]:
         found.append(f"it was written by titan2tune {old.get('converter')}")
-    if not describes(previous, output, folder):
-        found.append(f"its bytes no longer match its manifest {manifest_path(output, folder)}")
+    if differ := mismatches(previous, output, folder):
+        found.append(
+            f"its files no longer match its manifest {manifest_path(output, folder)} "
+            f"({', '.join(differ)})"
+        )
     return found or ["it was written with other settings"]
 
 

@@ -53,17 +53,27 @@ def describes(
     folder: bool,
     staged: Mapping[Path, Path] | None = None,
 ) -> bool:
-    """Whether ``manifest`` was written for the output now at ``output``: every file of it,
-    and beside it, has the size and the XXH3-128 digest recorded (and a folder holds no other
-    file). ``staged``: sidecars not published yet, final path -> where they are."""
+    """Whether ``manifest`` was written for the output now at ``output`` (see ``mismatches``)."""
+    return not mismatches(manifest, output, folder, staged)
+
+
+def mismatches(
+    manifest: dict[str, Any] | None,
+    output: Path,
+    folder: bool,
+    staged: Mapping[Path, Path] | None = None,
+) -> list[str]:
+    """How the output now at ``output`` differs from what ``manifest`` records: every file of
+    it, and beside it, must have the size and the XXH3-128 digest recorded, and a folder hold
+    no other file. ``staged``: sidecars not published yet, final path -> where they are."""
     try:
         files = manifest["output"]["files"] if manifest else None
         if not files:
-            return False
+            return ["it records no files"]
+        found = []
         if folder:  # no file added since: torchtitan's reader loads every *.safetensors there
             present = {p.relative_to(output).as_posix() for p in output.rglob("*") if p.is_file()}
-            if present != {*files, FOLDER_MANIFEST}:
-                return False
+            found += [f"{name} was added" for name in sorted(present - {*files, FOLDER_MANIFEST})]
         recorded_at = [(output / name if folder else output, r) for name, r in files.items()]
         sidecars = manifest["output"].get("sidecars", {})  # none recorded before 2026-12-07
         at = {} if staged is None else staged
@@ -72,13 +82,15 @@ def describes(
             for name, r in sidecars.items()
         ]
         for path, recorded in recorded_at:
-            if path.stat().st_size != recorded["bytes"]:
-                return False
-            if file_digest(path) != recorded["xxh3_128"]:
-                return False
-        return True
-    except (KeyError, TypeError, OSError):
-        return False
+            if not path.is_file():
+                found.append(f"{path.name} is gone")
+            elif path.stat().st_size != recorded["bytes"] or (
+                file_digest(path) != recorded["xxh3_128"]
+            ):
+                found.append(f"{path.name} changed")
+        return found
+    except (KeyError, TypeError, OSError) as e:
+        return [f"it cannot be read ({e})"]
 
 
 def package_versions() -> dict[str, str]:

@@ -441,6 +441,7 @@ def test_a_folder_on_disk_is_skipped_replaced_or_refused(tmp_path, layout_checkp
     (folder / "extra.safetensors").write_bytes(b"x")
     stray = convert(tmp_path, root, shape, step, f"output_format.max_shard_size={SMALL_SHARDS}")
     assert stray.status == "failed" and "no longer match its manifest" in stray.error
+    assert "(extra.safetensors was added)" in stray.error
 
     replaced = convert(tmp_path, root, shape, step, "overwrite=true")
     assert replaced.status == "converted", replaced.error

@@ -408,7 +408,8 @@ def test_an_existing_output_says_why_it_is_not_this_conversion(tiny_checkpoint, 
         f.write(bytes([byte[0] ^ 0xFF]))
     changed = run("experiment.step=5")
     assert changed.returncode == 1
-    assert "its bytes no longer match its manifest" in changed.stderr, changed.stderr[-2000:]
+    assert "its files no longer match its manifest" in changed.stderr, changed.stderr[-2000:]
+    assert "manifest.json (model.pt changed)" in changed.stderr
     for refused in (newer, other, changed):
         assert "Set overwrite=true to replace it" in refused.stderr
         assert "Traceback" not in refused.stderr
