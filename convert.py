@@ -129,7 +129,15 @@ if __name__ == "__main__":
         # The job has already removed its partial file and lock on the way out.
         signum = e.signum if isinstance(e, _Stopped) else signal.SIGINT
         how = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        print(f"Interrupted ({how}): nothing was published.", file=sys.stderr)
+        if {"-m", "--multirun"} & set(sys.argv[1:]):
+            said = (
+                "the sweep stopped. A job under way in this process published nothing; the "
+                "outputs of jobs that had ended stay, and jobs a launcher runs in processes of "
+                "their own (hydra/launcher=slurm, submitit_local) go on: see their logs"
+            )
+        else:
+            said = "nothing was published"
+        print(f"Interrupted ({how}): {said}.", file=sys.stderr)
         code = 128 + signum
     # Everything the job wrote is synced and closed by now. Tearing down the interpreter
     # (freeing torch's modules one by one) took 1.4 s of a 10 s conversion here: skip it.
