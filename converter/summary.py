@@ -30,29 +30,38 @@ from converter.job import JobResult, status_dir
 log = logging.getLogger("titan2tune")
 
 
-def format_table(results: list[JobResult]) -> str:
-    rows = [("experiment", "status", "step", "output", "size", "seconds")]
-    for r in results:
+def format_table(results: dict[int, JobResult], jobs: list[list[str]]) -> str:
+    """One row per job (by its number) that left a result; the last column says which job it
+    is: its number (its folder's prefix) and the overrides that tell it from the others."""
+    rows = [("experiment", "status", "step", "output", "size", "seconds", "job")]
+    for n, r in results.items():
         step = "-" if r.step is None else str(r.step)
+        job = " ".join([str(n), *_varied(jobs)[n]]) if n < len(jobs) else str(n)
         rows.append(
-            (r.experiment, str(r.status), step, r.output or "-", _size(r.bytes), f"{r.seconds:.1f}")
-        )
+            (r.experiment, str(r.status), step, r.output or "-", _size(r.bytes),
+             f"{r.seconds:.1f}", job)
+        )  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    for r in results:
+    for n, r in results.items():
         for warning in dict.fromkeys(r.warnings):  # once each, in order
-            lines.append(f"\n{r.experiment} warning: {warning.removeprefix(r.experiment + ': ')}")
+            said = warning.removeprefix(r.experiment + ": ")
+            lines.append(f"\n{r.experiment} (job {n}) warning: {said}")
         if not r.ok:
             where = f"SLURM job {r.slurm_job_id}, " if r.slurm_job_id else ""
-            lines.append(f"\n{r.experiment} failed ({where}log {r.log_path or '-'}):\n  {r.error}")
+            lines.append(
+                f"\n{r.experiment} (job {n}) failed ({where}log {r.log_path or '-'}):\n  {r.error}"
+            )
     return "\n".join(lines)
 
 
-def _job_num(status: Path) -> int:
-    return int(status.stem)
+def _varied(jobs: list[list[str]]) -> list[list[str]]:
+    """Each job's overrides that not every job shares: the swept values."""
+    shared = set.intersection(*(set(job) for job in jobs)) if jobs else set()
+    return [[o for o in job if o not in shared] for job in jobs]
 
 
 def _size(n: int) -> str:
@@ -154,15 +163,16 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         found = status_dir(sweep_dir).glob("*.json")
-        results = [JobResult.from_json(p.read_text()) for p in sorted(found, key=_job_num)]
+        results = {int(p.stem): JobResult.from_json(p.read_text()) for p in found}
         if not results:
             log.error("No job of this sweep reported a result (sweep folder %s).", sweep_dir)
             sys.exit(1)
-        print("\n" + format_table(results), flush=True)
-        failed = [r.experiment for r in results if not r.ok]
+        planned = planned_jobs(config)
+        print("\n" + format_table(dict(sorted(results.items())), planned), flush=True)
+        failed = [r.experiment for r in results.values() if not r.ok]
         if failed:
             log.error("%d of %d experiments failed: %s", len(failed), len(results), failed)
-        jobs = len(planned_jobs(config))
+        jobs = len(planned)
         if len(results) < jobs:
             log.error(
                 "%d of the sweep's %d jobs reported no result: killed before they ended (out "

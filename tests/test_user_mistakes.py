@@ -344,8 +344,8 @@ def test_the_sweep_summary_shows_the_step_and_the_warnings(tiny_checkpoint, tmp_
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     table = run.stdout[run.stdout.index("experiment  status") :]
     assert re.search(r"^debug +converted +5 +", table, flags=re.M), table
-    assert "debug warning: step-9 in" in table and "unfinished save" in table, table
-    assert "debug warning: n_heads=4 and n_kv_heads=4 are taken from the config" in table, table
+    assert "debug (job 0) warning: step-9 in" in table and "unfinished save" in table, table
+    assert "debug (job 0) warning: n_heads=4 and n_kv_heads=4 are taken from" in table, table
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tiny_checkpoint, tmp_path):
