@@ -46,19 +46,30 @@ def main(cfg: DictConfig) -> job.JobResult:
 
 
 def _broken_yaml(argv: list[str]) -> str | None:
-    """A YAML syntax error in a --config-dir folder, in one paragraph that names the file and
-    the line: Hydra reports it with a traceback of its config loader."""
-    folders = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--config-dir", "-cd")]
-    folders += [a.split("=", 1)[1] for a in argv if a.startswith("--config-dir=")]
-    for path in sorted(p for folder in folders for p in Path(folder).rglob("*.yaml")):
+    """A YAML syntax error in a --config-dir file that the command line chooses (an
+    experiment, a preset: ``group=option``, or ``--config-name``), in one paragraph that names
+    the file and the line: Hydra reports it with a traceback of its config loader."""
+    folders = _flag_values(argv, "--config-dir", "-cd")
+    names = [f"{n}.yaml" for n in _flag_values(argv, "--config-name", "-cn")]
+    for override in argv:
+        key, _, values = override.lstrip("+~").partition("=")
+        if values and not override.startswith("-"):
+            names += [f"{key}/{v.strip()}.yaml" for v in values.split(",")]
+    for path in (Path(f) / n for f in folders for n in names):
         try:
             with open(path) as f:
                 yaml.safe_load(f)
         except yaml.YAMLError as e:
             return f"{path} is not valid YAML: {' '.join(str(e).split())}. Fix it, then run again."
-        except OSError as e:
-            return f"{path} cannot be read: {e}."
+        except OSError:
+            continue  # not there, or not a file: Hydra looks elsewhere, and says so
     return None
+
+
+def _flag_values(argv: list[str], *flags: str) -> list[str]:
+    """The values given to ``flags`` (``--flag value`` or ``--flag=value``)."""
+    found = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in flags]
+    return found + [a.split("=", 1)[1] for a in argv if a.split("=", 1)[0] in flags and "=" in a]
 
 
 def _single_mode_only(argv: list[str]) -> str | None:

@@ -56,7 +56,7 @@ from converter.publish import Output, staging_path, write_atomic
 from converter.sources.dcp import DcpIndex
 from converter.sources.reader import TensorReader
 from converter.sources.steps import METADATA_FILE
-from converter.sources.storage import LocalStorage, Storage
+from converter.sources.storage import LocalStorage, Storage, local_part
 from converter.tasks import SlurmInfo, TaskGroup, check_answers
 from converter.verify import Staged, read_back
 
@@ -793,7 +793,7 @@ def _already_done(planned: _Planned, print_: dict[str, Any]) -> bool:
     if not output.exists() or (folder and output.is_dir() and not any(output.iterdir())):
         return False  # nothing there, or an empty folder: nothing to lose
     previous = read_manifest(manifest_path(output, folder))
-    same = previous is not None and previous.get("fingerprint") == print_
+    same = previous is not None and _comparable(previous.get("fingerprint")) == print_
     # A file the store lists no version of could have changed unseen: never up to date.
     unversioned = sorted(name for name, seen in print_["files"].items() if "" in seen.values())
     if same and unversioned:
@@ -836,6 +836,14 @@ def _already_done(planned: _Planned, print_: dict[str, Any]) -> bool:
     )
 
 
+def _comparable(recorded: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A recorded fingerprint as this version takes one: a local step folder by its real path
+    (recorded as given, through any symbolic link, before 2026-12-07)."""
+    if recorded and (path := local_part(str(recorded.get("step_dir")))) is not None:
+        return {**recorded, "step_dir": os.path.realpath(path)}
+    return recorded
+
+
 def _not_given(previous: dict[str, Any], conf: ConvertConfig) -> list[str]:
     """What this run asks of its output that the same conversion on disk was not given."""
     was = previous.get("config") or {}
@@ -855,7 +863,7 @@ def _differences(
     previous: dict[str, Any], print_: dict[str, Any], output: Path, folder: bool
 ) -> list[str]:
     """What makes the conversion on disk another than this one, in a user's words."""
-    old = previous.get("fingerprint") or {}
+    old = _comparable(previous.get("fingerprint")) or {}
     found = []
     if old.get("step_dir") != print_["step_dir"]:
         found.append(

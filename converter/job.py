@@ -17,6 +17,7 @@ from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from hydra.utils import to_absolute_path
 from omegaconf import DictConfig
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
@@ -169,12 +170,12 @@ def _experiment_file() -> str:
 def _option_files(group: str, option: str) -> list[str]:
     """The files on Hydra's search path that define ``option`` of config group ``group``,
     in the order Hydra searches them: it reads the first."""
-    return [
-        str(path)
-        for source in HydraConfig.get().runtime.config_sources
-        if source.schema == "file"
-        and (path := Path(source.path) / group / f"{option}.yaml").is_file()
-    ]
+    found: dict[str, str] = {}  # one file reached twice (--config-dir conf) is one
+    for source in HydraConfig.get().runtime.config_sources:
+        path = Path(source.path) / group / f"{option}.yaml"
+        if source.schema == "file" and path.is_file():
+            found.setdefault(os.path.realpath(path), str(path))
+    return list(found.values())
 
 
 def _check_choices_unambiguous() -> None:
@@ -272,14 +273,20 @@ def _task_group(slurm: SlurmInfo | None) -> TaskGroup:
         rank=slurm.task,
         count=slurm.tasks,
         run_id=f"{slurm.job_id}.{slurm.restart}",
-        # The job's Hydra output folder: shared by its tasks, and by no other job.
-        folder=Path(HydraConfig.get().runtime.output_dir) / "tasks",
+        # Shared by the job's tasks, and by no other job: named for the job's number, not its
+        # output folder, which hydra.sweep.subdir may give two jobs.
+        folder=_sweep_dir() / "titan2tune_tasks" / str(HydraConfig.get().job.num),
     )
+
+
+def _sweep_dir() -> Path:
+    """The sweep's folder, absolute: a job may run in a folder of its own (hydra.job.chdir)."""
+    return Path(to_absolute_path(HydraConfig.get().sweep.dir))
 
 
 def _write_status(result: JobResult) -> None:
     """Leaves a sweep job's result where the sweep summary finds it."""
     if HydraConfig.initialized() and (hc := HydraConfig.get()).mode == RunMode.MULTIRUN:
-        folder = status_dir(hc.sweep.dir)
+        folder = status_dir(_sweep_dir())
         folder.mkdir(parents=True, exist_ok=True)
         write_atomic(folder / f"{hc.job.num}.json", result.to_json())

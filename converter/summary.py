@@ -20,6 +20,7 @@ from typing import Any
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -87,13 +88,15 @@ def planned_outputs(config: DictConfig) -> dict[str, list[str]]:
     loader = GlobalHydra.instance().config_loader()
     outputs: dict[str, list[str]] = {}
     for job in planned_jobs(config):
-        cfg = loader.load_sweep_config(config, job)
-        if cfg.dry_run:  # writes nothing
-            continue
         try:
+            cfg = loader.load_sweep_config(config, job)
+            if cfg.dry_run:  # writes nothing
+                continue
             output = str(local_path(cfg.experiment.output).resolve())
-        except OmegaConfBaseException:  # e.g. ${resolved_step:} finds no step: the job
-            continue  # reports that itself, as one line
+        except (HydraException, OmegaConfBaseException):
+            # A job that does not compose (an experiment misspelt, a bad value) or resolve
+            # (${resolved_step:} finds no step) writes nothing: Hydra, or the job, says why.
+            continue
         outputs.setdefault(output, []).append(" ".join(job) or "(no overrides)")
     return outputs
 

@@ -8,14 +8,15 @@ dealt out by size, and every task fills its share of tensors into the lead's par
 shared filesystem. The file-structure-first design is what allows it: the tensors' byte ranges
 are known before any is written, and they are disjoint.
 
-The tasks talk through small JSON files in the job's Hydra output folder (shared by its tasks,
-and by no other job), named for the run (SLURM job id and restart count), so that nothing left
-by an earlier, requeued attempt passes for this one's. The lead announces exactly once (fill
-this partial file at these offsets; or skipped; or failed), and later may ask the others to
-stop; every other task answers exactly once (the regions it wrote and their digests, and the
-hashes it took; or its error; or that it saw the announcement). The lead waits for every answer
-before it removes the folder. A task that dies outright is not waited for forever: the SLURM
-profiles export SLURM_KILL_BAD_EXIT=1, so srun then ends every task of the job.
+The tasks talk through small JSON files in a folder of the sweep's named for the job's number
+(shared by its tasks, and by no other job), named for the run (SLURM job id and restart
+count), so that nothing left by an earlier, requeued attempt passes for this one's. The lead
+announces exactly once (fill this partial file at these offsets; or skipped; or failed), and
+later may ask the others to stop; every other task answers exactly once (the regions it wrote
+and their digests, and the hashes it took; or its error; or that it saw the announcement).
+The lead waits for every answer before it removes the folder. A task that dies outright is not
+waited for forever: the SLURM profiles export SLURM_KILL_BAD_EXIT=1, so srun then ends every
+task of the job.
 """
 
 from __future__ import annotations

@@ -373,8 +373,9 @@ def test_without_tokenizer_the_manifest_says_what_to_copy(tmp_path, layout_check
 
 
 def test_a_tokenizer_that_names_no_special_token_is_said(tmp_path, layout_checkpoints):
-    """tokenizer.json alone gives no bos or eos token: config.json and generation_config.json
-    get null, and the manifest and the log say so (generation would not stop at an eos)."""
+    """tokenizer.json alone gives no eos token: config.json and generation_config.json get
+    null, and the manifest and the log say so (generation would not stop at an eos). No bos
+    is a tokenizer's choice, and not said."""
     root, shape, _ = layout_checkpoints[TORCHTITAN_0_3, "mha"]
     assets = tmp_path / "assets"
     make_tokenizer(assets, shape.vocab_size)
@@ -386,10 +387,17 @@ def test_a_tokenizer_that_names_no_special_token_is_said(tmp_path, layout_checkp
     )
     assert run.status == "converted", run.error
     [missing] = manifest(Path(run.output))["output"]["missing"]
-    assert missing.startswith("bos_token_id and eos_token_id null in ") and str(assets) in missing
+    assert missing.startswith("eos_token_id null in ") and str(assets) in missing
     assert run.warnings and run.warnings[-1].endswith(missing)
     config = json.loads((Path(run.output) / "config.json").read_text())
     assert config["bos_token_id"] is None and config["eos_token_id"] is None
+    (assets / "generation_config.json").write_text(json.dumps({"eos_token_id": 2}))
+    eos_only = convert(
+        tmp_path, root, shape, f"experiment.step={FULL_STEP}", f"experiment.tokenizer_dir={assets}",
+        "overwrite=true",
+    )  # fmt: skip
+    assert eos_only.status == "converted", eos_only.error
+    assert manifest(Path(eos_only.output))["output"]["missing"] == []
 
 
 @pytest.mark.parametrize(

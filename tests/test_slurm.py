@@ -366,7 +366,9 @@ def test_broken_checkpoint_fails_only_its_job(demo_root, tmp_path):
     assert summary_rows(output) == {"debug": "converted", "debug_pretrained": "failed"}, output
 
     failure = re.search(
-        r"^debug_pretrained failed \(SLURM job (\S+), log (\S+)\):\n +(.+)$", output, flags=re.M
+        r"^debug_pretrained \(job 1\) failed \(SLURM job (\S+), log (\S+)\):\n +(.+)$",
+        output,
+        flags=re.M,
     )
     assert failure, output[-3000:]
     job, log, error = failure.groups()
@@ -479,7 +481,7 @@ def test_one_conversion_shared_by_two_tasks(demo_root, tmp_path):
     for name, entry in manifest["source"]["files"].items():
         assert entry["bytes"] == (step_dir / name).stat().st_size, name
     assert sorted(p.name for p in out.parent.iterdir()) == sorted(ARTIFACTS)
-    assert not list((tmp_path / "sweep").rglob("tasks")), "the tasks' messages were left behind"
+    assert not list((tmp_path / "sweep").glob("titan2tune_tasks/*")), "task messages were left"
 
 
 def _task_pid(job: str, rank: int) -> int | None:
@@ -574,7 +576,7 @@ def test_nan_in_a_tasks_share(demo_root, tmp_path, allowed):
         "hydra.launcher.cpus_per_task=1",
         f"{SWEEP_DIR}{tmp_path}/sweep",
     )
-    assert not list((tmp_path / "sweep").rglob("tasks")), "the tasks' messages were left behind"
+    assert not list((tmp_path / "sweep").glob("titan2tune_tasks/*")), "task messages were left"
     if allowed:
         assert code == 0, output[-5000:]
         manifest = json.loads(out.with_name(out.name + ".manifest.json").read_text())

@@ -113,10 +113,11 @@ def test_sweep_with_overrides(demo_root):
 @pytest.mark.parametrize(
     "spelled", [["experiment=debug,debug_pretrained"], ["experiment=glob(debug*)"]]
 )
-@pytest.mark.parametrize("subdir", [[], ["hydra.sweep.subdir=shared"]])
+@pytest.mark.parametrize("subdir", [[], ["hydra.sweep.subdir=shared"], ["hydra.job.chdir=true"]])
 def test_sweep_fails_when_one_experiment_fails(demo_root, tmp_path, spelled, subdir):
-    """However the sweep is spelled, and when its jobs share an output folder for their logs
-    (a hydra.sweep.subdir without the job number), each job's result is summed up."""
+    """However the sweep is spelled, when its jobs share an output folder for their logs (a
+    hydra.sweep.subdir without the job number), and when each runs in its own folder
+    (hydra.job.chdir), each job's result is summed up."""
     root, _ = demo_root
     run = sweep(
         root,

@@ -265,6 +265,12 @@ def test_a_users_file_named_as_one_of_ours_is_refused(tmp_path, own, choice):
     assert f"{choice} is defined by 2 files: {ours}, {theirs}. Hydra reads the first" in (
         run.stderr
     ), run.stderr[-2000:]
+    # conf/ itself given again is one definition of each.
+    run = convert_py(
+        "--config-dir", str(REPO / "conf"), "experiment=debug", choice,
+        f"hydra.run.dir={tmp_path / 'hydra'}", "dry_run=true",
+    )  # fmt: skip
+    assert "is defined by" not in run.stderr, run.stderr[-2000:]
 
 
 def test_a_yaml_error_in_a_users_own_experiment_is_one_line(tmp_path):

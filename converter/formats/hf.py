@@ -166,17 +166,16 @@ class HfFormat(OutputFormat):
 
     def missing(self, d: Described) -> list[str]:
         if d.assets:
-            ids = hf_assets.token_ids(d.tokenizer_dir, d.assets)
-            unknown = [k for k in ("bos_token_id", "eos_token_id") if ids[k] is None]
-            if not unknown:
+            # No bos is a choice (Qwen's tokenizers have none); no eos is not.
+            if hf_assets.token_ids(d.tokenizer_dir, d.assets)["eos_token_id"] is not None:
                 return []
             return [
-                f"{' and '.join(unknown)} null in {d.output / CONFIG} and "
-                f"{hf_assets.GENERATION_CONFIG}: {d.tokenizer_dir} names no such token (in a "
-                "config.json, generation_config.json, or tokenizer_config.json with "
-                "tokenizer.json), and generation stops only at max_new_tokens without an "
-                "eos_token_id. Set them in both files, or copy the tokenizer_config.json of "
-                "the run's hf_assets_path into experiment.tokenizer_dir and convert again."
+                f"eos_token_id null in {d.output / CONFIG} and {hf_assets.GENERATION_CONFIG}: "
+                f"{d.tokenizer_dir} names no end-of-sequence token (in a config.json, "
+                "generation_config.json, or tokenizer_config.json with tokenizer.json), and "
+                "without one generation stops only at max_new_tokens. Set it in both files, or "
+                "copy the tokenizer_config.json of the run's hf_assets_path into "
+                "experiment.tokenizer_dir and convert again."
             ]
         return [
             f"no tokenizer files in {d.output}: experiment.tokenizer_dir is not set. Copy the "

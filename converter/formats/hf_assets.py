@@ -10,6 +10,7 @@ folder, and the tokenizer is checked against the model's vocabulary before any w
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -72,7 +73,16 @@ def find_assets(folder: Path, vocab_size: int) -> dict[str, Path]:
 def token_ids(folder: Path | None, files: Mapping[str, Path]) -> TokenIds:
     """The special token ids, each from the first of these that gives it: the assets'
     ``config.json``, their ``generation_config.json``, or the tokens named in
-    ``tokenizer_config.json`` looked up in ``tokenizer.json``. None where none does."""
+    ``tokenizer_config.json`` looked up in ``tokenizer.json``. None where none does.
+    Remembered for the files as they are (a tokenizer.json may take a second to parse, and
+    the checks, config.json and the manifest all ask)."""
+    seen = tuple((n, p, p.stat().st_mtime_ns) for n, p in sorted(files.items()) if p.is_file())
+    return dict(_token_ids(folder, seen))
+
+
+@functools.lru_cache(maxsize=8)
+def _token_ids(folder: Path | None, seen: tuple[tuple[str, Path, int], ...]) -> TokenIds:
+    files = {name: path for name, path, _ in seen}
     ids: TokenIds = dict.fromkeys(TOKEN_KEYS)
     sources = [folder / _ASSETS_CONFIG] if folder else []
     sources += [files[GENERATION_CONFIG]] if GENERATION_CONFIG in files else []

@@ -94,9 +94,10 @@ class TorchSaveFormat(OutputFormat):
             return []
         return [
             f"torchtune cannot create {output_dir}, the checkpointer.output_dir of "
-            f"{d.output.name}{TORCHTUNE_SUFFIX} ({made} is not a folder it may write in): set "
-            f"it to a folder outside {d.output.parent} that it may write, before instantiating "
-            "the checkpointer."
+            f"{d.output.name}{TORCHTUNE_SUFFIX} ({made} is not a folder it may write in): give "
+            f"it a folder outside {d.output.parent} that it may write, as an override "
+            "(tune run ... checkpointer.output_dir=<folder>) or in a copy of the snippet; the "
+            "snippet itself is part of the output, which an edit makes not up to date."
         ]
 
 
