@@ -793,7 +793,7 @@ def _already_done(planned: _Planned, print_: dict[str, Any]) -> bool:
     if not output.exists() or (folder and output.is_dir() and not any(output.iterdir())):
         return False  # nothing there, or an empty folder: nothing to lose
     previous = read_manifest(manifest_path(output, folder))
-    same = previous is not None and _comparable(previous.get("fingerprint")) == print_
+    same = previous is not None and _comparable(previous.get("fingerprint")) == _comparable(print_)
     # A file the store lists no version of could have changed unseen: never up to date.
     unversioned = sorted(name for name, seen in print_["files"].items() if "" in seen.values())
     if same and unversioned:
@@ -837,8 +837,8 @@ def _already_done(planned: _Planned, print_: dict[str, Any]) -> bool:
 
 
 def _comparable(recorded: dict[str, Any] | None) -> dict[str, Any] | None:
-    """A recorded fingerprint as this version takes one: a local step folder by its real path
-    (recorded as given, through any symbolic link, before 2026-12-07)."""
+    """A fingerprint as two are compared: a local step folder by its real path, so that one
+    reached through a symbolic link (to it, or to a folder above it) is the same source."""
     if recorded and (path := local_part(str(recorded.get("step_dir")))) is not None:
         return {**recorded, "step_dir": os.path.realpath(path)}
     return recorded
@@ -863,11 +863,12 @@ def _differences(
     previous: dict[str, Any], print_: dict[str, Any], output: Path, folder: bool
 ) -> list[str]:
     """What makes the conversion on disk another than this one, in a user's words."""
-    old = _comparable(previous.get("fingerprint")) or {}
+    recorded = previous.get("fingerprint") or {}
+    old, current = _comparable(recorded) or {}, _comparable(print_) or {}
     found = []
-    if old.get("step_dir") != print_["step_dir"]:
+    if old.get("step_dir") != current["step_dir"]:
         found.append(
-            f"it was converted from {old.get('step_dir')}, this run reads {print_['step_dir']}"
+            f"it was converted from {recorded.get('step_dir')}, this run reads {print_['step_dir']}"
         )
     for key in ("output_format", "export_dtype", "model"):
         for field, (was, now) in _changed_fields(key, old.get(key), print_[key]).items():
@@ -877,7 +878,7 @@ def _differences(
             f"its tokenizer files were {old.get('assets') or 'none'}, this run's are "
             f"{print_.get('assets') or 'none'} (experiment.tokenizer_dir)"
         )
-    if old.get("step_dir") == print_["step_dir"]:
+    if old.get("step_dir") == current["step_dir"]:
         changed = sorted(
             name for name, seen in print_["files"].items() if old.get("files", {}).get(name) != seen
         )
