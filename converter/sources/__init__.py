@@ -27,8 +27,7 @@ def open_storage(location: str, options: dict[str, Any] | None = None) -> Iterat
 
         storage = FsspecStorage(location, dict(options or {}))
     else:
-        # Resolved: the same checkpoint reached through a symbolic link is the same source.
-        storage = LocalStorage(os.path.realpath(to_absolute_path(os.path.expanduser(path))))
+        storage = LocalStorage(to_absolute_path(os.path.expanduser(path)))
     try:
         yield storage
     finally:
