@@ -269,8 +269,8 @@ class Llama3(ModelFamily):
                 "config: the weights fix n_heads x head_dim and the ratio n_kv_heads / n_heads, "
                 "not the head count itself (16 heads of 16 and 4 heads of 64 have the same "
                 "shapes, and torchtune computes other logits with the wrong one). Check them "
-                "against the model that was trained; the presets hold torchtitan's flavors': "
-                f"{self.presets()}."
+                "against the model that was trained (torchtitan's flavors are the presets "
+                f"{self.presets()})."
             )
         if era.name in _SPANS_ROPE_SCALING and "freqs_cis" not in keys:
             other = str(not arch.rope_scaling).lower()
