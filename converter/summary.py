@@ -35,9 +35,10 @@ def format_table(results: dict[int, JobResult], jobs: list[list[str]]) -> str:
     """One row per job (by its number) that left a result; the last column says which job it
     is: its number (its folder's prefix) and the overrides that tell it from the others."""
     rows = [("experiment", "status", "step", "output", "size", "seconds", "job")]
+    varied = _varied(jobs)
     for n, r in results.items():
         step = "-" if r.step is None else str(r.step)
-        job = " ".join([str(n), *_varied(jobs)[n]]) if n < len(jobs) else str(n)
+        job = " ".join([str(n), *(varied[n] if n < len(varied) else [])])
         rows.append(
             (r.experiment, str(r.status), step, r.output or "-", _size(r.bytes),
              f"{r.seconds:.1f}", job)
