@@ -652,7 +652,12 @@ def fingerprint(planned: _Planned) -> dict[str, Any]:
     small ``.metadata``, read anyway, is also hashed."""
     index, conf = planned.index, planned.conf
     return {
-        "step_dir": index.storage.display(index.step_dir),
+        # A local folder by its real path: reached through a symbolic link, it is the same.
+        "step_dir": (
+            os.path.realpath(index.step_dir)
+            if isinstance(index.storage, LocalStorage)
+            else index.storage.display(index.step_dir)
+        ),
         "metadata_xxh3_128": xxhash.xxh3_128_hexdigest(index.metadata_bytes),
         "files": {
             index.storage.name(path): {"bytes": info.size, index.storage.version_kind: info.version}
@@ -793,7 +798,7 @@ def _already_done(planned: _Planned, print_: dict[str, Any]) -> bool:
     if not output.exists() or (folder and output.is_dir() and not any(output.iterdir())):
         return False  # nothing there, or an empty folder: nothing to lose
     previous = read_manifest(manifest_path(output, folder))
-    same = previous is not None and _comparable(previous.get("fingerprint")) == _comparable(print_)
+    same = previous is not None and _comparable(previous.get("fingerprint")) == print_
     # A file the store lists no version of could have changed unseen: never up to date.
     unversioned = sorted(name for name, seen in print_["files"].items() if "" in seen.values())
     if same and unversioned:
@@ -804,8 +809,10 @@ def _already_done(planned: _Planned, print_: dict[str, Any]) -> bool:
             ", ".join(unversioned[:3]) + (" and more" if len(unversioned) > 3 else ""),
         )
         return False
-    # The files themselves are checked too: an old manifest beside replaced bytes does not count.
-    if same and describes(previous, output, folder):
+    # The files themselves are checked too: an old manifest beside replaced bytes does not
+    # count. Hashed once: the refusal below names what differs from the same pass.
+    differ = mismatches(previous, output, folder) if same else None
+    if same and not differ:
         if previous.get("nonfinite") and not conf.allow_nonfinite:
             if conf.overwrite:
                 log.info("Replacing %s (overwrite=true): it holds NaN/Inf values.", output)
@@ -829,7 +836,9 @@ def _already_done(planned: _Planned, print_: dict[str, Any]) -> bool:
     if previous is None:
         why = "with no manifest of ours (not written by this converter, or its manifest is gone)"
     else:
-        why = "but " + "; ".join(_differences(previous, print_, output, folder))
+        if differ is None:
+            differ = mismatches(previous, output, folder)
+        why = "but " + "; ".join(_differences(previous, print_, output, folder, differ))
     raise ConversionError(
         f"Output {output} already exists, {why}. Set overwrite=true to replace it, or choose "
         "another experiment.output."
@@ -837,8 +846,8 @@ def _already_done(planned: _Planned, print_: dict[str, Any]) -> bool:
 
 
 def _comparable(recorded: dict[str, Any] | None) -> dict[str, Any] | None:
-    """A fingerprint as two are compared: a local step folder by its real path, so that one
-    reached through a symbolic link (to it, or to a folder above it) is the same source."""
+    """A recorded fingerprint as ``fingerprint`` makes one now: a local step folder by its
+    real path (recorded as given, through any symbolic link, before 2026-12-07)."""
     if recorded and (path := local_part(str(recorded.get("step_dir")))) is not None:
         return {**recorded, "step_dir": os.path.realpath(path)}
     return recorded
@@ -860,16 +869,15 @@ def _not_given(previous: dict[str, Any], conf: ConvertConfig) -> list[str]:
 
 
 def _differences(
-    previous: dict[str, Any], print_: dict[str, Any], output: Path, folder: bool
+    previous: dict[str, Any], print_: dict[str, Any], output: Path, folder: bool, differ: list[str]
 ) -> list[str]:
-    """What makes the conversion on disk another than this one, in a user's words."""
-    recorded = previous.get("fingerprint") or {}
-    old, current = _comparable(recorded) or {}, _comparable(print_) or {}
+    """What makes the conversion on disk another than this one, in a user's words (``differ``:
+    how its files differ from its manifest, see ``mismatches``)."""
+    old = _comparable(previous.get("fingerprint")) or {}
     found = []
-    if old.get("step_dir") != current["step_dir"]:
-        found.append(
-            f"it was converted from {recorded.get('step_dir')}, this run reads {print_['step_dir']}"
-        )
+    if old.get("step_dir") != print_["step_dir"]:
+        was = (previous.get("source") or {}).get("step_dir") or old.get("step_dir")
+        found.append(f"it was converted from {was}, this run reads {print_['step_dir']}")
     for key in ("output_format", "export_dtype", "model"):
         for field, (was, now) in _changed_fields(key, old.get(key), print_[key]).items():
             found.append(f"its {field} was {was}, this run's is {now}")
@@ -878,7 +886,7 @@ def _differences(
             f"its tokenizer files were {old.get('assets') or 'none'}, this run's are "
             f"{print_.get('assets') or 'none'} (experiment.tokenizer_dir)"
         )
-    if old.get("step_dir") == current["step_dir"]:
+    if old.get("step_dir") == print_["step_dir"]:
         changed = sorted(
             name for name, seen in print_["files"].items() if old.get("files", {}).get(name) != seen
         )
@@ -888,7 +896,7 @@ def _differences(
             found.append(f"the source files changed since it was converted ({what})")
     if old.get("converter") != print_["converter"]:
         found.append(f"it was written by titan2tune {old.get('converter')}")
-    if differ := mismatches(previous, output, folder):
+    if differ:
         found.append(
             f"its files no longer match its manifest {manifest_path(output, folder)} "
             f"({', '.join(differ)})"

@@ -119,6 +119,7 @@ class _Part:
 # ETag; GCS: generation; versioned buckets: VersionId), and else its modification time.
 _VERSIONS = ("ETag", "etag", "generation", "VersionId", "version_id")
 _MODIFIED = ("mtime", "LastModified", "last_modified", "updated", "created")
+_BY_MODIFIED = tuple(f"{k}=" for k in _MODIFIED)  # how such a version is spelled
 
 
 class FsspecStorage(Storage):
@@ -298,7 +299,7 @@ class FsspecStorage(Storage):
         bucket, key, _ = self.fs.split_path(path)
         entry = self._listed.get(path)
         # Only an ETag pins: a store without them is versioned by a modification time.
-        etag = entry.version if entry and "=" not in entry.version else ""
+        etag = entry.version if entry and not entry.version.startswith(_BY_MODIFIED) else ""
         pin = {"IfMatch": f'"{etag}"'} if etag else {}
         length = sum(len(v) for v in views)
 
