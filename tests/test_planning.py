@@ -314,6 +314,21 @@ def test_rope_scaling_is_an_assumption_where_the_layout_spans_its_introduction(l
         assert all(f"set experiment.model.{advice}" in a for a in said)
 
 
+@pytest.mark.parametrize("layout", list(demo.LAYOUTS))
+def test_settings_no_tensor_holds_are_assumptions(layout):
+    """RoPE, the norm's epsilon and the context length change the logits and are in no saved
+    tensor, but for a nested save's RoPE table, which confirms RoPE."""
+    scaled = not demo.LAYOUTS[layout].nested
+    p, _ = plan(MHA, layout, rope_scaling_factor=32.0, norm_eps=1e-6, max_seq_len=4096)
+    [said] = [a for a in p.assumptions if "no saved tensor holds them" in a]
+    assert said.startswith("norm_eps=1e-06, max_seq_len=4096")
+    has_table = "freqs_cis" in "".join(demo.model_state_shapes(MHA, layout))
+    rope = "rope_theta=500000.0, rope_scaling=true, rope_scaling_factor=32.0, rope_low_freq_factor"
+    assert (rope in said) == (scaled and not has_table), said
+    if not scaled and not has_table:
+        assert "rope_theta=500000.0, rope_scaling=false are taken" in said
+
+
 def test_the_torchtune_builder_gets_the_models_rope():
     """llama3_2 (tied) always scales, so unscaled RoPE takes scale_factor 1 (every frequency
     kept); RoPE factors that torchtune's Llama3ScaledRoPE fixes otherwise get no builder."""

@@ -321,6 +321,19 @@ def test_accept_expert_bias_drops_it_with_each_layers_size():
     assert all(torch.equal(ours[k], v) for k, v in to_hf("moe", state).items())
 
 
+@pytest.mark.parametrize("variant", ["dense_tied", "moe"])
+def test_settings_no_tensor_holds_are_assumptions(variant):
+    """RoPE's base, the norm's epsilon, the context length and a MoE model's routing change
+    the logits and are in no saved tensor."""
+    plan, arch = plan_of(config_of(variant), titan_state(variant))
+    [said] = plan.assumptions
+    stated = f"norm_eps={arch.norm_eps}, rope_theta={arch.rope_theta}, max_seq_len="
+    assert said.startswith(stated), said
+    routing = f"top_k={arch.top_k}, route_norm=true are taken from the config"
+    assert (routing in said) == (variant == "moe"), said
+    assert ("top_k" in said) == (variant == "moe"), said
+
+
 def test_a_saved_token_count_is_dropped():
     state = titan_state("moe")
     state["layers.0.moe.tokens_per_expert_E"] = torch.arange(16.0)

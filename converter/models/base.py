@@ -190,6 +190,18 @@ class ModelFamily(ABC):
     def presets(self) -> str:
         return f"experiment/model={self.name}/<flavor> (conf/experiment/model/{self.name}/)"
 
+    def settings_assumed(self, settings: Mapping[str, Any]) -> str:
+        """The assumption that names ``settings``: values the output states (config.json, the
+        torchtune builder) that no saved tensor holds, so that a wrong one computes other
+        logits unseen."""
+        stated = ", ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}"
+                           for k, v in settings.items())  # fmt: skip
+        return (
+            f"{stated} are taken from the config: no saved tensor holds them, and a consumer "
+            "computes other logits with other values. Check them against the model that was "
+            f"trained, or use its preset: {self.presets()}."
+        )
+
     # ---------------------------------------------------------------- matching an era
 
     def match(self, model_keys: Iterable[str], nested: bool) -> tuple[Era | None, list[str]]:

@@ -282,6 +282,11 @@ class Llama3(ModelFamily):
                 f"trained {'before' if arch.rope_scaling else 'after'} it, set "
                 f"experiment.model.rope_scaling={other} and convert again."
             )
+        settings = ["norm_eps", "max_seq_len"]
+        if "freqs_cis" not in keys:  # the table fixes RoPE: checked
+            settings += ["rope_theta", "rope_scaling"]
+            settings += ["rope_scaling_factor", *_TORCHTUNE_ROPE] if arch.rope_scaling else []
+        said.append(self.settings_assumed({k: getattr(arch, k) for k in settings}))
         return said + _beyond_torchtune(arch)
 
     # ---------------------------------------------------------------- what formats write

@@ -378,15 +378,11 @@ class Qwen3(ModelFamily):
         return dropped
 
     def assumptions(self, arch: Qwen3Config, era: Era, keys: Collection[str]) -> list[str]:
-        if not arch.n_experts:
-            return []
-        said = [
-            f"top_k={arch.top_k} and route_norm={str(arch.route_norm).lower()} are taken from "
-            "the config: the weights cannot confirm how many experts each token is routed to, "
-            "nor whether their scores are renormalised (Hugging Face's num_experts_per_tok and "
-            "norm_topk_prob). Check them against the model that was trained, or use a preset: "
-            f"{self.presets()}."
-        ]
+        # With experts, neither how many each token is routed to nor whether their scores are
+        # renormalised (HF's num_experts_per_tok, norm_topk_prob) is in the weights either.
+        routing = ("top_k", "route_norm") if arch.n_experts else ()
+        settings = ("norm_eps", "rope_theta", "max_seq_len", *routing)
+        said = [self.settings_assumed({k: getattr(arch, k) for k in settings})]
         if arch.accept_expert_bias:
             said.append(
                 "accept_expert_bias=true: a non-zero expert_bias_E is left out, and the Hugging "
