@@ -29,7 +29,7 @@ from converter.formats import FORMATS
 from converter.formats.base import FormatConfig
 from converter.models import FAMILIES
 from converter.models.base import ModelConfig
-from converter.sources.storage import local_part
+from converter.sources.storage import STORAGE_RETRY_S, local_part
 
 
 def _doc(default: Any, help: str) -> Any:
@@ -65,6 +65,11 @@ class ExperimentConfig:
             "to the environment: AWS_PROFILE, ...)"
         },
     )
+    storage_retry_s: float = _doc(
+        STORAGE_RETRY_S,
+        "for a URL checkpoint_dir: seconds one request is retried while the store throttles, "
+        "resets or does not answer",
+    )
     # OmegaConf reads typing.Union, not `|`.
     step: Union[int, str] = _doc("latest", "a step number, or latest (newest complete)")  # noqa: UP007
     export_dtype: ExportDtype = _doc(ExportDtype.bfloat16, "dtype of the weights written")
@@ -86,6 +91,11 @@ class ExperimentConfig:
         if isinstance(self.step, str) and self.step != "latest":
             raise ValueError(
                 f"experiment.step must be a step number or 'latest', got {self.step!r}"
+            )
+        if self.storage_retry_s < 0:
+            raise ValueError(
+                f"experiment.storage_retry_s must be >= 0 (0: no retries), got "
+                f"{self.storage_retry_s}"
             )
         if isinstance(self.step, int) and self.step < 0:
             raise ValueError(f"experiment.step must be >= 0 or 'latest', got {self.step}")
@@ -226,7 +236,8 @@ def resolved_step(*, _root_: Any) -> int:
     asked = (str(experiment.checkpoint_dir), str(experiment.step))
     if asked not in RESOLVED_STEPS:  # the first answer holds for every setting of the job
         options = OmegaConf.to_container(experiment.storage_options, resolve=True)
-        with open_storage(experiment.checkpoint_dir, options) as storage:
+        retry_s = experiment.storage_retry_s
+        with open_storage(experiment.checkpoint_dir, options, retry_s) as storage:
             RESOLVED_STEPS[asked] = find_step_dir(storage, experiment.step)[0]
     return RESOLVED_STEPS[asked]
 

@@ -193,11 +193,13 @@ def convert_tensors(
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)
         except BaseException:  # interrupted (SIGTERM/USR2 -> SystemExit, Ctrl-C): stop soon
             stop.set()
+            index.storage.abort()  # a read retrying against a store that does not answer
             pool_exec.shutdown(wait=True, cancel_futures=True)
             raise
         failed = [f for f in done if f.exception() is not None]
         if failed:
             stop.set()  # the other workers finish their current window and return
+            index.storage.abort()
             wait(futures)
             raise failed[0].exception()  # type: ignore[misc]
     return Filled(regions, digests, dict(+nonfinite), dict(+underflowed))

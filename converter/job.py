@@ -81,7 +81,8 @@ def run(cfg: DictConfig) -> JobResult:
             conf = _checked(cfg)
             result.output = str(local_path(conf.experiment.output).resolve())
             exp = conf.experiment
-            with open_storage(exp.checkpoint_dir, exp.storage_options) as storage:
+            storage_at = (exp.checkpoint_dir, exp.storage_options, exp.storage_retry_s)
+            with open_storage(*storage_at) as storage:
                 asked = (str(exp.checkpoint_dir), str(exp.step))
                 step, step_dir = find_step_dir(storage, RESOLVED_STEPS.get(asked, exp.step))
                 result.step = step

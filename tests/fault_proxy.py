@@ -1,6 +1,7 @@
 """A reverse proxy in front of the S3 server that injects the faults an object store shows:
 503 SlowDown throttling, connections reset in the middle of a body, objects that serve fewer
-bytes than their listing says, 403s, and latency. moto has no fault injection of its own.
+bytes than their listing says, 403s, a proxy that drops the Range header (the whole object
+sent), and latency. moto has no fault injection of its own.
 
     with FaultProxy(endpoint) as proxy:
         proxy.add("slowdown", times=3)                   # the next 3 ranged GETs answer 503
@@ -23,7 +24,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 
-FAULTS = ("slowdown", "reset", "truncate", "deny")
+FAULTS = ("slowdown", "reset", "truncate", "deny", "whole")
 _HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer"}
 _ERROR = (
     '<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}'
@@ -35,8 +36,8 @@ _COPY = 1 << 20
 @dataclass
 class Rule:
     """A fault for requests on ``key`` ("bucket/key"; None: any), ``times`` times (None:
-    always). ``slowdown`` and ``reset`` hit ranged GETs, ``truncate`` GETs, ``deny`` any
-    request. ``keep``: the bytes of the object a truncated one still serves."""
+    always). ``slowdown``, ``reset`` and ``whole`` hit ranged GETs, ``truncate`` GETs, ``deny``
+    any request. ``keep``: the bytes of the object a truncated one still serves."""
 
     fault: str
     key: str | None = None
@@ -120,6 +121,7 @@ class FaultProxy:
                 applies = {
                     "slowdown": ranged,
                     "reset": ranged,
+                    "whole": ranged,
                     "truncate": method == "GET",
                     "deny": True,
                 }[rule.fault]
@@ -190,7 +192,8 @@ class FaultProxy:
                 self.wfile.write(data)
 
             def _forward(self, body: bytes | None, rule: Rule | None) -> None:
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
+                dropped = _HOP | ({"range"} if rule and rule.fault == "whole" else set())
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in dropped}
                 if body is not None:
                     headers["Content-Length"] = str(len(body))
                 conn = http.client.HTTPConnection(*proxy.upstream, timeout=120)

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -25,7 +26,6 @@ from converter.errors import ConversionError
 from converter.sources import open_storage
 from converter.sources.dcp import DcpIndex
 from converter.sources.remote import (
-    ATTEMPTS,
     GENERIC_PART_BYTES,
     IN_FLIGHT,
     PART_BYTES,
@@ -337,14 +337,16 @@ def test_transient_faults_are_retried(clean, via_proxy, tmp_path, fault):
     assert manifest_of(Path(result.output))["source"]["storage"]["retries"] == 3
 
 
+# Persistent faults are retried this long here, not the default minute.
+RETRY_S = 3.0
 _FAILURES = {
     "throttled_for_good": (
         {"fault": "slowdown", "key": SHARD},
-        ("kept throttling the requests (503 SlowDown)", f"after {ATTEMPTS} attempts"),
+        ("kept throttling the requests (503 SlowDown)",),
     ),
     "reset_for_good": (
         {"fault": "reset", "key": SHARD},
-        ("kept breaking the connection", f"after {ATTEMPTS} attempts"),
+        ("kept breaking the connection",),
     ),
     "shorter_than_listed": (
         {"fault": "truncate", "key": SHARD, "keep": 20000},
@@ -361,19 +363,98 @@ _FAILURES = {
 def test_persistent_faults_end_in_one_clear_error(clean, via_proxy, tmp_path, case):
     fault, fragments = _FAILURES[case]
     via_proxy.add(**fault)
-    result = run_here(tmp_path, TINY_URL, TINY)
+    result = run_here(tmp_path, TINY_URL, TINY, f"experiment.storage_retry_s={RETRY_S}")
     assert result.status == "failed"
     assert f"s3://{SHARD} (bytes " in result.error, result.error
     for fragment in fragments:
         assert fragment in result.error, result.error
     assert left_in(tmp_path / "out") == []  # no output, no partial file, no lock
     if fault["fault"] in ("slowdown", "reset"):
-        # The range named was asked for ATTEMPTS times, no more: retries do not multiply.
+        # Retried for storage_retry_s, and the range named was asked for as many times as the
+        # error says, no more: retries do not multiply.
+        said = re.search(r"after (\d+) attempts over ([\d.]+) s", result.error)
+        assert said, result.error
+        attempts, seconds = int(said[1]), float(said[2])
+        assert attempts > 3 and RETRY_S / 2 <= seconds <= RETRY_S, result.error
         first, last = map(int, re.search(r"\(bytes (\d+)-(\d+)\)", result.error).groups())
         asked = [r for r in via_proxy.requests("GET") if r.key == SHARD and r.range]
         # A reset request resumes at its last good byte, so count the requests ending there.
-        assert sum(r.range[1] == last + 1 for r in asked) == ATTEMPTS
+        assert sum(r.range[1] == last + 1 for r in asked) == attempts
         assert all(first <= r.range[0] for r in asked if r.range[1] == last + 1)
+
+
+def test_a_fault_that_outlasts_a_few_attempts_is_retried_through(clean, via_proxy, tmp_path):
+    """Eight throttled answers in a row to one object (several seconds of backing off) do not
+    end the run: retries go on for storage_retry_s, not for a number of attempts."""
+    output, _ = clean
+    via_proxy.add("slowdown", key=SHARD, times=8)
+    result = run_here(tmp_path, TINY_URL, TINY)
+    assert result.status == "converted", result.error
+    assert Path(result.output).read_bytes() == output
+    assert manifest_of(Path(result.output))["source"]["storage"]["retries"] == 8
+
+
+def test_a_store_that_ignores_range_is_named_not_the_data(clean, via_proxy, tmp_path):
+    via_proxy.add("whole", key=SHARD)
+    result = run_here(tmp_path, TINY_URL, TINY)
+    assert result.status == "failed"
+    assert f"sent more bytes than asked for s3://{SHARD} (bytes " in result.error
+    assert "ignores HTTP Range requests" in result.error
+    assert "a problem of the environment, not of the checkpoint" in result.error
+    assert left_in(tmp_path / "out") == []
+
+
+def test_an_archived_object_says_to_restore_it(s3, via_proxy, tiny_checkpoint, tmp_path):
+    upload_folder(s3, tiny_checkpoint, BUCKET, "cold/checkpoint")
+    key = "cold/checkpoint/step-5/__1_0.distcp"
+    s3c = client(s3)
+    data = s3c.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+    s3c.put_object(Bucket=BUCKET, Key=key, Body=data, StorageClass="GLACIER")
+    result = run_here(tmp_path, f"s3://{BUCKET}/cold/checkpoint", TINY)
+    assert result.status == "failed"
+    assert f"s3://{BUCKET}/{key} (bytes " in result.error
+    assert "is archived (InvalidObjectState" in result.error, result.error
+    assert "Restore the step folder's objects" in result.error
+    assert "credentials" not in result.error
+    assert left_in(tmp_path / "out") == []
+
+
+def test_an_interrupted_run_does_not_wait_out_its_retries(s3, proxy, tmp_path):
+    """Ctrl-C (or SLURM's SIGTERM) while a store throttles every read: the run stops at once,
+    not after storage_retry_s, and leaves nothing behind."""
+    proxy.clear()
+    proxy.add("slowdown", key=SHARD)
+    out = tmp_path / "out" / "model.pt"
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "convert.py",
+            "experiment=debug",
+            f"experiment.checkpoint_dir={TINY_URL}",
+            f"experiment.output={out}",
+            f"hydra.run.dir={tmp_path / 'hydra'}",
+            *model_overrides(TINY),
+        ],
+        cwd=REPO,
+        env=child_env(AWS_ENDPOINT_URL=proxy.url),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not [r for r in proxy.requests("GET") if r.outcome == "slowdown"]:
+            assert child.poll() is None and time.monotonic() < deadline, "no read was throttled"
+            time.sleep(0.1)
+        child.send_signal(signal.SIGINT)
+        start = time.monotonic()
+        _, err = child.communicate(timeout=60)
+        assert time.monotonic() - start < 10, err[-2000:]
+    finally:
+        child.kill()
+        proxy.clear()
+    assert child.returncode != 0
+    assert left_in(tmp_path / "out") == []
 
 
 def test_an_object_shorter_than_the_index_says_is_named(s3, via_proxy, tiny_checkpoint, tmp_path):
@@ -634,14 +715,32 @@ def test_an_unreachable_endpoint_is_named(monkeypatch):
         monkeypatch.setenv(key, value)
     endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     start = time.monotonic()
-    unreachable = open_storage("s3://bucket/run", {"endpoint_url": endpoint})
+    unreachable = open_storage("s3://bucket/run", {"endpoint_url": endpoint}, RETRY_S)
     with unreachable as storage, pytest.raises(ConversionError) as e:
         find_step_dir(storage, "latest")
-    assert f"Cannot reach the object store for s3://bucket/run after {ATTEMPTS} attempts" in str(
-        e.value
-    )
+    assert "Cannot reach the object store for s3://bucket/run after " in str(e.value)
     assert f"Check the endpoint {endpoint}" in str(e.value)
-    assert time.monotonic() - start < 30
+    assert RETRY_S / 2 <= time.monotonic() - start < RETRY_S + 10
+
+
+@pytest.mark.parametrize(
+    "setting, value, said",
+    [
+        ("AWS_PROFILE", "no-such-profile", "ProfileNotFound"),
+        ("AWS_ENDPOINT_URL", "127.0.0.1:9", "Invalid endpoint: 127.0.0.1:9"),
+    ],
+)
+def test_a_client_setting_that_fails_before_any_request_is_named(
+    s3, monkeypatch, setting, value, said
+):
+    for key, env_value in S3_ENV.items():
+        monkeypatch.setenv(key, env_value)
+    monkeypatch.setenv(setting, value)
+    with open_storage(TINY_URL) as storage, pytest.raises(ConversionError) as e:
+        find_step_dir(storage, "latest")
+    assert f"Cannot set up the s3:// client to read {TINY_URL} (" in str(e.value)
+    assert said in str(e.value) and "no request was sent" in str(e.value)
+    assert "a problem of the environment, not of the checkpoint" in str(e.value)
 
 
 def test_missing_credentials_are_named(s3, monkeypatch):

@@ -10,11 +10,14 @@ exactly the bytes asked for: a store that answers short (an object shorter than 
 is an error that names the object, never a silent short read.
 
 Retries live in one place, ``FsspecStorage._call``: transient errors (503 SlowDown, reset
-connections, timeouts) are retried with exponential backoff, a read resuming at its last good
-byte. On S3 botocore's and s3fs's own retries are turned off, so they do not multiply with
-ours; other backends keep their own retry policy (gcsfs retries 429 and 5xx itself) and get
-one attempt here. An error that remains names the object and the byte range, and says whether
-the store, the credentials or the network is at fault.
+connections, timeouts, an endpoint that does not answer) are retried with exponential backoff
+for as long as ``experiment.storage_retry_s`` allows (a store restarting, or a minute of
+throttling, should not end a conversion hours long), a read resuming at its last good byte.
+On S3 botocore's and s3fs's own retries are turned off, so they do not multiply with ours;
+other backends keep their own retry policy (gcsfs retries 429 and 5xx itself) and get one
+attempt here. An interrupted run (``abort``) sends no more requests and retries none. An
+error that remains names the object and the byte range, and says whether the store, the
+credentials or the network is at fault.
 """
 
 from __future__ import annotations
@@ -47,8 +50,7 @@ PART_BYTES = 8 << 20
 GENERIC_PART_BYTES = 2 << 20
 #: Ranged requests in flight at most, across all workers.
 IN_FLIGHT = 16
-#: Attempts per request on S3 (the first and five retries), and the first backoff.
-ATTEMPTS = 6
+#: The first backoff of a retried request, doubling up to _BACKOFF_MAX_S.
 _BACKOFF_S = 0.1
 _BACKOFF_MAX_S = 5.0
 
@@ -86,7 +88,12 @@ T = TypeVar("T")
 
 
 class _ShortRead(Exception):
-    """The store sent another number of bytes than a ranged request asked for."""
+    """The store sent fewer bytes than a ranged request asked for."""
+
+
+class _IgnoredRange(Exception):
+    """The store sent more bytes than a ranged request asked for: it, or a proxy on the
+    way, does not honour HTTP Range requests."""
 
 
 @dataclass
@@ -128,7 +135,7 @@ class FsspecStorage(Storage):
     version_kind = "etag"
     remote = True
 
-    def __init__(self, url: str, options: dict[str, Any]) -> None:
+    def __init__(self, url: str, options: dict[str, Any], retry_s: float) -> None:
         self.protocol = url.split("://", 1)[0].lower()
         self.options = options
         self.fs, self.root = _filesystem(url, self.protocol, options)
@@ -136,7 +143,9 @@ class FsspecStorage(Storage):
         self._s3 = "s3" in protocols
         if self._s3:
             self.fs.retries = 1  # s3fs's own loop; ours is the one that retries
-        self._attempts = ATTEMPTS if self._s3 else 1
+        self._retry_s = retry_s if self._s3 else 0.0
+        self._aborted = threading.Event()
+        self._said_retrying = False
         self._part_bytes = PART_BYTES if self._s3 else GENERIC_PART_BYTES
         self._listed: dict[str, FileInfo] = {}
         self._pool = ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="fetch")
@@ -222,6 +231,7 @@ class FsspecStorage(Storage):
         return described
 
     def close(self) -> None:
+        self.abort()  # whatever is left running retries for no one: the run ended or failed
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     # ---------------------------------------------------------------- listing
@@ -280,7 +290,7 @@ class FsspecStorage(Storage):
         length = sum(len(v) for v in views)
         data = memoryview(self.fs.cat_file(path, start=start, end=start + length))
         if len(data) > length:
-            raise _ShortRead(f"the store sent {len(data)} bytes, {length} were asked for")
+            raise _IgnoredRange(f"the store sent {len(data)} bytes, {length} were asked for")
         at = 0
         for view in views:
             n = min(len(view), len(data) - at)
@@ -324,7 +334,7 @@ class FsspecStorage(Storage):
                 # Reading on at the end checks the body's length (and the checksum, for a
                 # whole object); a byte more than asked is a store's error.
                 if await body.readinto(bytearray(1)):
-                    raise _ShortRead("the store sent more bytes than asked for")
+                    raise _IgnoredRange("the store sent more bytes than asked for")
             finally:
                 body.close()
 
@@ -339,10 +349,13 @@ class FsspecStorage(Storage):
         request: Callable[[], T],
         missing_ok: bool = False,
     ) -> T | None:
-        """``request()``, retried with exponential backoff while it fails transiently; any
-        other failure becomes one paragraph naming the object and the byte range."""
+        """``request()``, retried with exponential backoff while it fails transiently, for up
+        to ``storage_retry_s``; any other failure becomes one paragraph naming the object and
+        the byte range. An aborted run sends no more requests."""
         began = time.monotonic()
-        for attempt in range(1, self._attempts + 1):
+        attempt = 0
+        while not self._aborted.is_set():
+            attempt += 1
             with self._lock:
                 self.requests += 1
             try:
@@ -350,15 +363,28 @@ class FsspecStorage(Storage):
             except Exception as e:
                 if missing_ok and _kind(e) == "missing":
                     return None
-                if attempt < self._attempts and _kind(e) in ("transient", "unreachable"):
+                delay = min(_BACKOFF_MAX_S, _BACKOFF_S * 2 ** (attempt - 1))
+                delay = delay / 2 + random.uniform(0, delay / 2)
+                waited = time.monotonic() - began
+                if _kind(e) in ("transient", "unreachable") and waited + delay <= self._retry_s:
                     with self._lock:
                         self.retries += 1
-                    delay = min(_BACKOFF_MAX_S, _BACKOFF_S * 2 ** (attempt - 1))
-                    log.debug("retrying %s after %r", self.display(path), e)
-                    time.sleep(delay / 2 + random.uniform(0, delay / 2))
+                    # Said once, when a request has failed for a while: the run is not stuck.
+                    with self._lock:
+                        warn = attempt == 4 and not self._said_retrying
+                        self._said_retrying |= warn
+                    log.log(
+                        logging.WARNING if warn else logging.DEBUG,
+                        "retrying %s (for up to storage_retry_s=%g s in all) after %s",
+                        self.display(path), self._retry_s, _describe(e),
+                    )  # fmt: skip
+                    self._aborted.wait(delay)
                     continue
-                raise self._failure(path, span, e, attempt, time.monotonic() - began) from e
-        raise AssertionError("unreachable")
+                raise self._failure(path, span, e, attempt, waited) from e
+        raise ConversionError(f"Reading {self.display(path)} was stopped: the run is interrupted.")
+
+    def abort(self) -> None:
+        self._aborted.set()
 
     def _failure(
         self,
@@ -375,6 +401,28 @@ class FsspecStorage(Storage):
         why = _describe(e)
         tried = f" after {attempts} attempts over {seconds:.1f} s" if attempts > 1 else ""
         env = "This is a problem of the environment, not of the checkpoint."
+        if kind == "client":
+            return ConversionError(
+                f"Cannot set up the {self.protocol}:// client to read {shown} ({why}); no "
+                "request was sent. Check the client settings the environment gives (for S3: "
+                "AWS_PROFILE, AWS_ENDPOINT_URL with its http:// or https://, AWS_CONFIG_FILE) "
+                "and experiment.storage_options. " + env
+            )
+        if kind == "archived":
+            return ConversionError(
+                f"{where} is archived ({why}): its storage class (S3 Glacier, Deep Archive) "
+                "serves no bytes until the object is restored. Restore the step folder's "
+                "objects (aws s3api restore-object, or a batch restore), then run again. "
+                "Nothing was written."
+            )
+        if kind == "ignored_range":
+            return ConversionError(
+                f"The object store sent more bytes than asked for {where} ({why}): it, or a "
+                "proxy on the way, ignores HTTP Range requests, which this converter reads by "
+                f"(only the bytes the output needs). Check the endpoint"
+                f"{' ' + self._endpoint() if self._s3 else ''} and any proxy. Nothing was "
+                "written. " + env
+            )
         if kind == "credentials":
             return ConversionError(
                 f"Cannot read {where}: no credentials were found for {self.protocol}:// ({why})."
@@ -417,6 +465,8 @@ class FsspecStorage(Storage):
                 what = "kept throttling the requests (503 SlowDown)"
             elif status >= 500:
                 what = "kept answering with a server error"
+            elif {"ReadTimeoutError", "ServerTimeoutError", "TimeoutError"} & _names(e):
+                what = "stopped answering (the reads timed out)"
             else:
                 what = "kept breaking the connection"
             return ConversionError(
@@ -502,14 +552,29 @@ def _response(e: BaseException) -> tuple[str, int]:
     return "", 0
 
 
+def _names(e: BaseException) -> set[str]:
+    """The class names of ``e``, of the errors it was raised from, and of their bases."""
+    return {cls.__name__ for err in _chain(e) for cls in type(err).__mro__}
+
+
 def _kind(e: BaseException) -> str:
     """What a failed request tells: transient, missing, denied, credentials, unreachable,
-    changed, short, options, or other."""
+    changed, short, ignored_range, archived, client, options, or other."""
     chain = _chain(e)
-    names = {cls.__name__ for err in chain for cls in type(err).__mro__}
+    names = _names(e)
     code, status = _response(e)
+    if any(isinstance(err, _IgnoredRange) for err in chain):
+        return "ignored_range"
     if any(isinstance(err, _ShortRead) for err in chain) or code == "InvalidRange":
         return "short"
+    if code == "InvalidObjectState":  # S3: an archived object, whatever the status says
+        return "archived"
+    # Set-up that fails before a request: botocore's profile lookup, and its check of the
+    # endpoint's URL (a ValueError, told by its message alone).
+    if "ProfileNotFound" in names or any(
+        type(err) is ValueError and str(err).startswith("Invalid endpoint") for err in chain
+    ):
+        return "client"
     if "NoCredentialsError" in names or "PartialCredentialsError" in names:
         return "credentials"
     if isinstance(e, TypeError):  # an option the backend's client does not take

@@ -21,6 +21,9 @@ from typing import Any
 
 from converter.errors import ConversionError
 
+#: How long one request to an object store is retried while it fails transiently
+#: (``experiment.storage_retry_s``).
+STORAGE_RETRY_S = 60.0
 # fsspec's names for the local file system: such a URL is read, and written, as a plain path.
 LOCAL_SCHEMES = ("file://", "local://")
 
@@ -104,6 +107,10 @@ class Storage(ABC):
     def describe(self) -> dict[str, Any]:
         """What the manifest says of this storage: what identifies its files and, for a
         remote store, what was downloaded."""
+
+    def abort(self) -> None:  # noqa: B027 (a local read is never waited on for long)
+        """The run is interrupted: requests not yet sent are not, and none is retried, so
+        that the reads under way end within one request's timeout."""
 
     def close(self) -> None:  # noqa: B027 (nothing to release, locally)
         """Releases connections or caches."""
