@@ -291,6 +291,13 @@ def _step_missing(root: Path, pristine: Path, cleanup: ExitStack) -> dict[str, s
     return {**small_overrides(root), "experiment.step": "7"}
 
 
+def _step_named_twice(root: Path, pristine: Path, cleanup: ExitStack) -> dict[str, str]:
+    """step-010 beside step-10 (a copy by hand): both are step 10."""
+    copy_small(root, pristine)
+    copy_small(root, pristine, "step-010")
+    return small_overrides(root)
+
+
 def _latest_unfinished(root: Path, pristine: Path, cleanup: ExitStack) -> dict[str, str]:
     """step-20 has its shards but no ``.metadata``: the save was cut short."""
     copy_small(root, pristine)
@@ -674,6 +681,9 @@ CASES: dict[str, Case] = {
     ),
     "step_missing_lists_steps": Case(
         _step_missing, ("no step-7 folder", "[10, 20]", "Set experiment.step")
+    ),
+    "step_named_twice": Case(
+        _step_named_twice, ("step-010 and", "step-10 both name step 10", "rename or move")
     ),
     "latest_skips_unfinished_save": Case(
         _latest_unfinished,

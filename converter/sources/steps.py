@@ -22,11 +22,17 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 def list_steps(storage: Storage, folder: str) -> dict[int, str]:
     """The ``step-<N>`` folders of a torchtitan checkpoint folder, complete or not."""
-    steps = {}
+    steps: dict[int, str] = {}
     for entry in storage.listdir(folder):
         m = _STEP_DIR.match(entry.name)
         if m and entry.is_dir:
-            steps[int(m.group(1))] = storage.join(folder, entry.name)
+            n, path = int(m.group(1)), storage.join(folder, entry.name)
+            if n in steps:  # step-010 beside step-10: which one was meant is anyone's guess
+                raise ConversionError(
+                    f"{storage.display(steps[n])} and {storage.display(path)} both name step "
+                    f"{n}. torchtitan saves it as step-{n}: rename or move the other folder."
+                )
+            steps[n] = path
     return dict(sorted(steps.items()))
 
 
