@@ -140,14 +140,17 @@ if __name__ == "__main__":
         # The job has already removed its partial file and lock on the way out.
         signum = e.signum if isinstance(e, _Stopped) else signal.SIGINT
         how = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        # A stop during a publish takes effect once it is done (converter.publish): the job
+        # under way left its output whole, or nothing.
         if {"-m", "--multirun"} & set(sys.argv[1:]):
             said = (
-                "the sweep stopped. A job under way in this process published nothing; the "
-                "outputs of jobs that had ended stay, and jobs a launcher runs in processes of "
-                "their own (hydra/launcher=slurm, submitit_local) go on: see their logs"
+                "the sweep stopped. The job under way in this process left no partial output "
+                "(its log says if it published one as the stop came); the outputs of jobs that "
+                "had ended stay, and jobs a launcher runs in processes of their own "
+                "(hydra/launcher=slurm, submitit_local) go on: see their logs"
             )
         else:
-            said = "nothing was published"
+            said = "no partial output was left (the log says if one was published as it came)"
         print(f"Interrupted ({how}): {said}.", file=sys.stderr)
         code = 128 + signum
     # Everything the job wrote is synced and closed by now. Tearing down the interpreter

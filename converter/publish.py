@@ -12,6 +12,10 @@ lock on ``.<name>.lock`` so that two conversions to one output never interleave.
   renamed aside to ``.<name>.replaced`` and removed after; a run killed in between leaves the
   old folder there, which the next run puts back.
 
+Once an existing output is replaced, the publish is finished before a stopping signal (Ctrl-C,
+SIGTERM, SLURM's SIGUSR2) takes effect: rolled back instead, it would leave neither the old
+output nor the new one.
+
 A failed run leaves nothing behind: not the partial, not the lock file, no describing file, not
 the output's parent folders if it created them. What a killed run left is removed, or repaired,
 by the next run that takes the lock.
@@ -23,7 +27,11 @@ import fcntl
 import logging
 import os
 import shutil
-from collections.abc import Callable
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 
@@ -139,22 +147,30 @@ class Output:
     def _publish_file(self, described: dict[Path, Content]) -> None:
         assert set(described) <= set(self.sidecars), "publish only the sidecars named up front"
         staged: list[tuple[Path, Path]] = []
-        published: list[Path] = []
         try:
             for sidecar, content in described.items():
                 staged.append((_write_synced(staging_path(sidecar), content), sidecar))
-            os.replace(self.partial, self.path)
-            published.append(self.path)
-            for tmp, sidecar in staged:
-                os.replace(tmp, sidecar)
-                published.append(sidecar)
-            fsync_dir(self.path.parent)
         except BaseException:
-            for path in reversed(published):
-                path.unlink(missing_ok=True)
             for tmp, _ in staged:
                 tmp.unlink(missing_ok=True)
             raise
+        # A stop that arrives during the renames takes effect after them, so it does not
+        # unlink what replaced an existing output: only a failing rename rolls back.
+        with stops_deferred(f"Published {self.path} with {len(staged)} describing files"):
+            published: list[Path] = []
+            try:
+                os.replace(self.partial, self.path)
+                published.append(self.path)
+                for tmp, sidecar in staged:
+                    os.replace(tmp, sidecar)
+                    published.append(sidecar)
+                fsync_dir(self.path.parent)
+            except BaseException:
+                for path in reversed(published):
+                    path.unlink(missing_ok=True)
+                for tmp, _ in staged:
+                    tmp.unlink(missing_ok=True)
+                raise
 
     def _publish_folder(self, described: dict[Path, Content]) -> None:
         for name, content in described.items():
@@ -163,18 +179,17 @@ class Output:
         for folder in sorted({p.parent for p in self._staged.values()}, reverse=True):
             fsync_dir(folder)
         moved_aside = False
-        if self.path.is_dir():
-            os.replace(self.path, self.replaced)
-            moved_aside = True
-        try:
-            os.replace(self.partial, self.path)
-        except BaseException:
-            if moved_aside:
-                os.replace(self.replaced, self.path)
-            raise
-        fsync_dir(self.path.parent)
-        if moved_aside:
-            shutil.rmtree(self.replaced, ignore_errors=True)
+        with stops_deferred(f"Published {self.path}"):
+            if self.path.is_dir():
+                os.replace(self.path, self.replaced)
+                moved_aside = True
+            try:
+                os.replace(self.partial, self.path)
+            except BaseException:
+                if moved_aside:
+                    os.replace(self.replaced, self.path)
+                raise
+            fsync_dir(self.path.parent)
 
     def __exit__(
         self,
@@ -222,12 +237,14 @@ class Output:
         )
 
     def _remove_leftovers(self) -> None:
-        """The partial, the sidecars' temporaries, and sidecars that describe no output (left
-        by a run killed during publish, or by an older version that wrote them first)."""
-        if self.partial.is_dir() and not self.partial.is_symlink():
-            shutil.rmtree(self.partial, ignore_errors=True)
-        else:
-            self.partial.unlink(missing_ok=True)
+        """The partial, a folder replaced by the one now in place, the sidecars' temporaries,
+        and sidecars that describe no output (left by a run killed during publish, or by an
+        older version that wrote them first)."""
+        for path in [self.partial, *([self.replaced] if self.path.is_dir() else [])]:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
         orphaned = not self.path.is_file()
         for sidecar in self.sidecars:
             _remove_file(staging_path(sidecar))
@@ -244,6 +261,37 @@ class Output:
             except OSError:
                 break
         self._made_dirs = []
+
+
+#: The signals that stop a run: its own handlers (convert.py), or submitit's under SLURM.
+_STOPPING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR2)
+
+
+@contextmanager
+def stops_deferred(done: str) -> Iterator[None]:
+    """A few renames that must all happen or none: a stopping signal that arrives meanwhile
+    takes effect (its handler runs) once they are done, and the log says ``done`` first.
+    Python runs signal handlers in the main thread alone, which is where a job publishes;
+    elsewhere this defers nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    previous = {s: signal.getsignal(s) for s in _STOPPING}
+    for signum, handler in previous.items():
+        if handler not in (signal.SIG_IGN, None):  # None: set outside Python, left alone
+            signal.signal(signum, lambda n, _frame: arrived.append(n))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            if handler not in (signal.SIG_IGN, None):
+                signal.signal(signum, handler)
+        if arrived:
+            if sys.exc_info()[1] is None:  # not a failing rename
+                name = signal.Signals(arrived[0]).name
+                log.warning("%s; then the stop (%s) took effect.", done, name)
+            signal.raise_signal(arrived[0])
 
 
 def staging_path(path: Path) -> Path:

@@ -1102,19 +1102,19 @@ def test_orphaned_sidecars_are_removed_and_logged(tmp_path, caplog):
     assert all(path.read_text() == text.upper() for path, text in texts.items())
 
 
-# Runs convert.py as `python convert.py ARGS` does, and SIGKILLs the run right after the rename
-# that publishes argv[1]: a window no outside signal can hit reliably.
-KILLED_AFTER_RENAME = """
+# Runs convert.py as `python convert.py ARGS` does, and sends itself signal argv[1] right after
+# the rename that publishes argv[2]: a window no outside signal can hit reliably.
+SIGNALLED_AFTER_RENAME = """
 import os, runpy, signal, sys
-target, rename = sys.argv[1], os.replace
+signum, target, rename = int(sys.argv[1]), sys.argv[2], os.replace
 
 def replace(src, dst, *args, **kwargs):
     rename(src, dst, *args, **kwargs)
     if os.fspath(dst) == target:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signum)
 
 os.replace = replace
-sys.argv = ["convert.py", *sys.argv[2:]]
+sys.argv = ["convert.py", *sys.argv[3:]]
 runpy.run_path("convert.py", run_name="__main__")
 """
 
@@ -1142,7 +1142,8 @@ def test_sigkill_between_output_and_manifest_is_repaired_by_the_next_run(
     sources = snapshot(tmp_path / "checkpoint")
     argv = command(overrides, tmp_path / "hydra1")[2:]
     killed = subprocess.run(
-        [sys.executable, "-c", KILLED_AFTER_RENAME, str(out / renamed), *argv],
+        [sys.executable, "-c", SIGNALLED_AFTER_RENAME, str(signal.SIGKILL), str(out / renamed),
+         *argv],
         cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT,
     )  # fmt: skip
     assert killed.returncode == -signal.SIGKILL, killed.stderr
@@ -1168,13 +1169,14 @@ def test_sigkill_between_output_and_manifest_is_repaired_by_the_next_run(
 
 
 def _hf_run(
-    overrides: dict[str, str], hydra: Path, *kill_after: Path
+    overrides: dict[str, str], hydra: Path, kill_after: Path | None = None, signum: int = 9
 ) -> subprocess.CompletedProcess:
-    """A run into a Hugging Face folder; SIGKILLed right after the rename to ``kill_after``,
-    if given."""
+    """A run into a Hugging Face folder; sent ``signum`` (SIGKILL) right after the rename to
+    ``kill_after``, if given."""
     argv = command(overrides, hydra)
     if kill_after:
-        argv = [sys.executable, "-c", KILLED_AFTER_RENAME, str(kill_after[0]), *argv[2:]]
+        argv = [sys.executable, "-c", SIGNALLED_AFTER_RENAME, str(signum), str(kill_after),
+                *argv[2:]]  # fmt: skip
     return subprocess.run(
         argv, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT
     )
@@ -1215,6 +1217,62 @@ def test_sigkill_while_a_folder_is_replaced_is_repaired_by_the_next_run(small, t
     assert sorted(p.name for p in out.iterdir()) == [HF_OUT]
     assert_matches_hf(folder, weights, SMALL, torch.bfloat16)
     assert snapshot(tmp_path / "checkpoint") == sources
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("renamed", ["model.pt", "model.pt.torchtune.yaml"])
+def test_a_stop_while_an_output_is_replaced_takes_effect_once_it_is_published(
+    small, tmp_path, renamed, signum
+):
+    """Ctrl-C or SIGTERM right after a forced rebuild renamed its new file (or its snippet)
+    over an up-to-date output: the publish finishes, then the run stops (exit 128 + n). Rolled
+    back, it would have left neither the old output nor the new one."""
+    pristine, weights = small
+    copy_small(tmp_path, pristine)
+    overrides = small_overrides(tmp_path)
+    out = tmp_path / "out"
+    first = subprocess.run(
+        command(overrides, tmp_path / "hydra0"),
+        cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT,
+    )  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    argv = command({**overrides, "force": "true"}, tmp_path / "hydra1")[2:]
+    stopped = subprocess.run(
+        [sys.executable, "-c", SIGNALLED_AFTER_RENAME, str(signum), str(out / renamed), *argv],
+        cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT,
+    )  # fmt: skip
+    said = stopped.stdout + stopped.stderr
+    assert stopped.returncode == 128 + signum, said
+    assert f"Published {out / 'model.pt'} with 2 describing files; then the stop" in said, said
+    assert "Traceback" not in said, said
+    assert sorted(p.name for p in out.iterdir()) == sorted(OUT)
+    assert_matches(out / "model.pt", weights, torch.bfloat16)
+    rerun = subprocess.run(
+        command(overrides, tmp_path / "hydra2"),
+        cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT,
+    )  # fmt: skip
+    said = rerun.stdout + rerun.stderr
+    assert "is up to date with this source and settings; skipped" in said, said
+    assert "Finished publishing" not in said, said
+
+
+def test_a_stop_while_a_folder_is_replaced_takes_effect_once_it_is_published(small, tmp_path):
+    """Ctrl-C right after the old folder was moved aside: the new one is still renamed into
+    place, and the old one removed, before the run stops; nothing is left hidden."""
+    pristine, weights = small
+    out = tmp_path / "out"
+    folder = out / HF_OUT
+    overrides = _as_hf(_copy)(tmp_path, pristine, ExitStack()) | {"overwrite": "true"}
+    old = _hf_run({**overrides, "experiment.export_dtype": "float32"}, tmp_path / "hydra0")
+    assert old.returncode == 0, old.stderr
+    stopped = _hf_run(overrides, tmp_path / "hydra1", out / f".{HF_OUT}.replaced", signal.SIGINT)
+    said = stopped.stdout + stopped.stderr
+    assert stopped.returncode == 128 + signal.SIGINT, said
+    assert f"Published {folder}; then the stop (SIGINT) took effect" in said, said
+    assert sorted(p.name for p in out.iterdir()) == [HF_OUT]
+    assert_matches_hf(folder, weights, SMALL, torch.bfloat16)
+    rerun = _hf_run(overrides, tmp_path / "hydra2")
+    assert "is up to date with this source and settings; skipped" in rerun.stderr + rerun.stdout
 
 
 def test_a_folder_whose_describing_files_fill_the_disk_publishes_nothing(tmp_path):
@@ -1392,7 +1450,7 @@ def test_a_stopped_run_prints_one_line_leaves_nothing_and_exits_128_plus_n(
         _, stderr = proc.communicate(timeout=120)
     stderr = stderr.decode()
     assert proc.returncode == 128 + signum, stderr
-    assert f"Interrupted ({said}): nothing was published." in stderr
+    assert f"Interrupted ({said}): no partial output was left" in stderr
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
     assert not out.exists() or list(out.iterdir()) == []
     assert snapshot(checkpoint) == sources
