@@ -651,6 +651,8 @@ def fingerprint(planned: _Planned) -> dict[str, Any]:
     the next run converts again. That costs one listing, whatever the checkpoint's size; the
     small ``.metadata``, read anyway, is also hashed."""
     index, conf = planned.index, planned.conf
+    read = planned.fmt.reads_from_assets(planned.tokenizer_dir)
+    assets = {**planned.assets, **{f"{n} (read, not copied)": p for n, p in read.items()}}
     return {
         # A local folder by its real path: reached through a symbolic link, it is the same.
         "step_dir": (
@@ -667,12 +669,9 @@ def fingerprint(planned: _Planned) -> dict[str, Any]:
         "export_dtype": str(conf.experiment.export_dtype),
         "model": _plain(conf.experiment.model),
         "converter": package_versions()["titan2tune"],
-        # The files copied in (tokenizer), by content: only for a format that copies any.
-        **(
-            {"assets": {n: file_digest(p) for n, p in planned.assets.items()}}
-            if planned.assets
-            else {}
-        ),
+        # The files copied in (tokenizer), and those read but not copied (the token ids of an
+        # hf folder's config.json), by content: only for a format that reads any.
+        **({"assets": {n: file_digest(p) for n, p in assets.items()}} if assets else {}),
     }
 
 
@@ -798,7 +797,11 @@ def _already_done(planned: _Planned, print_: dict[str, Any]) -> bool:
     if not output.exists() or (folder and output.is_dir() and not any(output.iterdir())):
         return False  # nothing there, or an empty folder: nothing to lose
     previous = read_manifest(manifest_path(output, folder))
-    same = previous is not None and _comparable(previous.get("fingerprint")) == print_
+    same = (
+        previous is not None
+        and _comparable(previous.get("fingerprint")) == print_
+        and _written_here(previous, output)
+    )
     # A file the store lists no version of could have changed unseen: never up to date.
     unversioned = sorted(name for name, seen in print_["files"].items() if "" in seen.values())
     if same and unversioned:
@@ -843,6 +846,13 @@ def _already_done(planned: _Planned, print_: dict[str, Any]) -> bool:
         f"Output {output} already exists, {why}. Set overwrite=true to replace it, or choose "
         "another experiment.output."
     )
+
+
+def _written_here(previous: dict[str, Any], output: Path) -> bool:
+    """Whether the output on disk was written where it is: its recipe snippet names its own
+    folder, so a moved or copied output would send torchtune to the old place."""
+    written = str((previous.get("output") or {}).get("path", output))
+    return os.path.realpath(written) == os.path.realpath(output)
 
 
 def _comparable(recorded: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -894,6 +904,11 @@ def _differences(
         if changed or old.get("metadata_xxh3_128") != print_["metadata_xxh3_128"]:
             what = ", ".join(changed) or ".metadata"
             found.append(f"the source files changed since it was converted ({what})")
+    if not _written_here(previous, output):
+        found.append(
+            f"it was written at {previous['output']['path']} and moved or copied here, where "
+            "its recipe snippet (checkpoint_dir) still names the old place"
+        )
     if old.get("converter") != print_["converter"]:
         found.append(f"it was written by titan2tune {old.get('converter')}")
     if differ:

@@ -26,7 +26,13 @@ from converter.sources.dcp import DcpIndex
 from converter.sources.reader import TensorReader
 from converter.sources.storage import LocalStorage
 from converter.verify import Staged, read_back
-from tests.conftest import FULL_STEP, WEIGHTS_ONLY_STEP, compose, model_overrides
+from tests.conftest import (
+    FULL_STEP,
+    WEIGHTS_ONLY_STEP,
+    compose,
+    make_tokenizer,
+    model_overrides,
+)
 
 # Starts ranks, subprocesses or servers: not in the fast layer (pytest -m 'not slow').
 pytestmark = pytest.mark.slow
@@ -128,6 +134,53 @@ def test_a_recipe_snippet_beside_a_pt_that_is_not_ours_is_not_up_to_date(
     assert refused.status == "failed" and "no longer match its manifest" in refused.error
     assert _run(root, shape, out, "overwrite=true").status == "converted"
     assert snippet.read_text() == written
+
+
+@pytest.mark.parametrize("fmt_name", ["meta", "hf"])
+def test_an_output_moved_or_copied_elsewhere_is_not_up_to_date_there(
+    layout_checkpoints, tmp_path, fmt_name
+):
+    """The recipe snippet names the output's own folder: moved, or copied, the output would
+    send torchtune to the old place, so it is converted again only with overwrite=true, where
+    the snippet names the new place; where it was written, it is still up to date."""
+    root, shape, _ = layout_checkpoints[TORCHTITAN_0_3, "mha"]
+    name = "model.pt" if fmt_name == "meta" else "model_hf"
+    first, moved = tmp_path / "a" / name, tmp_path / "b" / name
+    fmt = f"output_format={fmt_name}"
+    assert _run(root, shape, first, fmt).status == "converted"
+    shutil.copytree(first.parent, moved.parent, copy_function=shutil.copy2)
+    refused = _run(root, shape, moved, fmt)
+    assert refused.status == "failed", refused.error
+    assert f"it was written at {first.resolve()} and moved or copied here" in refused.error
+    assert _run(root, shape, first, fmt).status == "skipped"
+    assert _run(root, shape, moved, fmt, "overwrite=true").status == "converted"
+    snippet = (
+        moved / "titan2tune.torchtune.yaml"
+        if fmt_name == "hf"
+        else moved.parent / (name + ".torchtune.yaml")
+    )
+    assert f"checkpoint_dir: {moved.parent if fmt_name == 'meta' else moved}" in snippet.read_text()
+
+
+def test_a_changed_token_id_in_the_tokenizers_config_is_not_up_to_date(
+    layout_checkpoints, tmp_path
+):
+    """config.json of experiment.tokenizer_dir is read for the special token ids but not
+    copied: edited, the output's config.json would keep the old ids."""
+    root, shape, _ = layout_checkpoints[TORCHTITAN_0_3, "mha"]
+    assets = tmp_path / "assets"
+    ids = make_tokenizer(assets, shape.vocab_size)
+    (assets / "config.json").write_text(json.dumps({"eos_token_id": ids["bos_token_id"]}))
+    out = tmp_path / "model_hf"
+    args = ("output_format=hf", f"experiment.tokenizer_dir={assets}")
+    assert _run(root, shape, out, *args).status == "converted"
+    assert _run(root, shape, out, *args).status == "skipped"
+    (assets / "config.json").write_text(json.dumps({"eos_token_id": ids["pad_token_id"]}))
+    refused = _run(root, shape, out, *args)
+    assert refused.status == "failed" and "its tokenizer files were" in refused.error
+    assert _run(root, shape, out, *args, "overwrite=true").status == "converted"
+    written = json.loads((out / "config.json").read_text())
+    assert written["eos_token_id"] == ids["pad_token_id"]
 
 
 def test_a_torchtune_output_dir_that_cannot_be_made_is_said(layout_checkpoints, tmp_path):

@@ -111,6 +111,11 @@ class OutputFormat(ABC):
         ConversionError if they cannot serve the model ``arch``."""
         return {}
 
+    def reads_from_assets(self, tokenizer_dir: Path | None) -> dict[str, Path]:
+        """The files of ``tokenizer_dir`` the output reads without copying them (name ->
+        file): the fingerprint covers them too, so that an edit is not up to date."""
+        return {}
+
     def describe(self, described: Described) -> dict[str, str | Path]:
         """The describing files: name -> text, or a file to copy (a tokenizer's). For a
         one-file output they lie beside it, and :meth:`describe_names` names them up front."""

@@ -135,6 +135,9 @@ class HfFormat(OutputFormat):
             return {}
         return hf_assets.find_assets(tokenizer_dir, arch.vocab_size)
 
+    def reads_from_assets(self, tokenizer_dir: Path | None) -> dict[str, Path]:
+        return hf_assets.read_not_copied(tokenizer_dir)
+
     def describe(self, d: Described) -> dict[str, str | Path]:
         shards = self.files(d.plan, d.options)
         ids = hf_assets.token_ids(d.tokenizer_dir, d.assets)

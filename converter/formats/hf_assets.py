@@ -70,22 +70,28 @@ def find_assets(folder: Path, vocab_size: int) -> dict[str, Path]:
     return found
 
 
+def read_not_copied(folder: Path | None) -> dict[str, Path]:
+    """The folder's own ``config.json``, whose token ids the output takes, if it has one."""
+    path = folder / _ASSETS_CONFIG if folder else None
+    return {_ASSETS_CONFIG: path} if path and path.is_file() else {}
+
+
 def token_ids(folder: Path | None, files: Mapping[str, Path]) -> TokenIds:
     """The special token ids, each from the first of these that gives it: the assets'
     ``config.json``, their ``generation_config.json``, or the tokens named in
     ``tokenizer_config.json`` looked up in ``tokenizer.json``. None where none does.
     Remembered for the files as they are (a tokenizer.json may take a second to parse, and
     the checks, config.json and the manifest all ask)."""
-    seen = tuple((n, p, p.stat().st_mtime_ns) for n, p in sorted(files.items()) if p.is_file())
-    return dict(_token_ids(folder, seen))
+    read = {**files, **{f"read {n}": p for n, p in read_not_copied(folder).items()}}
+    seen = tuple((n, p, p.stat().st_mtime_ns) for n, p in sorted(read.items()) if p.is_file())
+    return dict(_token_ids(seen))
 
 
 @functools.lru_cache(maxsize=8)
-def _token_ids(folder: Path | None, seen: tuple[tuple[str, Path, int], ...]) -> TokenIds:
+def _token_ids(seen: tuple[tuple[str, Path, int], ...]) -> TokenIds:
     files = {name: path for name, path, _ in seen}
     ids: TokenIds = dict.fromkeys(TOKEN_KEYS)
-    sources = [folder / _ASSETS_CONFIG] if folder else []
-    sources += [files[GENERATION_CONFIG]] if GENERATION_CONFIG in files else []
+    sources = [files[n] for n in (f"read {_ASSETS_CONFIG}", GENERATION_CONFIG) if n in files]
     for path in sources:
         if path.is_file():
             given = _json(path)
