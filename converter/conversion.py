@@ -486,9 +486,17 @@ def _rate_file() -> Path:
 def last_rate() -> dict[str, Any] | None:
     """The source MB/s of the last conversion on this machine (for dry_run's estimate)."""
     try:
-        return json.loads(_rate_file().read_text())
+        rate = json.loads(_rate_file().read_text())
     except (OSError, ValueError):
         return None
+    # A file of another shape (edited, damaged) is no measurement: the estimate is left out.
+    valid = (
+        isinstance(rate, dict)
+        and isinstance(rate.get("mb_per_s"), int | float)
+        and rate["mb_per_s"] > 0
+        and all(isinstance(rate.get(k), str) for k in ("experiment", "when"))
+    )
+    return rate if valid else None
 
 
 def _record_rate(planned: _Planned, seconds: float) -> None:
@@ -837,7 +845,10 @@ def _already_done(planned: _Planned, print_: dict[str, Any]) -> bool:
         log.info("Replacing %s (overwrite=true).", output)
         return False
     if previous is None:
-        why = "with no manifest of ours (not written by this converter, or its manifest is gone)"
+        why = (
+            "with no manifest of ours (not written by this converter, or its manifest is gone, "
+            "unreadable or edited)"
+        )
     else:
         if differ is None:
             differ = mismatches(previous, output, folder)

@@ -40,11 +40,22 @@ def manifest_path(output: Path, folder: bool) -> Path:
 
 
 def read_manifest(path: Path) -> dict[str, Any] | None:
-    """The manifest at ``path``, or None if it is missing or unreadable."""
+    """The manifest at ``path``, or None if it is missing, unreadable, or not of a manifest's
+    shape (edited by hand): then the output is not known to be this converter's."""
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("fingerprint"), dict):
+        return None
+    output = manifest.get("output")
+    if not isinstance(output, dict):
+        return None
+    files, sidecars = output.get("files"), output.get("sidecars", {})
+    if not isinstance(files, dict) or not isinstance(sidecars, dict):
+        return None
+    records = [*files.values(), *sidecars.values()]
+    return manifest if all(isinstance(r, dict) for r in records) else None
 
 
 def describes(

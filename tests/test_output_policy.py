@@ -183,6 +183,33 @@ def test_a_changed_token_id_in_the_tokenizers_config_is_not_up_to_date(
     assert written["eos_token_id"] == ids["pad_token_id"]
 
 
+@pytest.mark.parametrize("edited", ["[]", '{"fingerprint": "x"}', '{"fingerprint": {}}'])
+def test_a_manifest_edited_into_another_shape_is_not_ours(layout_checkpoints, tmp_path, edited):
+    """Valid JSON, but not a manifest: the output is refused as one not known to be ours,
+    and overwrite=true replaces it (a crash before, on every run, overwrite=true too)."""
+    root, shape, _ = layout_checkpoints[TORCHTITAN_0_3, "mha"]
+    out = tmp_path / "model.pt"
+    assert _run(root, shape, out).status == "converted"
+    (tmp_path / "model.pt.manifest.json").write_text(edited)
+    refused = _run(root, shape, out)
+    assert refused.status == "failed" and "no manifest of ours" in refused.error, refused.error
+    assert _run(root, shape, out, "overwrite=true").status == "converted"
+    assert _run(root, shape, out).status == "skipped"
+
+
+@pytest.mark.parametrize("cached", ["[]", '{"mb_per_s": "fast"}', '{"mb_per_s": 0}'])
+def test_a_damaged_rate_cache_leaves_the_estimate_out(
+    layout_checkpoints, tmp_path, monkeypatch, capsys, cached
+):
+    root, shape, _ = layout_checkpoints[TORCHTITAN_0_3, "mha"]
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    (tmp_path / "cache" / "titan2tune").mkdir(parents=True)
+    (tmp_path / "cache" / "titan2tune" / "last_rate.json").write_text(cached)
+    planned = _run(root, shape, tmp_path / "model.pt", "dry_run=true")
+    assert planned.status == "planned", planned.error
+    assert "no conversion measured on this machine yet" in capsys.readouterr().out
+
+
 def test_a_torchtune_output_dir_that_cannot_be_made_is_said(layout_checkpoints, tmp_path):
     """The recipe snippet sends torchtune's saves to a sibling of the output's folder; where
     that cannot be created, the manifest and the log say to set it."""
