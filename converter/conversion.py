@@ -243,7 +243,13 @@ def _lead(
             group.announce({"status": "skipped"})
             group.answers()
             return Status.skipped, _size(output)
-        staged, filled, syncing = _convert_into(out, planned, group, times, print_)
+        try:
+            staged, filled, syncing = _convert_into(out, planned, group, times, print_)
+        except Exception:
+            # A source file cut short or replaced meanwhile fails a read, or a write from its
+            # mapping (EFAULT), in ways that blame the output or look like a bug: said as it is.
+            _check_unchanged(planned)
+            raise
         _check_unchanged(planned)
         files = _read_back(planned, staged, filled, syncing, times)
         manifest, described = _describe(planned, filled, files, times, print_, slurm)

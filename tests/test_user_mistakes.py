@@ -548,6 +548,39 @@ def test_the_step_an_output_is_named_for_is_the_step_converted(
     assert result.output == str(root / "model_step5.pt")
 
 
+def test_a_shard_cut_short_during_the_conversion_is_named(tiny_checkpoint, tmp_path, monkeypatch):
+    """A shard truncated in place after the index was read (cp or rsync --inplace over it):
+    the reads or writes that fail are explained by the change, not blamed on the output."""
+    from converter import conversion, job
+    from tests.conftest import compose
+
+    root = tmp_path / "checkpoint"
+    shutil.copytree(tiny_checkpoint, root)
+    shards = sorted((root / "step-5").glob("*.distcp"))
+    fill = conversion.convert_tensors
+
+    def cut_short_meanwhile(*args, **kwargs):
+        for shard in shards:
+            os.truncate(shard, shard.stat().st_size // 3)
+        return fill(*args, **kwargs)
+
+    monkeypatch.setattr(conversion, "convert_tensors", cut_short_meanwhile)
+    out = tmp_path / "out" / "model.pt"
+    result = job.run(
+        compose(
+            [
+                "experiment=debug",
+                f"experiment.checkpoint_dir={root}",
+                f"experiment.output={out}",
+                *model_overrides(TINY),
+            ]
+        )
+    )
+    assert result.status == "failed"
+    assert f"{shards[0]} changed while it was being converted (it is rewritten)" in result.error
+    assert not out.parent.exists() or not list(out.parent.iterdir())
+
+
 def test_a_shard_rewritten_during_the_conversion_fails_it(tiny_checkpoint, tmp_path, monkeypatch):
     """A local shard rewritten while its tensors are read (another job saving into the step
     folder) could mix two saves in the output: the files are listed again once all is read,
