@@ -108,6 +108,8 @@ def snapshot(root: Path) -> dict[str, str]:
             found[rel] = f"-> {os.readlink(path)}"
         elif path.is_dir():
             found[rel] = "dir"
+        elif path.is_fifo():
+            found[rel] = "fifo"
         else:
             with open(path, "rb") as f:
                 found[rel] = hashlib.file_digest(f, "sha256").hexdigest()
@@ -343,6 +345,14 @@ def _metadata_truncated(root: Path, pristine: Path, cleanup: ExitStack) -> dict[
 
 def _metadata_garbage(root: Path, pristine: Path, cleanup: ExitStack) -> dict[str, str]:
     (copy_small(root, pristine) / ".metadata").write_bytes(b"this is not a pickle\n" * 50)
+    return small_overrides(root)
+
+
+def _metadata_fifo(root: Path, pristine: Path, cleanup: ExitStack) -> dict[str, str]:
+    """A named pipe where .metadata should be: opened plainly, it waits for a writer forever."""
+    step = copy_small(root, pristine)
+    (step / ".metadata").unlink()
+    os.mkfifo(step / ".metadata")
     return small_overrides(root)
 
 
@@ -695,6 +705,9 @@ CASES: dict[str, Case] = {
         _metadata_truncated, (f"step-{STEP}/.metadata", "truncated or damaged", "experiment.step")
     ),
     "metadata_garbage": Case(_metadata_garbage, (f"step-{STEP}/.metadata", "truncated or damaged")),
+    "metadata_is_a_fifo": Case(
+        _metadata_fifo, (f"step-{STEP}/.metadata is not a regular file", "Copy the step folder")
+    ),
     "metadata_unknown_format": Case(
         _metadata_unknown,
         (f"step-{STEP}/.metadata", "not a torch.distributed.checkpoint index", "holds a dict"),

@@ -14,6 +14,7 @@ import errno
 import mmap
 import os
 import posixpath
+import stat
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -146,10 +147,7 @@ class LocalStorage(Storage):
         The file is checked to be long enough after mapping it: reading a mapped page past
         the end of a file that shrank meanwhile would kill the process (SIGBUS)."""
         start = offset - offset % mmap.ALLOCATIONGRANULARITY
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError as e:
-            raise read_error(path, e) from e
+        fd = _open_file(path)
         try:
             mapping = mmap.mmap(
                 fd,
@@ -172,10 +170,7 @@ class LocalStorage(Storage):
 
     def read_into(self, path: str, offset: int, into: memoryview) -> int:
         view = into.cast("B") if into.format != "B" else into
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError as e:
-            raise read_error(path, e) from e
+        fd = _open_file(path)
         done = 0
         try:
             while done < len(view):
@@ -188,6 +183,22 @@ class LocalStorage(Storage):
         finally:
             os.close(fd)
         return done
+
+
+def _open_file(path: str) -> int:
+    """A descriptor of the regular file ``path``. Opened without blocking: a FIFO in its place
+    would otherwise wait forever for a writer."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        raise read_error(path, e) from e
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConversionError(
+            f"{path} is not a regular file (a FIFO, a socket or a device), where a DCP save "
+            "writes one. Copy the step folder again from where the save wrote it."
+        )
+    return fd
 
 
 def read_error(path: str, e: OSError) -> ConversionError:
