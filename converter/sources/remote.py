@@ -363,14 +363,13 @@ class FsspecStorage(Storage):
             except Exception as e:
                 if missing_ok and _kind(e) == "missing":
                     return None
-                delay = min(_BACKOFF_MAX_S, _BACKOFF_S * 2 ** (attempt - 1))
+                delay = min(_BACKOFF_MAX_S, _BACKOFF_S * 2 ** min(attempt - 1, 16))
                 delay = delay / 2 + random.uniform(0, delay / 2)
                 waited = time.monotonic() - began
                 if _kind(e) in ("transient", "unreachable") and waited + delay <= self._retry_s:
                     with self._lock:
                         self.retries += 1
-                    # Said once, when a request has failed for a while: the run is not stuck.
-                    with self._lock:
+                        # Said once, when a request has failed for a while: not stuck.
                         warn = attempt == 4 and not self._said_retrying
                         self._said_retrying |= warn
                     log.log(
