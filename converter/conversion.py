@@ -245,12 +245,19 @@ def _lead(
             return Status.skipped, _size(output)
         try:
             staged, filled, syncing = _convert_into(out, planned, group, times, print_)
-        except Exception:
+        except Exception as e:
             # A source file cut short or replaced meanwhile fails a read, or a write from its
-            # mapping (EFAULT), in ways that blame the output or look like a bug: said as it is.
-            _check_unchanged(planned)
+            # mapping (EFAULT), in ways that blame the output or look like a bug: said as it
+            # is, if a listing can tell (else the error stands as it is).
+            try:
+                changed = _source_change(planned)
+            except ConversionError:
+                changed = None
+            if changed:
+                raise ConversionError(changed) from e
             raise
-        _check_unchanged(planned)
+        if changed := _source_change(planned):
+            raise ConversionError(changed)
         files = _read_back(planned, staged, filled, syncing, times)
         manifest, described = _describe(planned, filled, files, times, print_, slurm)
         out.publish(described)
@@ -269,20 +276,22 @@ def _lead(
     return Status.converted, manifest["output"]["bytes"]
 
 
-def _check_unchanged(planned: _Planned) -> None:
+def _source_change(planned: _Planned) -> str | None:
     """The source files, listed again once every tensor was read: a file rewritten meanwhile
-    (a new size or version) may have given the output bytes of two saves. Object stores pin
-    their reads to the version listed; this catches the rest (a local folder, most of all)."""
+    (a new size or version) may have given the output bytes of two saves, which this says.
+    Object stores pin their reads to the version listed; this catches the rest (a local
+    folder, most of all)."""
     index = planned.index
     now = {e.name: e for e in index.storage.listdir(index.step_dir) if not e.is_dir}
     for path, was in index.files.items():
         seen = now.get(index.storage.name(path))
         if seen is None or (seen.size, seen.version) != (was.size, was.version):
-            raise ConversionError(
+            return (
                 f"{index.storage.display(path)} changed while it was being converted (it is "
                 f"{'gone' if seen is None else 'rewritten'}): the output could mix two saves, "
                 "and was not kept. Convert again once nothing writes to the step folder."
             )
+    return None
 
 
 def _staged_manifest_describes(output: Path) -> Callable[[dict[Path, Path]], bool]:
