@@ -1181,11 +1181,11 @@ def test_sigkill_between_output_and_manifest_is_repaired_by_the_next_run(
     assert snapshot(tmp_path / "checkpoint") == sources
 
 
-def _hf_run(
+def _cli_run(
     overrides: dict[str, str], hydra: Path, kill_after: Path | None = None, signum: int = 9
 ) -> subprocess.CompletedProcess:
-    """A run into a Hugging Face folder; sent ``signum`` (SIGKILL) right after the rename to
-    ``kill_after``, if given."""
+    """``python convert.py`` with ``overrides``; sent ``signum`` (SIGKILL) right after the
+    rename to ``kill_after``, if given."""
     argv = command(overrides, hydra)
     if kill_after:
         argv = [sys.executable, "-c", SIGNALLED_AFTER_RENAME, str(signum), str(kill_after),
@@ -1195,6 +1195,18 @@ def _hf_run(
     )
 
 
+def _a_float32_folder(small, tmp_path: Path) -> tuple[dict, Path, dict[str, str]]:
+    """A float32 Hugging Face folder at tmp_path/out, and the overrides that replace it by a
+    bfloat16 one (overwrite=true); returns the weights, the folder and those overrides."""
+    pristine, weights = small
+    overrides = _as_hf(_copy)(tmp_path, pristine, ExitStack()) | {"overwrite": "true"}
+    old = _cli_run({**overrides, "experiment.export_dtype": "float32"}, tmp_path / "hydra0")
+    assert old.returncode == 0, old.stderr
+    folder = tmp_path / "out" / HF_OUT
+    assert_matches_hf(folder, weights, SMALL, torch.float32)
+    return weights, folder, overrides
+
+
 @pytest.mark.parametrize("renamed", [f".{HF_OUT}.replaced", HF_OUT])
 def test_sigkill_while_a_folder_is_replaced_is_repaired_by_the_next_run(small, tmp_path, renamed):
     """A float32 folder is replaced (overwrite=true) by a bfloat16 one, and the run is killed
@@ -1202,16 +1214,11 @@ def test_sigkill_while_a_folder_is_replaced_is_repaired_by_the_next_run(small, t
     one is renamed into place, before the old one is removed. Either way the output's name
     holds one complete folder or none, never a mix; the next run puts the old folder back and
     replaces it, or finds the new one up to date; nothing is left beside it."""
-    pristine, weights = small
-    out = tmp_path / "out"
-    folder = out / HF_OUT
-    overrides = _as_hf(_copy)(tmp_path, pristine, ExitStack()) | {"overwrite": "true"}
-    old = _hf_run({**overrides, "experiment.export_dtype": "float32"}, tmp_path / "hydra0")
-    assert old.returncode == 0, old.stderr
-    assert_matches_hf(folder, weights, SMALL, torch.float32)
+    weights, folder, overrides = _a_float32_folder(small, tmp_path)
+    out = folder.parent
     sources = snapshot(tmp_path / "checkpoint")
 
-    killed = _hf_run(overrides, tmp_path / "hydra1", out / renamed)
+    killed = _cli_run(overrides, tmp_path / "hydra1", out / renamed)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     aside = out / f".{HF_OUT}.replaced"
     assert_matches_hf(aside, weights, SMALL, torch.float32)  # the old folder, whole
@@ -1220,7 +1227,7 @@ def test_sigkill_while_a_folder_is_replaced_is_repaired_by_the_next_run(small, t
     else:
         assert not folder.exists()
 
-    rerun = _hf_run(overrides, tmp_path / "hydra2")
+    rerun = _cli_run(overrides, tmp_path / "hydra2")
     said = rerun.stdout + rerun.stderr
     assert rerun.returncode == 0, said
     if renamed == HF_OUT:
@@ -1244,26 +1251,17 @@ def test_a_stop_while_an_output_is_replaced_takes_effect_once_it_is_published(
     copy_small(tmp_path, pristine)
     overrides = small_overrides(tmp_path)
     out = tmp_path / "out"
-    first = subprocess.run(
-        command(overrides, tmp_path / "hydra0"),
-        cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT,
-    )  # fmt: skip
+    first = _cli_run(overrides, tmp_path / "hydra0")
     assert first.returncode == 0, first.stderr
-    argv = command({**overrides, "force": "true"}, tmp_path / "hydra1")[2:]
-    stopped = subprocess.run(
-        [sys.executable, "-c", SIGNALLED_AFTER_RENAME, str(signum), str(out / renamed), *argv],
-        cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT,
-    )  # fmt: skip
+    forced = {**overrides, "force": "true"}
+    stopped = _cli_run(forced, tmp_path / "hydra1", out / renamed, signum)
     said = stopped.stdout + stopped.stderr
     assert stopped.returncode == 128 + signum, said
     assert f"Published {out / 'model.pt'} with 2 describing files; then the stop" in said, said
     assert "Traceback" not in said, said
     assert sorted(p.name for p in out.iterdir()) == sorted(OUT)
     assert_matches(out / "model.pt", weights, torch.bfloat16)
-    rerun = subprocess.run(
-        command(overrides, tmp_path / "hydra2"),
-        cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT,
-    )  # fmt: skip
+    rerun = _cli_run(overrides, tmp_path / "hydra2")
     said = rerun.stdout + rerun.stderr
     assert "is up to date with this source and settings; skipped" in said, said
     assert "Finished publishing" not in said, said
@@ -1272,19 +1270,15 @@ def test_a_stop_while_an_output_is_replaced_takes_effect_once_it_is_published(
 def test_a_stop_while_a_folder_is_replaced_takes_effect_once_it_is_published(small, tmp_path):
     """Ctrl-C right after the old folder was moved aside: the new one is still renamed into
     place, and the old one removed, before the run stops; nothing is left hidden."""
-    pristine, weights = small
-    out = tmp_path / "out"
-    folder = out / HF_OUT
-    overrides = _as_hf(_copy)(tmp_path, pristine, ExitStack()) | {"overwrite": "true"}
-    old = _hf_run({**overrides, "experiment.export_dtype": "float32"}, tmp_path / "hydra0")
-    assert old.returncode == 0, old.stderr
-    stopped = _hf_run(overrides, tmp_path / "hydra1", out / f".{HF_OUT}.replaced", signal.SIGINT)
+    weights, folder, overrides = _a_float32_folder(small, tmp_path)
+    out = folder.parent
+    stopped = _cli_run(overrides, tmp_path / "hydra1", out / f".{HF_OUT}.replaced", signal.SIGINT)
     said = stopped.stdout + stopped.stderr
     assert stopped.returncode == 128 + signal.SIGINT, said
     assert f"Published {folder}; then the stop (SIGINT) took effect" in said, said
     assert sorted(p.name for p in out.iterdir()) == [HF_OUT]
     assert_matches_hf(folder, weights, SMALL, torch.bfloat16)
-    rerun = _hf_run(overrides, tmp_path / "hydra2")
+    rerun = _cli_run(overrides, tmp_path / "hydra2")
     assert "is up to date with this source and settings; skipped" in rerun.stderr + rerun.stdout
 
 

@@ -11,11 +11,15 @@ import subprocess
 import sys
 from pathlib import Path
 from subprocess import CompletedProcess
+from typing import TYPE_CHECKING
 
 import pytest
 import yaml
 
 from tests.conftest import REPO, TINY, model_overrides
+
+if TYPE_CHECKING:
+    from converter.job import JobResult
 
 # Starts ranks, subprocesses or servers: not in the fast layer (pytest -m 'not slow').
 pytestmark = pytest.mark.slow
@@ -548,11 +552,27 @@ def test_the_step_an_output_is_named_for_is_the_step_converted(
     assert result.output == str(root / "model_step5.pt")
 
 
+def _convert_tiny(root: Path, out: Path) -> JobResult:
+    """The TINY checkpoint in ``root`` converted to ``out`` in this process."""
+    from converter import job
+    from tests.conftest import compose
+
+    return job.run(
+        compose(
+            [
+                "experiment=debug",
+                f"experiment.checkpoint_dir={root}",
+                f"experiment.output={out}",
+                *model_overrides(TINY),
+            ]
+        )
+    )
+
+
 def test_a_shard_cut_short_during_the_conversion_is_named(tiny_checkpoint, tmp_path, monkeypatch):
     """A shard truncated in place after the index was read (cp or rsync --inplace over it):
     the reads or writes that fail are explained by the change, not blamed on the output."""
-    from converter import conversion, job
-    from tests.conftest import compose
+    from converter import conversion
 
     root = tmp_path / "checkpoint"
     shutil.copytree(tiny_checkpoint, root)
@@ -566,16 +586,7 @@ def test_a_shard_cut_short_during_the_conversion_is_named(tiny_checkpoint, tmp_p
 
     monkeypatch.setattr(conversion, "convert_tensors", cut_short_meanwhile)
     out = tmp_path / "out" / "model.pt"
-    result = job.run(
-        compose(
-            [
-                "experiment=debug",
-                f"experiment.checkpoint_dir={root}",
-                f"experiment.output={out}",
-                *model_overrides(TINY),
-            ]
-        )
-    )
+    result = _convert_tiny(root, out)
     assert result.status == "failed"
     assert f"{shards[0]} changed while it was being converted (it is rewritten)" in result.error
     assert not out.parent.exists() or not list(out.parent.iterdir())
@@ -585,8 +596,7 @@ def test_a_shard_rewritten_during_the_conversion_fails_it(tiny_checkpoint, tmp_p
     """A local shard rewritten while its tensors are read (another job saving into the step
     folder) could mix two saves in the output: the files are listed again once all is read,
     and the conversion fails, keeping nothing."""
-    from converter import conversion, job
-    from tests.conftest import compose
+    from converter import conversion
 
     root = tmp_path / "checkpoint"
     shutil.copytree(tiny_checkpoint, root)
@@ -600,16 +610,7 @@ def test_a_shard_rewritten_during_the_conversion_fails_it(tiny_checkpoint, tmp_p
 
     monkeypatch.setattr(conversion, "convert_tensors", rewritten_meanwhile)
     out = tmp_path / "out" / "model.pt"
-    result = job.run(
-        compose(
-            [
-                "experiment=debug",
-                f"experiment.checkpoint_dir={root}",
-                f"experiment.output={out}",
-                *model_overrides(TINY),
-            ]
-        )
-    )
+    result = _convert_tiny(root, out)
     assert result.status == "failed"
     assert f"{shard} changed while it was being converted (it is rewritten)" in result.error
     assert not out.parent.exists() or not list(out.parent.iterdir())
