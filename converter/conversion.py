@@ -246,14 +246,10 @@ def _lead(
         try:
             staged, filled, syncing = _convert_into(out, planned, group, times, print_)
         except Exception as e:
-            # A source file cut short or replaced meanwhile fails a read, or a write from its
-            # mapping (EFAULT), in ways that blame the output or look like a bug: said as it
-            # is, if a listing can tell (else the error stands as it is).
-            try:
-                changed = _source_change(planned)
-            except ConversionError:
-                changed = None
-            if changed:
+            # A local source file cut short or replaced meanwhile fails a read, or a write from
+            # its mapping (EFAULT), in ways that blame the output or look like a bug: said as it
+            # is. (Object stores pin their reads: a replaced object fails as changed.)
+            if not planned.index.storage.remote and (changed := _source_change(planned)):
                 raise ConversionError(changed) from e
             raise
         if changed := _source_change(planned):
@@ -277,8 +273,9 @@ def _lead(
 
 
 def _source_change(planned: _Planned) -> str | None:
-    """The source files, listed again once every tensor was read: a file rewritten meanwhile
-    (a new size or version) may have given the output bytes of two saves, which this says.
+    """The source files, listed again once every tensor was read (or a conversion failed): a
+    file rewritten meanwhile (a new size or version) may have given the output bytes of two
+    saves, which this says.
     Object stores pin their reads to the version listed; this catches the rest (a local
     folder, most of all)."""
     index = planned.index
@@ -675,7 +672,7 @@ def fingerprint(planned: _Planned) -> dict[str, Any]:
     small ``.metadata``, read anyway, is also hashed."""
     index, conf = planned.index, planned.conf
     read = planned.fmt.reads_from_assets(planned.tokenizer_dir)
-    assets = {**planned.assets, **{f"{n} (read, not copied)": p for n, p in read.items()}}
+    assets = {**planned.assets, **{f"{n}{_READ_NOT_COPIED}": p for n, p in read.items()}}
     return {
         # A local folder by its real path: reached through a symbolic link, it is the same.
         "step_dir": (
@@ -822,7 +819,7 @@ def _already_done(planned: _Planned, print_: dict[str, Any]) -> bool:
     previous = read_manifest(manifest_path(output, folder))
     same = (
         previous is not None
-        and _comparable(previous.get("fingerprint")) == print_
+        and _comparable(previous.get("fingerprint"), print_) == print_
         and _written_here(previous, output)
     )
     # A file the store lists no version of could have changed unseen: never up to date.
@@ -881,11 +878,22 @@ def _written_here(previous: dict[str, Any], output: Path) -> bool:
     return os.path.realpath(written) == os.path.realpath(output)
 
 
-def _comparable(recorded: dict[str, Any] | None) -> dict[str, Any] | None:
-    """A recorded fingerprint as ``fingerprint`` makes one now: a local step folder by its
-    real path (recorded as given, through any symbolic link, before 2026-12-07)."""
-    if recorded and (path := local_part(str(recorded.get("step_dir")))) is not None:
-        return {**recorded, "step_dir": os.path.realpath(path)}
+_READ_NOT_COPIED = " (read, not copied)"
+
+
+def _comparable(recorded: Any, now: dict[str, Any]) -> dict[str, Any] | None:
+    """A recorded fingerprint as ``fingerprint`` makes one now (``now``). Before 2026-12-07 a
+    local step folder was recorded as given (through any symbolic link), not by its real path,
+    and the files read from the tokenizer folder but not copied were not recorded: those are
+    taken as they are now, as that version did."""
+    if not isinstance(recorded, dict):
+        return None
+    if (path := local_part(str(recorded.get("step_dir")))) is not None:
+        recorded = {**recorded, "step_dir": os.path.realpath(path)}
+    old = recorded.get("assets")
+    if isinstance(old, dict) and not any(k.endswith(_READ_NOT_COPIED) for k in old):
+        read = {k: v for k, v in now.get("assets", {}).items() if k.endswith(_READ_NOT_COPIED)}
+        recorded = {**recorded, "assets": {**old, **read}}
     return recorded
 
 
@@ -909,7 +917,7 @@ def _differences(
 ) -> list[str]:
     """What makes the conversion on disk another than this one, in a user's words (``differ``:
     how its files differ from its manifest, see ``mismatches``)."""
-    old = _comparable(previous.get("fingerprint")) or {}
+    old = _comparable(previous.get("fingerprint"), print_) or {}
     found = []
     if old.get("step_dir") != print_["step_dir"]:
         was = (previous.get("source") or {}).get("step_dir") or old.get("step_dir")
@@ -917,10 +925,12 @@ def _differences(
     for key in ("output_format", "export_dtype", "model"):
         for field, (was, now) in _changed_fields(key, old.get(key), print_[key]).items():
             found.append(f"its {field} was {was}, this run's is {now}")
-    if old.get("assets") != print_.get("assets"):
+    was, now = old.get("assets") or {}, print_.get("assets") or {}
+    if was != now:
+        changed = sorted(n for n in {*was, *now} if was.get(n) != now.get(n))
         found.append(
-            f"its tokenizer files were {old.get('assets') or 'none'}, this run's are "
-            f"{print_.get('assets') or 'none'} (experiment.tokenizer_dir)"
+            f"the files it took from the tokenizer folder differ now ({', '.join(changed)}; "
+            "experiment.tokenizer_dir)"
         )
     if old.get("step_dir") == print_["step_dir"]:
         changed = sorted(

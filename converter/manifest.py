@@ -48,6 +48,9 @@ def read_manifest(path: Path) -> dict[str, Any] | None:
         return None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("fingerprint"), dict):
         return None
+    parts = (manifest.get("source"), manifest.get("config"), manifest["fingerprint"].get("files"))
+    if not all(isinstance(part, dict | None) for part in parts):
+        return None
     output = manifest.get("output")
     if not isinstance(output, dict):
         return None

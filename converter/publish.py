@@ -28,7 +28,6 @@ import logging
 import os
 import shutil
 import signal
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -277,18 +276,24 @@ def stops_deferred(done: str) -> Iterator[None]:
         yield
         return
     arrived: list[int] = []
+    failed = False
     previous = {s: signal.getsignal(s) for s in _STOPPING}
     for signum, handler in previous.items():
         if handler not in (signal.SIG_IGN, None):  # None: set outside Python, left alone
             signal.signal(signum, lambda n, _frame: arrived.append(n))
     try:
         yield
+    except BaseException as e:  # a failing rename: rolled back by the block itself
+        failed = True
+        if arrived:
+            log.error("Publishing failed as a stop came: %s", e)
+        raise
     finally:
         for signum, handler in previous.items():
             if handler not in (signal.SIG_IGN, None):
                 signal.signal(signum, handler)
         if arrived:
-            if sys.exc_info()[1] is None:  # not a failing rename
+            if not failed:
                 name = signal.Signals(arrived[0]).name
                 log.warning("%s; then the stop (%s) took effect.", done, name)
             signal.raise_signal(arrived[0])

@@ -375,7 +375,8 @@ def test_persistent_faults_end_in_one_clear_error(clean, via_proxy, tmp_path, ca
         said = re.search(r"after (\d+) attempts over ([\d.]+) s", result.error)
         assert said, result.error
         attempts, seconds = int(said[1]), float(said[2])
-        assert attempts > 3 and RETRY_S / 2 <= seconds <= RETRY_S, result.error
+        # The budget holds the backoffs (jittered) and the failing requests but the last.
+        assert attempts > 3 and RETRY_S / 3 <= seconds <= RETRY_S + 2, result.error
         first, last = map(int, re.search(r"\(bytes (\d+)-(\d+)\)", result.error).groups())
         asked = [r for r in via_proxy.requests("GET") if r.key == SHARD and r.range]
         # A reset request resumes at its last good byte, so count the requests ending there.
@@ -720,7 +721,7 @@ def test_an_unreachable_endpoint_is_named(monkeypatch):
         find_step_dir(storage, "latest")
     assert "Cannot reach the object store for s3://bucket/run after " in str(e.value)
     assert f"Check the endpoint {endpoint}" in str(e.value)
-    assert RETRY_S / 2 <= time.monotonic() - start < RETRY_S + 10
+    assert RETRY_S / 3 <= time.monotonic() - start < RETRY_S + 10
 
 
 @pytest.mark.parametrize(

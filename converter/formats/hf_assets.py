@@ -83,12 +83,19 @@ def token_ids(folder: Path | None, files: Mapping[str, Path]) -> TokenIds:
     Remembered for the files as they are (a tokenizer.json may take a second to parse, and
     the checks, config.json and the manifest all ask)."""
     read = {**files, **{f"read {n}": p for n, p in read_not_copied(folder).items()}}
-    seen = tuple((n, p, p.stat().st_mtime_ns) for n, p in sorted(read.items()) if p.is_file())
+    seen = tuple((n, p, _identity(p)) for n, p in sorted(read.items()) if p.is_file())
     return dict(_token_ids(seen))
 
 
+def _identity(path: Path) -> tuple[int, int, int]:
+    """What tells a file's contents apart cheaply: an edit within one mtime tick changes
+    the size or, written by a new file renamed over it, the inode."""
+    st = path.stat()
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
 @functools.lru_cache(maxsize=8)
-def _token_ids(seen: tuple[tuple[str, Path, int], ...]) -> TokenIds:
+def _token_ids(seen: tuple[tuple[str, Path, tuple[int, int, int]], ...]) -> TokenIds:
     files = {name: path for name, path, _ in seen}
     ids: TokenIds = dict.fromkeys(TOKEN_KEYS)
     sources = [files[n] for n in (f"read {_ASSETS_CONFIG}", GENERATION_CONFIG) if n in files]

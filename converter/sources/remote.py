@@ -352,7 +352,9 @@ class FsspecStorage(Storage):
         """``request()``, retried with exponential backoff while it fails transiently, for up
         to ``storage_retry_s``; any other failure becomes one paragraph naming the object and
         the byte range. An aborted run sends no more requests."""
-        began = time.monotonic()
+        # The budget runs from the first failure: a long read that fails late is retried too.
+        failing_since: float | None = None
+        last: Exception | None = None
         attempt = 0
         while not self._aborted.is_set():
             attempt += 1
@@ -363,9 +365,11 @@ class FsspecStorage(Storage):
             except Exception as e:
                 if missing_ok and _kind(e) == "missing":
                     return None
+                last = e
+                failing_since = failing_since or time.monotonic()
                 delay = min(_BACKOFF_MAX_S, _BACKOFF_S * 2 ** min(attempt - 1, 16))
                 delay = delay / 2 + random.uniform(0, delay / 2)
-                waited = time.monotonic() - began
+                waited = time.monotonic() - failing_since
                 if _kind(e) in ("transient", "unreachable") and waited + delay <= self._retry_s:
                     with self._lock:
                         self.retries += 1
@@ -380,7 +384,10 @@ class FsspecStorage(Storage):
                     self._aborted.wait(delay)
                     continue
                 raise self._failure(path, span, e, attempt, waited) from e
-        raise ConversionError(f"Reading {self.display(path)} was stopped: the run is interrupted.")
+        raise ConversionError(
+            f"Reading {self.display(path)} was stopped: the run was interrupted, or failed "
+            "elsewhere."
+        ) from last
 
     def abort(self) -> None:
         self._aborted.set()
