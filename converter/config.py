@@ -12,9 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import re
 import typing
-import urllib.parse
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -141,29 +139,6 @@ class ConvertConfig:
         self.experiment.check()
         self.output_format.check()
         FORMATS[self.output_format.name].check_output(self.experiment.output)
-
-
-# Option names that carry a secret (s3fs's key/secret/token, client_kwargs'
-# aws_secret_access_key, Azure's account_key, sas_token, connection_string, ...).
-_SECRET = re.compile(r"key|secret|token|password|passwd|credential|sas|connection_string", re.I)
-
-
-def redacted(options: Any) -> Any:
-    """``experiment.storage_options`` without its secrets, for the manifest: the values of
-    keys that name a secret, and the user:password of a URL, are replaced by ``<redacted>``."""
-    if isinstance(options, dict):
-        return {
-            k: "<redacted>" if _SECRET.search(str(k)) else redacted(v) for k, v in options.items()
-        }
-    if isinstance(options, list | tuple):
-        return [redacted(v) for v in options]
-    if isinstance(options, str) and "@" in options and "://" in options:
-        parts = urllib.parse.urlsplit(options)
-        if parts.password or parts.username:
-            host = parts.hostname or ""
-            netloc = f"<redacted>@{host}" + (f":{parts.port}" if parts.port else "")
-            return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-    return options
 
 
 def local_path(value: str) -> Path:
@@ -319,6 +294,11 @@ def unknown_keys(cfg: Any, schema: type = ConvertConfig, prefix: str = "") -> li
             kind = actual if isinstance(actual, type) and issubclass(actual, nested) else nested
             problems += unknown_keys(cfg[key], kind, f"{name}.")
     return problems
+
+
+def to_plain(node: Any) -> Any:
+    """A config dataclass as plain data (enums by value), for the manifest."""
+    return OmegaConf.to_container(OmegaConf.structured(node), resolve=True, enum_to_str=True)
 
 
 def to_object(cfg: Any) -> ConvertConfig:

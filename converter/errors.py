@@ -22,6 +22,11 @@ def environment_error(what: str, e: BaseException) -> ConversionError:
     )
 
 
+def n_tensors(n: int) -> str:
+    """'1 tensor', '3 tensors': for messages."""
+    return f"{n} tensor{'s' * (n != 1)}"
+
+
 _WHY = {
     errno.ENOSPC: ("the disk is full", "free space on it"),
     errno.EDQUOT: ("the disk quota is exceeded", "free space within the quota"),

@@ -32,9 +32,8 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from converter.config import redacted
 from converter.errors import ConversionError
-from converter.sources.storage import FileInfo, Storage
+from converter.sources.storage import FileInfo, Storage, redacted
 
 log = logging.getLogger(__name__)
 # botocore logs where it found the endpoint and the credentials at INFO: noise in every run's

@@ -14,7 +14,9 @@ import errno
 import mmap
 import os
 import posixpath
+import re
 import stat
+import urllib.parse
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -207,3 +209,26 @@ def read_error(path: str, e: OSError) -> ConversionError:
         f"Cannot read {path}: {e.strerror or e} (errno {e.errno}). The storage failed while "
         "reading, which says nothing of the data: check the file system, then run again."
     )
+
+
+# Option names that carry a secret (s3fs's key/secret/token, client_kwargs'
+# aws_secret_access_key, Azure's account_key, sas_token, connection_string, ...).
+_SECRET = re.compile(r"key|secret|token|password|passwd|credential|sas|connection_string", re.I)
+
+
+def redacted(options: Any) -> Any:
+    """``experiment.storage_options`` without its secrets, for the manifest: the values of
+    keys that name a secret, and the user:password of a URL, are replaced by ``<redacted>``."""
+    if isinstance(options, dict):
+        return {
+            k: "<redacted>" if _SECRET.search(str(k)) else redacted(v) for k, v in options.items()
+        }
+    if isinstance(options, list | tuple):
+        return [redacted(v) for v in options]
+    if isinstance(options, str) and "@" in options and "://" in options:
+        parts = urllib.parse.urlsplit(options)
+        if parts.password or parts.username:
+            host = parts.hostname or ""
+            netloc = f"<redacted>@{host}" + (f":{parts.port}" if parts.port else "")
+            return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    return options
