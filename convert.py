@@ -14,10 +14,31 @@ import gc
 # the job starts, and then they are frozen out of its reach (see main).
 gc.disable()
 
-import logging
 import os
 import signal
 import sys
+
+
+def _stop_name(signum: int) -> str:
+    return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+
+
+def _stopped_while_starting(signum: int, frame: object) -> None:
+    """A stop while torch and Hydra load (a second or more): nothing is written yet, so one
+    line says so, instead of the traceback of whichever import it cut short."""
+    said = f"Interrupted ({_stop_name(signum)}) while starting: nothing was written.\n"
+    os.write(2, said.encode())
+    os._exit(128 + signum)
+
+
+# A signal ignored already stays ignored: nohup ignores SIGHUP so the run outlives its terminal.
+_STOPPING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+if __name__ == "__main__":
+    for stopping in _STOPPING:
+        if signal.getsignal(stopping) in (signal.SIG_DFL, signal.default_int_handler):
+            signal.signal(stopping, _stopped_while_starting)
+
+import logging
 from pathlib import Path
 
 import hydra
@@ -114,12 +135,14 @@ if __name__ == "__main__":
     # job reports it and removes its partial output. (CPython ignores it at start-up already;
     # this states that the job relies on it.)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    # Under SLURM, submitit's own handlers take these in the job's process (this is not it).
-    # A signal ignored already stays ignored: nohup ignores SIGHUP so the run outlives its
-    # terminal.
-    for stopping in (signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(stopping) is signal.SIG_DFL:
-            signal.signal(stopping, _stop)
+    # From here a stop is the job's to handle: Ctrl-C raises KeyboardInterrupt, and SIGTERM
+    # and SIGHUP are made to. Under SLURM, submitit's own handlers take them in the job's
+    # process (this is not it).
+    for stopping in _STOPPING:
+        if signal.getsignal(stopping) is _stopped_while_starting:
+            signal.signal(
+                stopping, signal.default_int_handler if stopping == signal.SIGINT else _stop
+            )
     if conflict := _single_mode_only(sys.argv[1:]):
         print(conflict, file=sys.stderr)
         sys.exit(2)
@@ -139,7 +162,6 @@ if __name__ == "__main__":
     except KeyboardInterrupt as e:
         # The job has already removed its partial file and lock on the way out.
         signum = e.signum if isinstance(e, _Stopped) else signal.SIGINT
-        how = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         # A stop during a publish takes effect once it is done (converter.publish): the job
         # under way left its output whole, or nothing.
         if {"-m", "--multirun"} & set(sys.argv[1:]):
@@ -151,7 +173,7 @@ if __name__ == "__main__":
             )
         else:
             said = "no partial output was left (the log says if one was published as it came)"
-        print(f"Interrupted ({how}): {said}.", file=sys.stderr)
+        print(f"Interrupted ({_stop_name(signum)}): {said}.", file=sys.stderr)
         code = 128 + signum
     # Everything the job wrote is synced and closed by now. Tearing down the interpreter
     # (freeing torch's modules one by one) took 1.4 s of a 10 s conversion here: skip it.

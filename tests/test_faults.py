@@ -1463,6 +1463,34 @@ def test_a_stopped_run_prints_one_line_leaves_nothing_and_exits_128_plus_n(
     assert snapshot(checkpoint) == sources
 
 
+@pytest.mark.parametrize("signum, said", [(signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM")])
+def test_a_stop_while_starting_prints_one_line(tmp_path, signum, said):
+    """Ctrl-C or SIGTERM while the imports run (Hydra in, torch not yet): one line, no
+    traceback of the import it cut short, exit 128 + the signal, nothing written."""
+    out, hydra_dir = tmp_path / "out", tmp_path / "hydra"
+    cmd = command({"experiment.output": str(out / "model.pt")}, hydra_dir)
+    # -X importtime reports each module once it is imported, on stderr.
+    cmd.insert(1, "-Ximporttime")
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    imported = []
+    try:
+        for line in proc.stderr:
+            imported.append(line.decode().rsplit("|", 1)[-1].strip())
+            if imported[-1] == "hydra":
+                break
+        proc.send_signal(signum)
+    finally:
+        _, rest = proc.communicate(timeout=120)
+    assert "hydra" in imported and "torch" not in imported, imported
+    stderr = rest.decode()
+    assert proc.returncode == 128 + signum, stderr
+    assert f"Interrupted ({said}) while starting: nothing was written." in stderr, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert not out.exists() and not hydra_dir.exists()
+
+
 def test_a_run_under_nohup_outlives_sighup(big, tmp_path):
     """nohup ignores SIGHUP so that a run outlives its terminal: the converter leaves a signal
     it finds ignored as it is, and the run converts."""
