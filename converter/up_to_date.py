@@ -8,6 +8,7 @@ refused, saying what differs, unless ``overwrite=true``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -51,23 +52,49 @@ def fingerprint(planned: Planned) -> dict[str, Any]:
         "output_format": to_plain(conf.output_format),
         "export_dtype": str(conf.experiment.export_dtype),
         "model": to_plain(conf.experiment.model),
+        # The converter by its version and its code: an output written before a fix to the code
+        # that writes it is not up to date, whatever the version says.
         "converter": package_versions()["titan2tune"],
+        _CODE: code_digest(),
         # The files copied in (tokenizer), and those read but not copied (the token ids of an
         # hf folder's config.json), by content: only for a format that reads any.
         **({"assets": {n: file_digest(p) for n, p in assets.items()}} if assets else {}),
     }
 
 
+_CODE = "converter_code_xxh3_128"
+
+
+@functools.cache
+def code_digest() -> str:
+    """The XXH3-128 of this package's Python files, by their paths within it: what a fix to
+    the output changes, where the version (bumped by hand, if ever) need not."""
+    package = Path(__file__).resolve().parent
+    digest = xxhash.xxh3_128()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _by_source_and_settings(print_: dict[str, Any]) -> dict[str, Any]:
+    """A fingerprint without the converter that wrote it."""
+    return {k: v for k, v in print_.items() if k not in ("converter", _CODE)}
+
+
 def already_done(planned: Planned, print_: dict[str, Any]) -> bool:
     """True if the output holds this very conversion (and ``force`` is off); raises if it
-    holds another and may not be replaced, saying what differs."""
+    holds another and may not be replaced, saying what differs. One written by another
+    converter (another version or code) from the same source and settings, and untouched, is
+    converted again: it may hold what a fix has changed since."""
     output, conf, folder = planned.output, planned.conf, planned.fmt.folder
     if not output.exists() or (folder and output.is_dir() and not any(output.iterdir())):
         return False  # nothing there, or an empty folder: nothing to lose
     previous = read_manifest(manifest_path(output, folder))
+    recorded = _comparable(previous.get("fingerprint"), print_) if previous else None
     same = (
-        previous is not None
-        and _comparable(previous.get("fingerprint"), print_) == print_
+        recorded is not None
+        and _by_source_and_settings(recorded) == _by_source_and_settings(print_)
         and _written_here(previous, output)
     )
     # A file the store lists no version of could have changed unseen: never up to date.
@@ -94,6 +121,14 @@ def already_done(planned: Planned, print_: dict[str, Any]) -> bool:
                 "this run does not allow them. Set allow_nonfinite=true to keep it as it is, "
                 "or overwrite=true to convert again (which fails on those values)."
             )
+        if recorded != print_:
+            log.info(
+                "Converting %s again: it was written by another titan2tune (%s), whose output "
+                "may differ from this one's.",
+                output,
+                _converter(recorded),
+            )
+            return False
         if conf.force:
             log.info("Converting %s again (force=true), though it is up to date.", output)
             return False
@@ -193,14 +228,22 @@ def _differences(
             f"it was written at {previous['output']['path']} and moved or copied here, where "
             "its recipe snippet (checkpoint_dir) still names the old place"
         )
-    if old.get("converter") != print_["converter"]:
-        found.append(f"it was written by titan2tune {old.get('converter')}")
+    if _converter(old) != _converter(print_):
+        found.append(f"it was written by another titan2tune ({_converter(old)})")
     if differ:
         found.append(
             f"its files no longer match its manifest {manifest_path(output, folder)} "
             f"({', '.join(differ)})"
         )
     return found or ["it was written with other settings"]
+
+
+def _converter(print_: dict[str, Any]) -> str:
+    """The converter that a fingerprint names, in a user's words."""
+    code = print_.get(_CODE)
+    return f"version {print_.get('converter')}, " + (
+        f"code {code[:12]}" if isinstance(code, str) else "code not recorded"
+    )
 
 
 def _changed_fields(name: str, old: Any, new: Any) -> dict[str, tuple[Any, Any]]:

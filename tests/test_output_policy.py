@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 
 from converter import job
 from converter.digests import file_digest
@@ -19,6 +20,7 @@ from converter.engine import convert_tensors
 from converter.errors import ConversionError
 from converter.formats import FORMATS
 from converter.formats.hf import HfOptions
+from converter.manifest import package_versions
 from converter.models.base import build_plan
 from converter.models.llama3 import Llama3, Llama3Config
 from converter.publish import Output
@@ -112,6 +114,46 @@ def test_an_output_not_given_what_this_run_asks_is_converted_again(layout_checkp
     assert "sha256" in written["sidecars"]["model.pt.torchtune.yaml"]
     assert _run(root, shape, out, "sha256=true").status == "skipped"
     assert _run(root, shape, out).status == "skipped"  # sha256 recorded and not asked: kept
+
+
+def _package_digest() -> str:
+    """The XXH3-128 of the converter package's .py files, as the fingerprint should take it."""
+    package = Path(__file__).resolve().parents[1] / "converter"
+    digest = xxhash.xxh3_128()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(f"{path.relative_to(package).as_posix()}\0".encode())
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+@pytest.mark.parametrize("written_by", ["other code", "a version recording no code"])
+def test_an_output_of_another_converter_is_converted_again(
+    layout_checkpoints, tmp_path, caplog, written_by
+):
+    """An output written from the same source and settings by another converter's code (one
+    from before a fix, say: the version alone did not change) may hold what the fix changed:
+    converted again, with no setting, and then up to date. An output that differs otherwise
+    is refused, naming the converter too."""
+    root, shape, _ = layout_checkpoints[TORCHTITAN_0_3, "mha"]
+    out = tmp_path / "model.pt"
+    manifest = tmp_path / "model.pt.manifest.json"
+    assert _run(root, shape, out).status == "converted"
+    recorded = json.loads(manifest.read_text())
+    assert recorded["fingerprint"]["converter_code_xxh3_128"] == _package_digest()
+    if written_by == "other code":
+        recorded["fingerprint"]["converter_code_xxh3_128"] = "0" * 32
+    else:
+        del recorded["fingerprint"]["converter_code_xxh3_128"]
+    manifest.write_text(json.dumps(recorded))
+    refused = _run(root, shape, out, "experiment.export_dtype=float32")
+    assert refused.status == "failed", refused.error
+    code = "code 000000000000" if written_by == "other code" else "code not recorded"
+    said = f"it was written by another titan2tune (version {package_versions()['titan2tune']}, "
+    assert f"{said}{code})" in refused.error
+    with caplog.at_level("INFO", logger="titan2tune"):
+        assert _run(root, shape, out).status == "converted"
+    assert f"{said}{code})" in caplog.text
+    assert _run(root, shape, out).status == "skipped"
 
 
 @pytest.mark.parametrize("damage", ["removed", "edited"])
