@@ -80,6 +80,7 @@ def plan_conversion(
     if isinstance(storage, LocalStorage):
         _check_not_source(given, output, index)
     _check_not_folders(output, fmt)
+    _check_not_inside_an_output(output)
     if fmt.folder and tokenizer_dir and tokenizer_dir.is_relative_to(output):
         raise ConversionError(
             f"experiment.output {output} holds experiment.tokenizer_dir {tokenizer_dir}: "
@@ -191,6 +192,19 @@ def _check_not_folders(output: Path, fmt: OutputFormat) -> None:
                 f"{path} is a folder, where the converter writes a file that describes "
                 f"experiment.output {output}. Remove or rename the folder, or choose another "
                 "experiment.output, then run again."
+            )
+
+
+def _check_not_inside_an_output(output: Path) -> None:
+    """Refuses an output inside a folder this converter wrote (an ``hf`` output): that folder
+    would hold files its manifest does not list, and replacing it would delete them."""
+    for folder in output.parents:
+        if (manifest := manifest_path(folder, True)).is_file():
+            raise ConversionError(
+                f"experiment.output {output} lies inside {folder}, an output folder of this "
+                f"converter ({manifest.name} is its manifest): it would no longer match its "
+                "manifest, and replacing it would delete what is written inside. Choose a "
+                "path outside it."
             )
 
 

@@ -13,16 +13,17 @@ from __future__ import annotations
 import functools
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from converter.config import local_path
@@ -88,18 +89,47 @@ def planned_outputs(config: DictConfig) -> dict[str, list[str]]:
     it, composed as the sweeper composes them, before any job runs."""
     loader = GlobalHydra.instance().config_loader()
     outputs: dict[str, list[str]] = {}
-    for job in planned_jobs(config):
-        try:
-            cfg = loader.load_sweep_config(config, job)
-            if cfg.dry_run:  # writes nothing
+    launching = HydraConfig.instance().cfg
+    try:
+        for num, job in enumerate(planned_jobs(config)):
+            try:
+                cfg = _as_launched(loader.load_sweep_config(config, job), num)
+                if cfg.dry_run:  # writes nothing
+                    continue
+                output = str(local_path(cfg.experiment.output).resolve())
+            except (HydraException, OmegaConfBaseException):
+                # A job that does not compose (an experiment misspelt, a bad value) or resolve
+                # (${resolved_step:} finds no step) writes nothing: Hydra, or the job, says why.
                 continue
-            output = str(local_path(cfg.experiment.output).resolve())
-        except (HydraException, OmegaConfBaseException):
-            # A job that does not compose (an experiment misspelt, a bad value) or resolve
-            # (${resolved_step:} finds no step) writes nothing: Hydra, or the job, says why.
-            continue
-        outputs.setdefault(output, []).append(" ".join(job) or "(no overrides)")
+            outputs.setdefault(output, []).append(" ".join(job) or "(no overrides)")
+    finally:
+        HydraConfig.instance().cfg = launching
     return outputs
+
+
+def _as_launched(cfg: DictConfig, num: int) -> DictConfig:
+    """A job's config as its launcher hands it to the job: numbered, with its output folder,
+    and set as the HydraConfig that ``${hydra:...}`` reads (an output path may name
+    ``runtime.choices.experiment``, say). Its id is its number here: SLURM's, given at
+    submission, is as unique."""
+    with open_dict(cfg):
+        cfg.hydra.job.num = num
+        cfg.hydra.job.id = str(num)
+        subdir = Path(cfg.hydra.sweep.dir) / str(cfg.hydra.sweep.subdir)
+        cfg.hydra.runtime.output_dir = str(subdir.absolute())
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def nested_outputs(outputs: Collection[str]) -> list[tuple[str, str]]:
+    """``(inner, outer)`` for each output that lies inside another (a folder output)."""
+    paths = sorted(map(Path, outputs))
+    return [
+        (str(inner), str(outer))
+        for i, outer in enumerate(paths)
+        for inner in paths[i + 1 :]
+        if inner.is_relative_to(outer)
+    ]
 
 
 class _OnceEach(logging.Filter):
@@ -147,7 +177,8 @@ class SweepSummary(Callback):
     @_fails_the_sweep
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         logging.getLogger("submitit").addFilter(_OnceEach("Bypassing sacct error"))
-        clashes = {out: jobs for out, jobs in planned_outputs(config).items() if len(jobs) > 1}
+        outputs = planned_outputs(config)
+        clashes = {out: jobs for out, jobs in outputs.items() if len(jobs) > 1}
         if clashes:
             described = "; ".join(f"{out} by [{'], ['.join(j)}]" for out, j in clashes.items())
             log.error(
@@ -155,6 +186,20 @@ class SweepSummary(Callback):
                 "Nothing was run. Give each job its own experiment.output: put what the jobs "
                 "differ in into the path, e.g. ${experiment.name}, ${resolved_step:} or "
                 "${output_format.name}.",
+                described,
+            )
+            sys.exit(1)
+        if nested := nested_outputs(outputs):
+            described = "; ".join(
+                f"{inner} by [{'], ['.join(outputs[inner])}] inside {outer} by "
+                f"[{'], ['.join(outputs[outer])}]"
+                for inner, outer in nested
+            )
+            log.error(
+                "Jobs of this sweep would write an output inside another's: %s. The outer "
+                "folder would then hold files its manifest does not list, and replacing it "
+                "would delete the inner one. Nothing was run. Give each job an output outside "
+                "the others'.",
                 described,
             )
             sys.exit(1)

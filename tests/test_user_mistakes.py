@@ -154,6 +154,61 @@ def test_a_sweep_whose_jobs_share_an_output_is_refused_before_it_runs(
     assert not (tmp_path / "sweep" / ".submitit").exists()  # where the slurm profile submits
 
 
+@pytest.mark.parametrize("case", ["hydra's values", "nested", "apart by job number"])
+def test_sweep_outputs_are_checked_as_each_job_resolves_them(tiny_checkpoint, tmp_path, case):
+    """An output path that reads Hydra's values (``${hydra:...}``) is resolved as the job will
+    resolve it: two jobs that land on one path are refused (job 0's output was replaced by job
+    1's, exit 0, before), as are two outputs one inside the other; outputs apart by the job's
+    number are not."""
+    out = tmp_path / "out"
+    swept = {
+        "hydra's values": [
+            "experiment.export_dtype=float32,bfloat16",
+            f"experiment.output={out}/${{hydra:runtime.choices.experiment}}.pt",
+        ],
+        "nested": ["output_format=hf", f"experiment.output={out}/nest,{out}/nest/inner"],
+        "apart by job number": [
+            "experiment.export_dtype=float32,bfloat16",
+            f"experiment.output={out}/m${{hydra:job.num}}.pt",
+        ],
+    }[case]
+    run = convert_py(
+        "-m",
+        "experiment=debug",
+        *swept,
+        f"experiment.checkpoint_dir={tiny_checkpoint}",
+        "overwrite=true",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        *model_overrides(TINY),
+    )
+    said = run.stdout + run.stderr
+    if case == "apart by job number":
+        assert run.returncode == 0, said[-2000:]
+        assert (out / "m0.pt").is_file() and (out / "m1.pt").is_file()
+        return
+    assert run.returncode == 1, said[-2000:]
+    if case == "nested":
+        assert f"would write an output inside another's: {out}/nest/inner by [" in said, said
+        assert f"inside {out}/nest by [" in said, said
+    else:
+        assert f"would write the same output, each replacing the last: {out}/debug.pt" in said
+    assert "Traceback" not in said and not out.exists()
+
+
+def test_an_output_inside_a_folder_output_is_refused(tiny_checkpoint, tmp_path):
+    """A run whose output lies inside an hf folder written before would leave that folder
+    unlike its manifest, and be deleted when the folder is replaced: refused, naming it."""
+    folder = tmp_path / "out" / "model_hf"
+    written = convert(tiny_checkpoint, tmp_path, "output_format=hf", f"experiment.output={folder}")
+    assert written.returncode == 0, written.stderr[-2000:]
+    before = sorted(p.name for p in folder.iterdir())
+    inner = folder / "step5" / "model.pt"
+    run = convert(tiny_checkpoint, tmp_path, f"experiment.output={inner}")
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert f"experiment.output {inner} lies inside {folder}, an output folder" in run.stderr
+    assert sorted(p.name for p in folder.iterdir()) == before
+
+
 def test_a_jobs_saved_config_runs_that_job_again(tiny_checkpoint, tmp_path):
     """Hydra saves each job's composed config in .hydra/config.yaml; given back as the primary
     config, it is the same conversion: up to date, and converted again with force=true."""
