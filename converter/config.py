@@ -86,6 +86,12 @@ class ExperimentConfig:
     )
 
     def check(self) -> None:
+        if isinstance(self.step, str) and self.step.isdigit():
+            raise ValueError(
+                f"experiment.step is the text {self.step!r}, not a number (quoted, or with a "
+                f"leading zero): give experiment.step={int(self.step)} (in a YAML file, "
+                f"step: {int(self.step)}, unquoted)"
+            )
         if isinstance(self.step, str) and self.step != "latest":
             raise ValueError(
                 f"experiment.step must be a step number or 'latest', got {self.step!r}"

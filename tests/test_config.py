@@ -75,6 +75,8 @@ def test_bad_values_fail_at_composition(override, message):
     [
         ("experiment.step=-3", "experiment.step must be >= 0 or 'latest', got -3"),
         ("experiment.step=newest", "must be a step number or 'latest', got 'newest'"),
+        ("experiment.step=020", "experiment.step is the text '020', not a number"),
+        ("experiment.step='20'", "give experiment.step=20 (in a YAML file, step: 20, unquoted)"),
         ("experiment.model.n_kv_heads=3", "n_kv_heads=3 must be a positive divisor of n_heads=16"),
         ("batch_mb=0", "batch_mb must be positive"),
         ("experiment.model.n_heads=null", "n_heads must be a positive number, got None"),
