@@ -221,14 +221,18 @@ class SweepSummary(Callback):
         failed = [r.experiment for r in results.values() if not r.ok]
         if failed:
             log.error("%d of %d experiments failed: %s", len(failed), len(results), failed)
-        jobs = len(planned)
-        if len(results) < jobs:
+        missing = [n for n in range(len(planned)) if n not in results]
+        if missing:
             log.error(
-                "%d of the sweep's %d jobs reported no result: killed before they ended (out "
-                "of memory, or by the scheduler)? Their logs are in their job folders under %s.",
-                jobs - len(results),
-                jobs,
+                "%d of the sweep's %d jobs reported no result (%s): killed before they ended "
+                "(out of memory, or by the scheduler)? Their logs are in their job folders "
+                "under %s.",
+                len(missing),
+                len(planned),
+                "; ".join(
+                    f"job {n}: {' '.join(_varied(planned)[n]) or 'no overrides'}" for n in missing
+                ),
                 sweep_dir,
             )
-        if failed or len(results) < jobs:
+        if failed or missing:
             sys.exit(1)

@@ -195,7 +195,7 @@ def summary_rows(output: str) -> dict[str, str]:
 
 def sweep_dir_of(cwd: Path, output: str) -> Path:
     """The sweep folder the launcher reported (Hydra's default: outputs/sweeps/<time>)."""
-    found = re.search(r"sweep output dir : (\S+)$", output, flags=re.M)
+    found = re.search(r"the sweep's folder: (\S+)$", output, flags=re.M)
     assert found, output[-3000:]
     return cwd / found.group(1)
 
@@ -383,6 +383,40 @@ def test_broken_checkpoint_fails_only_its_job(demo_root, tmp_path):
     # The failed job wrote nothing beside its (damaged) source.
     broken = tmp_path / "outputs" / "checkpoint_debug_pretrained"
     assert sorted(p.name for p in broken.iterdir()) == [step.name]
+
+
+def test_a_job_that_dies_outside_the_conversion_is_reported_with_the_others(demo_root, tmp_path):
+    """Job 0's Python cannot start on its node (its address space is capped below what torch
+    maps): the sweep waits for job 1, which converts, prints the summary, and fails naming job
+    0, its SLURM state and its log. (hydra-submitit-launcher raised at job 0: a traceback, no
+    summary, and job 1 still running.)"""
+    root, saved = demo_root
+    for name in ("debug", "debug_pretrained"):
+        step = latest_step(root / "outputs" / f"checkpoint_{name}")
+        shutil.copytree(step, tmp_path / "outputs" / f"checkpoint_{name}" / step.name)
+    code, output = sweep(
+        tmp_path,
+        "experiment=debug,debug_pretrained",
+        'hydra.launcher.setup=["test $SLURM_ARRAY_TASK_ID = 1 || ulimit -v 400000"]',
+    )
+    assert code == 1, output[-5000:]
+    assert summary_rows(output) == {"debug_pretrained": "converted"}, output[-5000:]
+    said = re.search(
+        r"Job 0 \(experiment=debug\) ended without a result: SLURM job (\S+), state \S+; "
+        r"submitit: .+ Its log: (\S+)\. ",
+        output,
+    )
+    assert said, output[-5000:]
+    job, log = said.groups()
+    sweep_dir = sweep_dir_of(tmp_path, output)
+    assert job in submitted_jobs(sweep_dir) and Path(log) == sweep_dir / ".submitit" / job / (
+        f"{job}_0_log.err"
+    )
+    assert "1 of the sweep's 2 jobs reported no result (job 0: experiment=debug)" in output
+    assert "Traceback" not in output
+    good = tmp_path / "outputs" / "checkpoint_debug_pretrained" / "final_model.pt"
+    assert_output_equals(good, latest(saved, "debug_pretrained"), export_dtype("debug_pretrained"))
+    assert not (tmp_path / "outputs" / "checkpoint_debug" / "final_model.pt").exists()
 
 
 def test_killed_then_preempted_conversion_finishes_when_resubmitted(demo_root, tmp_path):

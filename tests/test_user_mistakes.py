@@ -532,7 +532,9 @@ def test_a_job_that_left_no_result_fails_the_sweep(tmp_path, capsys, caplog):
     assert exited.value.code == 1
     table = capsys.readouterr().out.split()
     assert table[table.index("debug") + 1] == "converted" and "debug_pretrained" not in table
-    assert "1 of the sweep's 2 jobs reported no result" in caplog.text
+    assert "1 of the sweep's 2 jobs reported no result (job 1: experiment=debug_pretrained)" in (
+        caplog.text
+    )
 
 
 def test_a_local_url_is_the_local_file_system(tiny_checkpoint, tmp_path):
