@@ -76,6 +76,11 @@ def test_bad_values_fail_at_composition(override, message):
         ("experiment.step=-3", "experiment.step must be >= 0 or 'latest', got -3"),
         ("experiment.step=newest", "must be a step number or 'latest', got 'newest'"),
         ("experiment.step=020", "experiment.step is the text '020', not a number"),
+        ("experiment.model.rope_theta=0", "experiment.model.rope_theta must be positive, got 0"),
+        ("experiment.model.norm_eps=-1", "experiment.model.norm_eps must be positive, got -1"),
+        ("experiment.model.max_seq_len=0", "experiment.model.max_seq_len must be positive"),
+        ("experiment.model.rope_scaling_factor=0", "rope_scaling_factor must be positive"),
+        ("experiment.model.rope_high_freq_factor=1", "must be above rope_low_freq_factor=1.0"),
         ("experiment.step='20'", "give experiment.step=20 (in a YAML file, step: 20, unquoted)"),
         ("experiment.model.n_kv_heads=3", "n_kv_heads=3 must be a positive divisor of n_heads=16"),
         ("batch_mb=0", "batch_mb must be positive"),
@@ -85,6 +90,15 @@ def test_bad_values_fail_at_composition(override, message):
 def test_values_a_type_cannot_express_fail_before_any_work(override, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         to_object(compose(["experiment=debug", override]))
+
+
+@pytest.mark.parametrize("model", ["llama3/debugmodel", "qwen3/0.6B", "qwen3/debugmodel_moe"])
+def test_every_family_refuses_a_zero_rope_base(model):
+    """A setting no tensor holds, written into config.json as given: rope_theta=0 gave NaN
+    logits in transformers, with exit 0."""
+    overrides = ["experiment=debug", f"experiment/model={model}", "experiment.model.rope_theta=0"]
+    with pytest.raises(ValueError, match="experiment.model.rope_theta must be positive, got 0"):
+        to_object(compose(overrides))
 
 
 @pytest.mark.slow  # a subprocess

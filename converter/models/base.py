@@ -61,7 +61,18 @@ class ModelConfig:
     max_seq_len: int = field(default=131072, metadata={"help": "context length of the model"})
 
     def check(self) -> None:
-        """Value checks a type cannot express; raises ValueError."""
+        """Value checks a type cannot express; raises ValueError. A family that extends it
+        calls it first: a zero or negative setting no tensor holds would reach the output's
+        config as it is (NaN logits, or no context at all)."""
+        positive(self, "norm_eps", "rope_theta", "max_seq_len")
+
+
+def positive(config: ModelConfig, *names: str) -> None:
+    """Refuses a setting of ``config`` that is zero or negative; None (not stated) passes."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and value <= 0:
+            raise ValueError(f"experiment.model.{name} must be positive, got {value}")
 
 
 @dataclass(frozen=True)

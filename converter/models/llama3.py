@@ -36,6 +36,7 @@ from converter.models.base import (
     Source,
     Target,
     check_stated,
+    positive,
 )
 from converter.models.common import WK, WQ, WQKV, WV, split_fused_qkv
 from converter.plan import Piece, RowOrder
@@ -60,6 +61,16 @@ class Llama3Config(ModelConfig):
     )
 
     def check(self) -> None:
+        super().check()
+        if self.rope_scaling:
+            factors = ("rope_scaling_factor", "rope_low_freq_factor", "rope_original_max_seq_len")
+            positive(self, *factors)
+            if self.rope_high_freq_factor <= self.rope_low_freq_factor:
+                raise ValueError(
+                    f"experiment.model.rope_high_freq_factor={self.rope_high_freq_factor} must be "
+                    f"above rope_low_freq_factor={self.rope_low_freq_factor}: Llama 3.1's RoPE "
+                    "scaling blends between the two"
+                )
         if self.n_heads is None or self.n_heads <= 0:  # null: the base schema allows it
             raise ValueError(
                 f"experiment.model.n_heads must be a positive number, got {self.n_heads}: the "

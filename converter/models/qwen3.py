@@ -46,6 +46,7 @@ from converter.models.base import (
     Source,
     Target,
     check_stated,
+    positive,
 )
 from converter.models.common import WK, WQ, WQKV, WV, split_fused_qkv
 from converter.plan import Dropped, Piece
@@ -99,10 +100,8 @@ class Qwen3Config(ModelConfig):
     max_seq_len: int = field(default=40960, metadata={"help": "context length of the model"})
 
     def check(self) -> None:
-        for name in ("n_heads", "n_kv_heads", "n_experts", "top_k"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"experiment.model.{name} must be positive, got {value}")
+        super().check()
+        positive(self, "n_heads", "n_kv_heads", "n_experts", "top_k")
         if self.n_heads and self.n_kv_heads and self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"experiment.model.n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}"
