@@ -440,6 +440,28 @@ def test_a_qwen3_checkpoint_with_a_llama3_preset_names_qwen3():
     assert "experiment/model=qwen3/<flavor>" in str(error.value)
 
 
+def test_a_stray_key_another_family_knows_does_not_name_that_family():
+    """A qwen3 save with a stray freqs_cis buffer (a key llama3 knows): the error names the
+    key, not llama3, whose keys the rest of the model is not."""
+    state = titan_state("moe")
+    state["freqs_cis"] = torch.zeros(16, 8)
+    with pytest.raises(ConversionError, match=r"explains \(closest: qwen3 .*\): freqs_cis\.") as e:
+        plan_of(config_of("moe"), state)
+    assert "llama3 model" not in str(e.value)
+
+
+def test_lora_adapters_are_named_as_such():
+    """Unmerged LoRA factors beside the base weights: said to be adapters to merge first,
+    not another model family."""
+    state = titan_state("dense_tied")
+    state["layers.0.attention.wq.lora_a.weight"] = torch.zeros(4, 64)
+    state["layers.0.attention.wq.lora_b.weight"] = torch.zeros(64, 4)
+    with pytest.raises(ConversionError, match="layers.0.attention.wq.lora_a.weight") as e:
+        plan_of(config_of("dense_tied"), state)
+    assert "Some are LoRA adapter weights (lora_a, lora_b)" in str(e.value)
+    assert "this converter does not merge adapters" in str(e.value)
+
+
 def test_a_llama3_checkpoint_with_a_qwen3_preset_is_not_mistaken_for_qwen3():
     """llama3's keys are a subset of qwen3's; its missing q_norm says it is not qwen3."""
     from tests.peers import titan_writer

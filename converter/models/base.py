@@ -272,7 +272,9 @@ def build_plan(
     unknown += [model[k] for k in unexplained]
     if unknown or era is None:
         raise ConversionError(
-            _unknown_keys(family, era, sorted(unknown), unexplained, nested, source_name, others)
+            _unknown_keys(
+                family, era, sorted(unknown), unexplained, list(model), nested, source_name, others
+            )
         )
 
     canonical: dict[str, tuple[tuple[int, ...], list[Piece]]] = {}
@@ -526,6 +528,10 @@ def _placed(
     return tuple(out)
 
 
+# torchtitan's and PEFT's names for a LoRA adapter's two factors.
+_LORA = re.compile(r"\.lora_[abAB]\.")
+
+
 def _quote(keys: list[str], limit: int = 12) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
@@ -536,22 +542,31 @@ def _unknown_keys(
     era: Era | None,
     unknown: list[str],
     unexplained: list[str],
+    model_keys: list[str],
     nested: bool,
     source_name: str,
     others: Iterable[ModelFamily],
 ) -> str:
     """The error for keys that no era of ``family`` explains; it names another family only if
-    that one explains the model's keys that ``family`` does not (``unexplained``)."""
+    ``family`` leaves some of the model's keys unexplained (``unexplained``) and that one
+    explains every key of the model (``model_keys``): a stray key another family knows does
+    not make the model that family's."""
     hint = ""
     for other in others:
         if other is family or not unexplained:
             continue
-        other_era, left = other.match(unexplained, nested)
+        other_era, left = other.match(model_keys, nested)
         if other_era is not None and not left:
             hint = (
                 f" They are the keys of a {other.name} model (layout {other_era.describe()}): "
                 f"choose a {other.name} preset, {other.presets()}."
             )
+    if not hint and any(_LORA.search(k) for k in unknown):
+        hint = (
+            " Some are LoRA adapter weights (lora_a, lora_b), which no torchtitan layout of a "
+            "base model holds: this converter does not merge adapters. Merge them into the "
+            "base weights and save, then convert that checkpoint."
+        )
     closest = (
         f"{family.name} layout {era.describe()}"
         if era
