@@ -464,6 +464,7 @@ def _fill_share(planned: Planned, group: TaskGroup) -> tuple[Status, int]:
 def _source_record(planned: Planned, filled: Filled) -> dict[str, Any]:
     index, plan = planned.index, planned.plan
     storage = index.storage
+    read = {**planned.checked, **filled.source_digests}
     return {
         "checkpoint_dir": storage.display(storage.root),
         "step": planned.step,
@@ -476,7 +477,7 @@ def _source_record(planned: Planned, filled: Filled) -> dict[str, Any]:
             storage.name(path): {"bytes": info.size, storage.version_kind: info.version}
             for path, info in index.files.items()
         },
-        "bytes_read": sum(index.tensors[k].nbytes for k in filled.source_digests),
+        "bytes_read": sum(index.tensors[k].nbytes for k in read),
         # How the files are identified (mtime_ns locally; ETags in an object store, whose
         # objects are not hashed, as they are not downloaded whole) and, for an object store,
         # the bytes downloaded by this process.
@@ -485,7 +486,7 @@ def _source_record(planned: Planned, filled: Filled) -> dict[str, Any]:
         # dtype as saved) names any tensor whose bytes change later.
         "tensors": {
             key: {"bytes": index.tensors[key].nbytes, "xxh3_128": digest}
-            for key, digest in sorted(filled.source_digests.items())
+            for key, digest in sorted(read.items())
         },
     }
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import xxhash
 
 from converter.config import ConvertConfig, ExportDtype, local_path
 from converter.errors import ConversionError
@@ -53,6 +54,9 @@ class Planned:
     output: Path
     tokenizer_dir: Path | None
     assets: dict[str, Path]  # files the output copies in (name in it -> file)
+    # Saved key -> the XXH3-128 of its bytes, of the tensors read whole for the family's value
+    # checks (a MoE's expert bias, a tied head, a RoPE table), converted or not.
+    checked: dict[str, str]
 
     @property
     def name(self) -> str:
@@ -88,6 +92,7 @@ def plan_conversion(
             "output folder."
         )
     family = family_of(exp.model)
+    checked: dict[str, str] = {}
     plan, arch = build_plan(
         family,
         exp.model,
@@ -96,7 +101,7 @@ def plan_conversion(
         fmt.naming,
         fmt.keeps_tied_head,
         torch_dtype(exp.export_dtype),
-        lambda key: reader.read_tensor(index.tensors[key]),
+        _read_for_checks(reader, index, checked),
         storage.display(step_dir),
         FAMILIES.values(),
     )
@@ -130,8 +135,22 @@ def plan_conversion(
             )
     assets = fmt.assets(tokenizer_dir, arch)
     return Planned(
-        conf, step, index, reader, family, fmt, plan, arch, output, tokenizer_dir, assets
+        conf, step, index, reader, family, fmt, plan, arch, output, tokenizer_dir, assets, checked
     )
+
+
+def _read_for_checks(
+    reader: TensorReader, index: DcpIndex, checked: dict[str, str]
+) -> Callable[[str], torch.Tensor]:
+    """Reads a saved tensor whole for a value check, and records its digest in ``checked``:
+    the manifest names every tensor whose bytes the output depends on, checks included."""
+
+    def read(key: str) -> torch.Tensor:
+        tensor = reader.read_tensor(index.tensors[key])
+        checked[key] = xxhash.xxh3_128_hexdigest(tensor.contiguous().view(torch.uint8).numpy())
+        return tensor
+
+    return read
 
 
 def torch_dtype(export: ExportDtype) -> torch.dtype | None:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 from torch.distributed.checkpoint import FileSystemReader
 
 from converter.models import FAMILIES
@@ -427,11 +428,15 @@ def test_accept_expert_bias_converts_and_records_each_layers_bias(qwen3_run, tmp
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert "accept_expert_bias=true" in run.stderr
-    dropped = manifest_of(output)["dropped"]
+    manifest = manifest_of(output)
     for layer in range(info["n_layers"]):
         key = f"layers.{layer}.moe.expert_bias_E"
         largest = saved[key].float().abs().max().item()
-        assert f"max |bias| {largest:.6g} in this layer" in dropped[key]
+        assert f"max |bias| {largest:.6g} in this layer" in manifest["dropped"][key]
+        # Read for that check, not converted: its digest is recorded as a converted one's is.
+        data = saved[key].contiguous().view(torch.uint8).numpy()
+        recorded = manifest["source"]["tensors"][key]
+        assert recorded == {"bytes": data.nbytes, "xxh3_128": xxhash.xxh3_128_hexdigest(data)}
 
 
 def test_stacked_experts_larger_than_the_budget_stream_in_windows(qwen3_run, tmp_path, monkeypatch):
