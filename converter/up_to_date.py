@@ -1,9 +1,10 @@
 """Whether an output on disk is this very conversion, so that a run may skip it.
 
 A conversion is identified by its fingerprint (the source files as listed, the settings, the
-converter's version, the files it takes from the tokenizer folder) and checked against the
-output's files as its manifest records them. An output that holds another conversion is
-refused, saying what differs, unless ``overwrite=true``.
+converter's version and code, the files it takes from the tokenizer folder) and checked against
+the output's files as its manifest records them. An output that holds another conversion is
+refused, saying what differs, unless ``overwrite=true``; one that another converter made from
+the same source and settings is converted again.
 """
 
 from __future__ import annotations
@@ -24,6 +25,26 @@ from converter.planned import Planned
 from converter.sources.storage import LocalStorage, local_part
 
 log = logging.getLogger("titan2tune")
+
+
+_CODE = "converter_code_xxh3_128"
+
+
+@functools.cache
+def code_digest() -> str:
+    """The XXH3-128 of this package's Python files, by their paths within it: what a fix to
+    the output changes, where the version (bumped by hand, if ever) need not."""
+    package = Path(__file__).resolve().parent
+    digest = xxhash.xxh3_128()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _by_source_and_settings(print_: dict[str, Any]) -> dict[str, Any]:
+    """A fingerprint without the converter that wrote it."""
+    return {k: v for k, v in print_.items() if k not in ("converter", _CODE)}
 
 
 def fingerprint(planned: Planned) -> dict[str, Any]:
@@ -62,26 +83,6 @@ def fingerprint(planned: Planned) -> dict[str, Any]:
     }
 
 
-_CODE = "converter_code_xxh3_128"
-
-
-@functools.cache
-def code_digest() -> str:
-    """The XXH3-128 of this package's Python files, by their paths within it: what a fix to
-    the output changes, where the version (bumped by hand, if ever) need not."""
-    package = Path(__file__).resolve().parent
-    digest = xxhash.xxh3_128()
-    for path in sorted(package.rglob("*.py")):
-        digest.update(path.relative_to(package).as_posix().encode() + b"\0")
-        digest.update(path.read_bytes() + b"\0")
-    return digest.hexdigest()
-
-
-def _by_source_and_settings(print_: dict[str, Any]) -> dict[str, Any]:
-    """A fingerprint without the converter that wrote it."""
-    return {k: v for k, v in print_.items() if k not in ("converter", _CODE)}
-
-
 def already_done(planned: Planned, print_: dict[str, Any]) -> bool:
     """True if the output holds this very conversion (and ``force`` is off); raises if it
     holds another and may not be replaced, saying what differs. One written by another
@@ -92,14 +93,14 @@ def already_done(planned: Planned, print_: dict[str, Any]) -> bool:
         return False  # nothing there, or an empty folder: nothing to lose
     previous = read_manifest(manifest_path(output, folder))
     recorded = _comparable(previous.get("fingerprint"), print_) if previous else None
-    same = (
+    same_source_and_settings = (
         recorded is not None
         and _by_source_and_settings(recorded) == _by_source_and_settings(print_)
         and _written_here(previous, output)
     )
     # A file the store lists no version of could have changed unseen: never up to date.
     unversioned = sorted(name for name, seen in print_["files"].items() if "" in seen.values())
-    if same and unversioned:
+    if same_source_and_settings and unversioned:
         log.info(
             "Converting %s again: the store lists no version (ETag, modification time) of %s, "
             "so a changed source could not be told from this one.",
@@ -109,8 +110,8 @@ def already_done(planned: Planned, print_: dict[str, Any]) -> bool:
         return False
     # The files themselves are checked too: an old manifest beside replaced bytes does not
     # count. Hashed once: the refusal below names what differs from the same pass.
-    differ = mismatches(previous, output, folder) if same else None
-    if same and not differ:
+    differ = mismatches(previous, output, folder) if same_source_and_settings else None
+    if same_source_and_settings and not differ:
         if previous.get("nonfinite") and not conf.allow_nonfinite:
             if conf.overwrite:
                 log.info("Replacing %s (overwrite=true): it holds NaN/Inf values.", output)
