@@ -23,7 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
 from converter.config import local_path
@@ -93,13 +93,22 @@ def planned_outputs(config: DictConfig) -> dict[str, list[str]]:
     try:
         for num, job in enumerate(planned_jobs(config)):
             try:
-                cfg = _as_launched(loader.load_sweep_config(config, job), num)
+                cfg = loader.load_sweep_config(config, job)
+            except (HydraException, OmegaConfBaseException):
+                continue  # it does not compose (a misspelt experiment, a bad value): Hydra says
+            try:
+                cfg = _as_launched(cfg, num)
                 if cfg.dry_run:  # writes nothing
                     continue
                 output = str(local_path(cfg.experiment.output).resolve())
-            except (HydraException, OmegaConfBaseException):
-                # A job that does not compose (an experiment misspelt, a bad value) or resolve
-                # (${resolved_step:} finds no step) writes nothing: Hydra, or the job, says why.
+            except (HydraException, OmegaConfBaseException) as e:
+                log.warning(
+                    "The output of job %d (%s) cannot be resolved before the sweep runs (%s): "
+                    "it is not checked against the other jobs' outputs.",
+                    num,
+                    " ".join(job) or "no overrides",
+                    " ".join(str(e).split()),
+                )
                 continue
             outputs.setdefault(output, []).append(" ".join(job) or "(no overrides)")
     finally:
@@ -108,15 +117,17 @@ def planned_outputs(config: DictConfig) -> dict[str, list[str]]:
 
 
 def _as_launched(cfg: DictConfig, num: int) -> DictConfig:
-    """A job's config as its launcher hands it to the job: numbered, with its output folder,
-    and set as the HydraConfig that ``${hydra:...}`` reads (an output path may name
-    ``runtime.choices.experiment``, say). Its id is its number here: SLURM's, given at
-    submission, is as unique."""
+    """A job's config as its launcher and ``run_job`` hand it to the job: numbered, set as
+    the HydraConfig that ``${hydra:...}`` reads (an output path may name
+    ``runtime.choices.experiment``, say, and the job's folder may too), then given its folder.
+    Its id is its number here: SLURM's, given at submission, is as unique."""
     with open_dict(cfg):
         cfg.hydra.job.num = num
         cfg.hydra.job.id = str(num)
-        subdir = Path(cfg.hydra.sweep.dir) / str(cfg.hydra.sweep.subdir)
-        cfg.hydra.runtime.output_dir = str(subdir.absolute())
+    HydraConfig.instance().set_config(cfg)
+    folder = Path(cfg.hydra.sweep.dir) / str(cfg.hydra.sweep.subdir)
+    with read_write(cfg.hydra.runtime):
+        cfg.hydra.runtime.output_dir = str(folder.absolute())
     HydraConfig.instance().set_config(cfg)
     return cfg
 
@@ -222,6 +233,7 @@ class SweepSummary(Callback):
         if failed:
             log.error("%d of %d experiments failed: %s", len(failed), len(results), failed)
         missing = [n for n in range(len(planned)) if n not in results]
+        varied = _varied(planned)
         if missing:
             log.error(
                 "%d of the sweep's %d jobs reported no result (%s): killed before they ended "
@@ -229,9 +241,7 @@ class SweepSummary(Callback):
                 "under %s.",
                 len(missing),
                 len(planned),
-                "; ".join(
-                    f"job {n}: {' '.join(_varied(planned)[n]) or 'no overrides'}" for n in missing
-                ),
+                "; ".join(f"job {n}: {' '.join(varied[n]) or 'no overrides'}" for n in missing),
                 sweep_dir,
             )
         if failed or missing:

@@ -102,8 +102,9 @@ def already_done(planned: Planned, print_: dict[str, Any]) -> bool:
     unversioned = sorted(name for name, seen in print_["files"].items() if "" in seen.values())
     if same_source_and_settings and unversioned:
         log.info(
-            "Converting %s again: the store lists no version (ETag, modification time) of %s, "
+            "%s: converting %s again: the store lists no version (ETag, modification time) of %s, "
             "so a changed source could not be told from this one.",
+            planned.name,
             output,
             ", ".join(unversioned[:3]) + (" and more" if len(unversioned) > 3 else ""),
         )
@@ -112,9 +113,23 @@ def already_done(planned: Planned, print_: dict[str, Any]) -> bool:
     # count. Hashed once: the refusal below names what differs from the same pass.
     differ = mismatches(previous, output, folder) if same_source_and_settings else None
     if same_source_and_settings and not differ:
+        # First: whatever this run allows, that converter's output is not this one's.
+        if recorded != print_:
+            log.info(
+                "%s: converting %s again: it was written by another titan2tune (%s), whose "
+                "output may differ from this one's.",
+                planned.name,
+                output,
+                _converter(recorded),
+            )
+            return False
         if previous.get("nonfinite") and not conf.allow_nonfinite:
             if conf.overwrite:
-                log.info("Replacing %s (overwrite=true): it holds NaN/Inf values.", output)
+                log.info(
+                    "%s: replacing %s (overwrite=true): it holds NaN/Inf values.",
+                    planned.name,
+                    output,
+                )
                 return False
             raise ConversionError(
                 f"Output {output} holds NaN/Inf values in {n_tensors(len(previous['nonfinite']))}, "
@@ -122,23 +137,24 @@ def already_done(planned: Planned, print_: dict[str, Any]) -> bool:
                 "this run does not allow them. Set allow_nonfinite=true to keep it as it is, "
                 "or overwrite=true to convert again (which fails on those values)."
             )
-        if recorded != print_:
+        if conf.force:
             log.info(
-                "Converting %s again: it was written by another titan2tune (%s), whose output "
-                "may differ from this one's.",
+                "%s: converting %s again (force=true), though it is up to date.",
+                planned.name,
                 output,
-                _converter(recorded),
             )
             return False
-        if conf.force:
-            log.info("Converting %s again (force=true), though it is up to date.", output)
-            return False
         if asked := _not_given(previous, conf):
-            log.info("Converting %s again: this run asks for %s.", output, " and ".join(asked))
+            log.info(
+                "%s: converting %s again: this run asks for %s.",
+                planned.name,
+                output,
+                " and ".join(asked),
+            )
             return False
         return True
     if conf.overwrite:  # force=true only converts an up-to-date output again
-        log.info("Replacing %s (overwrite=true).", output)
+        log.info("%s: replacing %s (overwrite=true).", planned.name, output)
         return False
     if previous is None:
         why = (

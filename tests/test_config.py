@@ -76,8 +76,11 @@ def test_bad_values_fail_at_composition(override, message):
         ("experiment.step=-3", "experiment.step must be >= 0 or 'latest', got -3"),
         ("experiment.step=newest", "must be a step number or 'latest', got 'newest'"),
         ("experiment.step=020", "experiment.step is the text '020', not a number"),
-        ("experiment.model.rope_theta=0", "experiment.model.rope_theta must be positive, got 0"),
-        ("experiment.model.norm_eps=-1", "experiment.model.norm_eps must be positive, got -1"),
+        ("experiment.model.rope_theta=0", "experiment.model.rope_theta must be positive and"),
+        ("experiment.model.rope_theta=nan", "rope_theta must be positive and finite, got nan"),
+        ("experiment.model.norm_eps=-1", "experiment.model.norm_eps must be positive and finite"),
+        ("experiment.model.norm_eps=inf", "norm_eps must be positive and finite, got inf"),
+        ("experiment.model.rope_high_freq_factor=nan", "rope_high_freq_factor must be positive"),
         ("experiment.model.max_seq_len=0", "experiment.model.max_seq_len must be positive"),
         ("experiment.model.rope_scaling_factor=0", "rope_scaling_factor must be positive"),
         ("experiment.model.rope_high_freq_factor=1", "must be above rope_low_freq_factor=1.0"),
@@ -97,7 +100,7 @@ def test_every_family_refuses_a_zero_rope_base(model):
     """A setting no tensor holds, written into config.json as given: rope_theta=0 gave NaN
     logits in transformers, with exit 0."""
     overrides = ["experiment=debug", f"experiment/model={model}", "experiment.model.rope_theta=0"]
-    with pytest.raises(ValueError, match="experiment.model.rope_theta must be positive, got 0"):
+    with pytest.raises(ValueError, match="experiment.model.rope_theta must be positive and finite"):
         to_object(compose(overrides))
 
 

@@ -1007,6 +1007,17 @@ def test_nan_allowed_once_is_not_up_to_date_for_a_run_that_refuses_it(small, tmp
     assert "holds NaN/Inf values in 1 tensor, written with allow_nonfinite=true" in (refused.stderr)
     again = run("overwrite=true")
     assert again.returncode != 0 and "16 NaN/Inf values" in again.stderr
+    # Written by another converter's code: converted again whatever this run allows, so the
+    # refusal is the source's NaN, not advice to keep an output this code did not write.
+    manifest = tmp_path / "out" / "model.pt.manifest.json"
+    recorded = json.loads(manifest.read_text())
+    recorded["fingerprint"]["converter_code_xxh3_128"] = "0" * 32
+    manifest.write_text(json.dumps(recorded))
+    other = run()
+    assert other.returncode != 0 and "16 NaN/Inf values" in other.stderr, other.stderr[-2000:]
+    assert "Set allow_nonfinite=true to keep it as it is" not in other.stderr
+    assert run("allow_nonfinite=true").returncode == 0
+    assert "skipped" in run("allow_nonfinite=true").stderr
 
 
 def _victim_chunk(step_dir: Path) -> tuple[Path, int]:

@@ -403,7 +403,7 @@ def test_a_job_that_dies_outside_the_conversion_is_reported_with_the_others(demo
     assert summary_rows(output) == {"debug_pretrained": "converted"}, output[-5000:]
     said = re.search(
         r"Job 0 \(experiment=debug\) ended without a result: SLURM job (\S+), state \S+; "
-        r"submitit: .+ Its log: (\S+)\. ",
+        r"ImportError: .+ Its log: (\S+)\. ",
         output,
     )
     assert said, output[-5000:]

@@ -154,34 +154,52 @@ def test_a_sweep_whose_jobs_share_an_output_is_refused_before_it_runs(
     assert not (tmp_path / "sweep" / ".submitit").exists()  # where the slurm profile submits
 
 
-@pytest.mark.parametrize("case", ["hydra's values", "nested", "apart by job number"])
+@pytest.mark.parametrize(
+    "case", ["hydra's values", "the job's folder", "nested", "apart by job number"]
+)
 def test_sweep_outputs_are_checked_as_each_job_resolves_them(tiny_checkpoint, tmp_path, case):
-    """An output path that reads Hydra's values (``${hydra:...}``) is resolved as the job will
-    resolve it: two jobs that land on one path are refused (job 0's output was replaced by job
-    1's, exit 0, before), as are two outputs one inside the other; outputs apart by the job's
-    number are not."""
+    """An output path that reads Hydra's values (``${hydra:...}``, the job's folder included)
+    is resolved as the job will resolve it: two jobs that land on one path are refused (job 0's
+    output was replaced by job 1's, exit 0, before), as are two outputs one inside the other;
+    outputs apart by the job's number are not."""
     out = tmp_path / "out"
+    sweep_dir = f"hydra.sweep.dir={tmp_path / 'sweep'}"
     swept = {
         "hydra's values": [
+            "experiment=debug",
             "experiment.export_dtype=float32,bfloat16",
             f"experiment.output={out}/${{hydra:runtime.choices.experiment}}.pt",
+            sweep_dir,
         ],
-        "nested": ["output_format=hf", f"experiment.output={out}/nest,{out}/nest/inner"],
+        # Each job's folder named for a choice both jobs share: one folder, one output.
+        "the job's folder": [
+            "experiment=debug,debug_pretrained",
+            f"hydra.sweep.dir={out}",
+            "hydra.sweep.subdir=${hydra:runtime.choices.output_format}",
+            "experiment.output=${hydra:runtime.output_dir}/m.pt",
+        ],
+        "nested": [
+            "experiment=debug",
+            "output_format=hf",
+            f"experiment.output={out}/nest,{out}/nest/inner",
+            sweep_dir,
+        ],
         "apart by job number": [
+            "experiment=debug",
             "experiment.export_dtype=float32,bfloat16",
             f"experiment.output={out}/m${{hydra:job.num}}.pt",
+            sweep_dir,
         ],
     }[case]
     run = convert_py(
         "-m",
-        "experiment=debug",
         *swept,
         f"experiment.checkpoint_dir={tiny_checkpoint}",
         "overwrite=true",
-        f"hydra.sweep.dir={tmp_path / 'sweep'}",
         *model_overrides(TINY),
     )
     said = run.stdout + run.stderr
+    assert "cannot be resolved before the sweep" not in said, said[-2000:]
     if case == "apart by job number":
         assert run.returncode == 0, said[-2000:]
         assert (out / "m0.pt").is_file() and (out / "m1.pt").is_file()
@@ -190,9 +208,12 @@ def test_sweep_outputs_are_checked_as_each_job_resolves_them(tiny_checkpoint, tm
     if case == "nested":
         assert f"would write an output inside another's: {out}/nest/inner by [" in said, said
         assert f"inside {out}/nest by [" in said, said
+        assert not out.exists()
     else:
-        assert f"would write the same output, each replacing the last: {out}/debug.pt" in said
-    assert "Traceback" not in said and not out.exists()
+        same = out / ("meta/m.pt" if case == "the job's folder" else "debug.pt")
+        assert f"would write the same output, each replacing the last: {same} by [" in said
+        assert not same.exists()
+    assert "Traceback" not in said
 
 
 def test_an_output_inside_a_folder_output_is_refused(tiny_checkpoint, tmp_path):

@@ -17,6 +17,7 @@ of dropped keys with the reason. A key that no era explains is an error, never a
 
 from __future__ import annotations
 
+import math
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterable, Mapping
@@ -68,11 +69,12 @@ class ModelConfig:
 
 
 def positive(config: ModelConfig, *names: str) -> None:
-    """Refuses a setting of ``config`` that is zero or negative; None (not stated) passes."""
+    """Refuses a setting of ``config`` that is not a positive finite number (zero, negative,
+    NaN, infinite); None (not stated) passes."""
     for name in names:
         value = getattr(config, name)
-        if value is not None and value <= 0:
-            raise ValueError(f"experiment.model.{name} must be positive, got {value}")
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"experiment.model.{name} must be positive and finite, got {value}")
 
 
 @dataclass(frozen=True)
@@ -529,7 +531,7 @@ def _placed(
 
 
 # torchtitan's and PEFT's names for a LoRA adapter's two factors.
-_LORA = re.compile(r"\.lora_[abAB]\.")
+_LORA = re.compile(r"\.lora_(embedding_)?[abAB](\.|$)")
 
 
 def _quote(keys: list[str], limit: int = 12) -> str:

@@ -63,9 +63,9 @@ class Llama3Config(ModelConfig):
     def check(self) -> None:
         super().check()
         if self.rope_scaling:
-            factors = ("rope_scaling_factor", "rope_low_freq_factor", "rope_original_max_seq_len")
-            positive(self, *factors)
-            if self.rope_high_freq_factor <= self.rope_low_freq_factor:
+            factors = ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor")
+            positive(self, *factors, "rope_original_max_seq_len")
+            if not self.rope_high_freq_factor > self.rope_low_freq_factor:
                 raise ValueError(
                     f"experiment.model.rope_high_freq_factor={self.rope_high_freq_factor} must be "
                     f"above rope_low_freq_factor={self.rope_low_freq_factor}: Llama 3.1's RoPE "

@@ -84,12 +84,11 @@ class _AwaitingEveryJob(BaseSubmititLauncher):
         failure = job.exception()  # waits for the job's end
         if failure is None:
             return job.results()[0]
-        said = str(failure).strip().splitlines()[0]
+        said = _reason(failure, job.stderr() or "")
         log.error(
-            "Job %d (%s) ended without a result: SLURM job %s, state %s; submitit: %s. Its "
-            "log: %s. It was stopped outside the conversion (memory or time limit, a lost "
-            "node, scancel), or its Python environment failed to start there: the log says "
-            "which.",
+            "Job %d (%s) ended without a result: SLURM job %s, state %s; %s. Its log: %s. It "
+            "was stopped outside the conversion (memory or time limit, a lost node, scancel), "
+            "or its Python environment failed to start there: the log says which.",
             num,
             " ".join(filter_overrides(overrides)) or "no overrides",
             job.job_id,
@@ -98,6 +97,25 @@ class _AwaitingEveryJob(BaseSubmititLauncher):
             job.paths.stderr,
         )
         return JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED)
+
+
+def _reason(failure: Exception, log_text: str) -> str:
+    """What ended a job, in a line: for a job whose Python raised, the last line of the trace
+    that submitit's error quotes between two rules (an ImportError, say); otherwise the last
+    line of its log (slurmstepd's out-of-memory or time-limit message), or submitit's own
+    first line where there is no log."""
+    from submitit.core.utils import FailedJobError
+
+    if isinstance(failure, FailedJobError):
+        parts = str(failure).split("-" * 22)
+        if len(parts) >= 3 and (line := _last_line(parts[1])):
+            return line
+    return _last_line(log_text) or str(failure).strip().splitlines()[0]
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
 
 
 class SlurmLauncher(_AwaitingEveryJob):
