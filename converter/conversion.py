@@ -5,8 +5,8 @@ source -> plan -> engine -> the format's files -> verify -> publish:
 read and validate the DCP index and its shard files, and the family plans every key for the
 format (``converter.planned``) -> skip if an identical conversion is already on disk
 (``converter.up_to_date``) -> the format writes its files' structure under a partial name ->
-the engine streams the tensors' bytes into place (flushed behind the writes) -> sync -> read
-back once (digests, and the checks of ``verify=true``) -> publish under the final name, with
+the engine streams the tensors' bytes into place, read back once behind the writes (digests,
+and the checks of ``verify=true``) and flushed -> sync -> publish under the final name, with
 the manifest and the format's describing files. Every step fails before anything is written
 if the input is bad, or if a folder stands where a file is to go. With a shared
 ``TaskGroup`` (a SLURM job of several tasks), task 0 does all of that and every task fills
@@ -34,9 +34,9 @@ from tqdm import tqdm
 from converter.config import ConvertConfig, to_plain
 from converter.digests import content_digests
 from converter.dry_run import describe_plan, record_rate
-from converter.engine import Filled, Region, convert_tensors
+from converter.engine import Filled, convert_tensors
 from converter.errors import ConversionError, environment_error, n_tensors, output_error
-from converter.filler import Filler
+from converter.filler import Filler, Region
 from converter.formats import FORMATS
 from converter.formats.base import Described, OutputFormat
 from converter.manifest import build_manifest, describes, manifest_path, read_manifest
@@ -45,7 +45,7 @@ from converter.publish import Output, staging_path
 from converter.sources.storage import Storage, redacted
 from converter.tasks import SlurmInfo, TaskGroup, check_answers
 from converter.up_to_date import already_done, fingerprint
-from converter.verify import Staged, read_back
+from converter.verify import ReadBehind, Staged, read_back
 
 log = logging.getLogger("titan2tune")
 
@@ -126,7 +126,7 @@ def _lead(
             group.answers()
             return Status.skipped, _size(output)
         try:
-            staged, filled, syncing = _convert_into(out, planned, group, times, print_)
+            staged, behind, filled, syncing = _convert_into(out, planned, group, times, print_)
         except Exception as e:
             # A local source file cut short or replaced meanwhile fails a read, or a write from
             # its mapping (EFAULT), in ways that blame the output or look like a bug: said as it
@@ -136,7 +136,7 @@ def _lead(
             raise
         if changed := _source_change(planned):
             raise ConversionError(changed)
-        files = _read_back(planned, staged, filled, syncing, times)
+        files = _read_back(planned, staged, behind, filled, syncing, times)
         manifest, described = _describe(planned, filled, files, times, print_, slurm)
         out.publish(described)
 
@@ -191,12 +191,12 @@ def _convert_into(
     group: TaskGroup,
     times: dict[str, float],
     print_: dict[str, Any],
-) -> tuple[list[Staged], Filled, Future[None]]:
+) -> tuple[list[Staged], ReadBehind, Filled, Future[None]]:
     """The format's files created and filled (by every task of a shared group, which must
-    have planned from the same source and settings: ``print_``); returns them, what was
-    written and read, and the sync of the files, under way."""
+    have planned from the same source and settings: ``print_``); returns them, their
+    read-back, what was written and read, and the sync of the files, under way."""
     t = time.perf_counter()
-    staged, filler = _create(out, planned, group)
+    staged, behind, filler = _create(out, planned, group)
     group.announce(
         {
             "status": "fill",
@@ -212,20 +212,21 @@ def _convert_into(
     times["convert"] = time.perf_counter() - t
     if group.shared:
         t = time.perf_counter()
-        filled = _with_answers(filled, group)
+        filled = _with_answers(filled, group, behind)
         times["other_tasks_wait"] = time.perf_counter() - t
-    return staged, filled, syncing
+    return staged, behind, filled, syncing
 
 
 def _read_back(
     planned: Planned,
     staged: list[Staged],
+    behind: ReadBehind,
     filled: Filled,
     syncing: Future[None],
     times: dict[str, float],
 ) -> dict[str, dict[str, Any]]:
-    """Each file's size and digests, every written byte checked with ``verify=true``; read
-    while the files are synced, which this waits for."""
+    """Each file's size and digests, every written byte checked with ``verify=true``; the
+    rest of the read-back, while the files are synced, which this waits for."""
     conf = planned.conf
     t = time.perf_counter()
     files = read_back(
@@ -233,9 +234,8 @@ def _read_back(
         staged,
         planned.plan,
         planned.reader,
+        behind,
         filled.regions if conf.verify else None,
-        conf.sha256,
-        conf.workers,
     )
     times["verify" if conf.verify else "digest"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -352,8 +352,11 @@ def _describing_files(
     return {Path(n) if fmt.folder else output.with_name(n): c for n, c in files.items()}
 
 
-def _create(out: Output, planned: Planned, group: TaskGroup) -> tuple[list[Staged], Filler]:
-    """The format writes each file's structure; returns them, and the means to fill them."""
+def _create(
+    out: Output, planned: Planned, group: TaskGroup
+) -> tuple[list[Staged], ReadBehind, Filler]:
+    """The format writes each file's structure; returns them, their read-back, and the means
+    to fill them."""
     staged = []
     for name, tensors in planned.fmt.files(planned.plan, planned.conf.output_format).items():
         path = out.staging(name)
@@ -363,8 +366,9 @@ def _create(out: Output, planned: Planned, group: TaskGroup) -> tuple[list[Stage
             raise output_error(planned.output, e) from e
         staged.append(Staged(name, path, tensors, offsets))
     offsets = {n: (s.name, o) for s in staged for n, o in s.offsets.items()}
+    behind = ReadBehind(staged, check=planned.conf.verify, sha256=planned.conf.sha256)
     # Blocks allocated up front for a lone run, not for tasks sharing it (see filler).
-    return staged, out.filler(offsets, allocate=not group.shared)
+    return staged, behind, out.filler(offsets, allocate=not group.shared, follower=behind)
 
 
 def _fill(planned: Planned, filler: Filler, sources: Collection[str], group: TaskGroup) -> Filled:
@@ -388,8 +392,9 @@ def _fill(planned: Planned, filler: Filler, sources: Collection[str], group: Tas
     return filled
 
 
-def _with_answers(filled: Filled, group: TaskGroup) -> Filled:
-    """The lead's own work with what the other tasks wrote and read."""
+def _with_answers(filled: Filled, group: TaskGroup, behind: ReadBehind) -> Filled:
+    """The lead's own work with what the other tasks wrote and read; what they wrote is read
+    back too."""
     answers = group.answers()
     check_answers(answers, group)
     regions = {name: list(rs) for name, rs in filled.regions.items()}
@@ -397,7 +402,9 @@ def _with_answers(filled: Filled, group: TaskGroup) -> Filled:
     nonfinite, underflowed = Counter(filled.nonfinite), Counter(filled.underflowed_to_zero)
     for answer in answers.values():
         for name, written in answer["regions"].items():
-            regions[name] += [Region(*r) for r in written]
+            for region in (Region(*r) for r in written):
+                regions[name].append(region)
+                behind.wrote(name, region)
         digests.update(answer["digests"])
         nonfinite.update(answer["nonfinite"])
         underflowed.update(answer["underflowed_to_zero"])

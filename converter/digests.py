@@ -7,38 +7,45 @@ to be mapped and unmapped."""
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import xxhash
 
-# What a pass that hashes the same bytes twice (the file's digest and a written range's) takes
+# What a pass that hashes the same bytes twice (the file's digest and a written region's) takes
 # at a time: small enough to stay in the CPU's caches for the second, so that memory is read
 # once.
 _PIECE = 1 << 20
 ALGORITHMS = ("xxh3_128", "sha256")
 
 
-def pieces(path: Path) -> Iterator[tuple[int, memoryview]]:
-    """The file in order: ``(offset, bytes)`` of at most ``_PIECE`` bytes each. Each piece is
-    read into the buffer of the one before: use it before asking for the next."""
-    buffer = bytearray(_PIECE)
-    with open(path, "rb", buffering=0) as f, memoryview(buffer) as whole:
-        pos = 0
-        while n := f.readinto(buffer):
+def pieces(fd: int, start: int, end: int) -> Iterator[memoryview]:
+    """Bytes ``start`` to ``end`` of the open file ``fd`` in order, in pieces of at most
+    ``_PIECE`` bytes, each read into one buffer over the one before: use it before asking for
+    the next."""
+    with memoryview(bytearray(min(_PIECE, end - start))) as whole:
+        while start < end:
+            n = os.preadv(fd, [whole[: min(_PIECE, end - start)]], start)
+            if not n:
+                raise EOFError(f"the file ends at byte {start}, before byte {end}")
             with whole[:n] as piece:
-                yield pos, piece
-            pos += n
+                yield piece
+            start += n
 
 
-def _hasher(algorithm: str) -> xxhash.xxh3_128 | hashlib._Hash:
+def hasher(algorithm: str) -> xxhash.xxh3_128 | hashlib._Hash:
     return xxhash.xxh3_128() if algorithm == "xxh3_128" else hashlib.new(algorithm)
 
 
 def file_digest(path: Path, algorithm: str = "xxh3_128") -> str:
-    digest = _hasher(algorithm)
-    for _, piece in pieces(path):
-        digest.update(piece)
+    digest = hasher(algorithm)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for piece in pieces(fd, 0, os.fstat(fd).st_size):
+            digest.update(piece)
+    finally:
+        os.close(fd)
     return digest.hexdigest()
 
 
@@ -46,7 +53,7 @@ def content_digests(content: bytes, sha256: bool) -> dict[str, str | int]:
     """Size and digests of a small file's bytes, as the manifest records a file."""
     found: dict[str, str | int] = {"bytes": len(content)}
     for algorithm in ALGORITHMS[: 2 if sha256 else 1]:
-        digest = _hasher(algorithm)
+        digest = hasher(algorithm)
         digest.update(content)
         found[algorithm] = digest.hexdigest()
     return found

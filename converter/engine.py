@@ -26,7 +26,7 @@ import torch
 import xxhash
 
 from converter.errors import ConversionError
-from converter.filler import Filler
+from converter.filler import Filler, Region
 from converter.plan import OutputTensor, Piece, Plan, row_shape
 from converter.sources.dcp import TensorEntry
 from converter.sources.reader import TensorReader
@@ -35,15 +35,6 @@ _ALIGN = 64
 # Reads this large window at the disk's and the page cache's full speed; larger ones only cost
 # memory.
 _WINDOW_BYTES = 32 << 20
-
-
-@dataclass(frozen=True)
-class Region:
-    """A byte range written into an output tensor and the XXH3-64 digest of its bytes."""
-
-    start: int
-    length: int
-    digest: int
 
 
 class BufferPool:
@@ -168,10 +159,9 @@ def convert_tensors(
                     bad, zeroed = _altered(data, source_rows, scratch if counting else None)
                     if bad and not allow_nonfinite:
                         raise _nonfinite_error(bad, source_rows, tensor, key, step_dir)
-                    out.write(tensor.name, offset, data)
-                    region_digest = xxhash.xxh3_64_intdigest(data.view(torch.uint8).numpy())
+                    region = out.write(tensor.name, offset, data)
                     with lock:
-                        regions[tensor.name].append(Region(offset, data.nbytes, region_digest))
+                        regions[tensor.name].append(region)
                         nonfinite[tensor.name] += bad
                         underflowed[tensor.name] += zeroed
                 progress(rows * entry.row_bytes)
@@ -180,7 +170,9 @@ def convert_tensors(
         with lock:
             digests[key] = digest.hexdigest()
 
-    sources = sorted(consumers, key=lambda k: -index.tensors[k].nbytes)
+    # In the order of the files' bytes: the read-back follows the writes through each file in
+    # order (converter.filler), and reads what was just written while it is in memory.
+    sources = sorted(consumers, key=lambda k: min(out.position(t.name) for t, _ in consumers[k]))
     # Every chunk's layout up front, in batches: a remote store answers those small reads
     # side by side instead of one round trip per chunk as the workers reach it.
     reader.prefetch(sources)

@@ -14,6 +14,15 @@ buffer first. Writing through shared mappings of the file instead saves that cop
 more: a page fault per 4 KiB, and a mapping set up and torn down per tensor, hundreds of them
 for a mixture-of-experts model's experts.
 
+Each write is handed, with its digest, to a ``Follower``: the read-back that checks it
+(``converter.verify``), which reads each file in order while the page cache still holds what
+was just written. The flush-behind then drops the pages the follower is done with, once they
+are on the disk. A conversion streams gigabytes it will not read again: left in the page
+cache, they would make every later write take fresh memory, which on a VM whose host takes
+free memory back costs more than the write itself, and push out the source, which was
+warm. Pages still being written, or not yet read back, are never dropped, and an output
+nobody follows (a task filling its share of another's files) keeps its pages.
+
 A lone run allocates the files' blocks first: a full disk then fails up front, with ENOSPC,
 rather than after minutes of work. Tasks that share a conversion skip that: they may run on
 several nodes, and on a network file system ``posix_fallocate`` may be emulated by writing
@@ -24,10 +33,14 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, wait
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
+import xxhash
 
 from converter.errors import output_error
 
@@ -35,6 +48,28 @@ from converter.errors import output_error
 _FLUSH_BYTES = 128 << 20
 # The most one write call copies (see the module's docstring).
 _WRITE_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Region:
+    """A byte range written into an output tensor and the XXH3-64 digest of its bytes."""
+
+    start: int
+    length: int
+    digest: int
+
+
+class Follower(Protocol):
+    """What reads the files back behind their writes (``converter.verify.ReadBehind``)."""
+
+    def wrote(self, name: str, region: Region) -> None:
+        """``region`` of tensor ``name`` is in the file."""
+
+    def done_with(self, file: str) -> int:
+        """How many bytes from the start of ``file`` it no longer needs."""
+
+    def stop(self) -> None:
+        """Stops following, if it has not finished (a conversion that failed)."""
 
 
 class Filler:
@@ -47,14 +82,17 @@ class Filler:
         output: Path,
         *,
         allocate: bool = False,
+        follower: Follower | None = None,
     ) -> None:
         """``files``: the files by their name in the output (``""`` for a one-file output) ->
         the partial file being written; ``offsets``: tensor -> (file, byte offset of its data);
         ``output``: the final name, which error messages give. ``allocate``: allocate the
-        files' blocks first (a lone run; see the module's docstring)."""
+        files' blocks first (a lone run); ``follower``: what reads the writes back (see the
+        module's docstring), stopped when the filler closes."""
         self.files = files
         self.offsets = offsets
         self._output = output
+        self._follower = follower
         self._fds: dict[str, int] = {}
         self._syncing: Future[None] | None = None
         try:
@@ -67,19 +105,29 @@ class Filler:
         except OSError as e:
             self.close()
             raise output_error(output, e) from e
-        self._flusher = _Flusher()
+        names = {fd: name for name, fd in self._fds.items()}
+        self._flusher = _Flusher(
+            (lambda fd: follower.done_with(names[fd])) if follower else (lambda fd: 0)
+        )
 
     @property
     def closed(self) -> bool:
         return not self._fds
 
-    def write(self, name: str, byte_offset: int, data: torch.Tensor) -> None:
-        """Writes ``data``'s bytes at ``byte_offset`` within tensor ``name``'s data."""
+    def position(self, name: str) -> tuple[int, int]:
+        """Where tensor ``name``'s bytes start: (the file's place among the files, offset)."""
+        file, offset = self.offsets[name]
+        return list(self.files).index(file), offset
+
+    def write(self, name: str, byte_offset: int, data: torch.Tensor) -> Region:
+        """Writes ``data``'s bytes at ``byte_offset`` within tensor ``name``'s data; returns
+        the region written, with the digest of the bytes given."""
         file, start = self.offsets[name]
         fd = self._fds[file]
         # Flat bytes: a short write (a filling disk) resumes at the right byte, and the next
         # pwrite reports why, rather than slicing a multi-dimensional view by rows.
         view = memoryview(data.contiguous().reshape(-1).view(torch.uint8).numpy())
+        region = Region(byte_offset, len(view), xxhash.xxh3_64_intdigest(view))
         pos = start + byte_offset
         try:
             self._flusher.check()
@@ -89,6 +137,9 @@ class Filler:
                 self._flusher.wrote(fd, written)
         except OSError as e:
             raise output_error(self._output, e) from e
+        if self._follower is not None:
+            self._follower.wrote(name, region)
+        return region
 
     def sync(self) -> None:
         """Makes what was written durable, and closes the files."""
@@ -126,6 +177,8 @@ class Filler:
         """Closes the files (once a sync under way has ended)."""
         if self._syncing is not None:
             wait([self._syncing])
+        if self._follower is not None:
+            self._follower.stop()
         self._close_files()
 
     def _close_files(self) -> None:
@@ -143,10 +196,14 @@ class _Flusher:
     the output would wait for the final fsync, which would then write the whole output while
     the CPUs sit idle. An ``fdatasync`` of a file every ``_FLUSH_BYTES`` written to it keeps the
     disk writing while the conversion computes, and leaves the final fsync the last few blocks.
-    It also bounds the dirty memory a large conversion leaves behind.
+    It also bounds the dirty memory a large conversion leaves behind. Once a sync has made
+    them durable, the pages the follower was done with before it are dropped (``done_with``:
+    fd -> bytes from the file's start; see the module's docstring).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, done_with: Callable[[int], int]) -> None:
+        self._done_with = done_with
+        self._dropped: dict[int, int] = {}
         self._pending: dict[int, int] = {}
         self._due: list[int] = []
         self._cond = threading.Condition()
@@ -184,7 +241,12 @@ class _Flusher:
                     return
                 fd = self._due.pop(0)
             try:
+                done = self._done_with(fd)  # read before the sync: then on the disk after it
                 os.fdatasync(fd)
+                dropped = self._dropped.get(fd, 0)
+                if done > dropped:
+                    os.posix_fadvise(fd, dropped, done - dropped, os.POSIX_FADV_DONTNEED)
+                    self._dropped[fd] = done
             except OSError as e:
                 self._error = e
                 return

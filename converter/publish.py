@@ -35,7 +35,7 @@ from pathlib import Path
 from types import TracebackType
 
 from converter.errors import ConversionError, output_error
-from converter.filler import Filler
+from converter.filler import Filler, Follower
 
 log = logging.getLogger(__name__)
 
@@ -117,11 +117,18 @@ class Output:
         self._staged[name] = path
         return path
 
-    def filler(self, offsets: dict[str, tuple[str, int]], allocate: bool = False) -> Filler:
+    def filler(
+        self,
+        offsets: dict[str, tuple[str, int]],
+        allocate: bool = False,
+        follower: Follower | None = None,
+    ) -> Filler:
         """The means to fill the staged files' tensors (tensor -> (file, byte offset));
-        ``allocate``: their blocks first (see ``converter.filler``). Closed when the output
-        is, whatever happens."""
-        self._filler = Filler(dict(self._staged), offsets, self.path, allocate=allocate)
+        ``allocate``, ``follower``: see ``converter.filler``. Closed when the output is,
+        whatever happens."""
+        self._filler = Filler(
+            dict(self._staged), offsets, self.path, allocate=allocate, follower=follower
+        )
         return self._filler
 
     def publish(self, described: dict[Path, Content] | None = None) -> None:

@@ -1,13 +1,16 @@
 """Reading the output back, and checking it against what was converted.
 
-One pass over each finished file gives its XXH3-128 digest for the manifest and, with
-``verify=true``, checks every written byte (sha256, when asked for, takes a pass of its own
-beside it). For the check the file is first loaded as its consumer loads it
-(``torch.load(mmap=True, weights_only=True)`` for a ``.pt``, safetensors' ``safe_open`` for a
-shard), its names, shapes and dtypes compared with the plan, and then every byte range the
-conversion wrote is read where that load places it and its XXH3 digest compared with the one
-taken of the cast source data as it was written: bit-exact against the source after the cast,
-without reading the source a second time.
+Each file is read back in order behind its writes (``ReadBehind``), while the page cache still
+holds what was just written: one pass gives its XXH3-128 digest for the manifest (and sha256,
+when asked for) and, with ``verify=true``, checks every written byte, each region's XXH3-64
+digest against the one taken of the cast source data as it was written: bit-exact against the
+source after the cast, without reading the source a second time. The conversion writes in the
+files' order (``converter.engine``), so the pass keeps up with it, and the pages it is done
+with can be dropped once they are on the disk (``converter.filler``). Once every tensor is
+written, each file is loaded as its consumer loads it (``torch.load(mmap=True,
+weights_only=True)`` for a ``.pt``, safetensors' ``safe_open`` for a shard), its names, shapes
+and dtypes compared with the plan, and the places that load gives each tensor's bytes with
+those the pass checked.
 
 The check that tied embeddings are tied runs whatever ``verify`` says: it is a check of the
 settings, not of the write.
@@ -15,17 +18,19 @@ settings, not of the write.
 
 from __future__ import annotations
 
+import bisect
+import os
+import threading
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import xxhash
 
-from converter.digests import ALGORITHMS, file_digest, pieces
-from converter.engine import Region
+from converter.digests import ALGORITHMS, hasher, pieces
 from converter.errors import ConversionError
+from converter.filler import Region
 from converter.formats.base import OutputFormat
 from converter.plan import OutputTensor, Plan
 from converter.sources.reader import TensorReader
@@ -41,74 +46,170 @@ class Staged:
     offsets: dict[str, int]  # where each tensor's bytes start in it
 
 
+class ReadBehind:
+    """Reads the output's files back in order as their regions are written (see the module's
+    docstring), on a thread of its own; a ``converter.filler.Follower``. The bytes between the
+    tensors' (the format's structure, written as the files were created) are read as the pass
+    reaches them; a tensor's, once the region that starts where the pass stands is written."""
+
+    def __init__(self, files: list[Staged], check: bool, sha256: bool) -> None:
+        self._files = {f.name: _Followed(f, ALGORITHMS[: 2 if sha256 else 1]) for f in files}
+        self._check = check
+        self._cond = threading.Condition()
+        self._ended = self._stopped = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="read-behind", daemon=True)
+        self._thread.start()
+
+    def wrote(self, name: str, region: Region) -> None:
+        if not region.length:
+            return
+        with self._cond:
+            for followed in self._files.values():
+                if name in followed.staged.offsets:
+                    followed.written[followed.staged.offsets[name] + region.start] = (name, region)
+            self._cond.notify()
+
+    def done_with(self, file: str) -> int:
+        return self._files[file].read
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        self._thread.join()
+
+    def finish(self) -> dict[str, dict[str, str]]:
+        """Once every region is written: reads what is left, and returns each file's digests;
+        raises if a region's bytes differ, or bytes were never written."""
+        with self._cond:
+            self._ended = True
+            self._cond.notify()
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        for followed in self._files.values():
+            if followed.read < followed.size:  # a tensor's bytes: the structure's are there
+                staged, at = followed.staged, followed.read
+                name = max((o, n) for n, o in staged.offsets.items() if o <= at)[1]
+                raise _mismatch(staged.path, f"{name!r} was not written exactly once in full")
+        return {name: f.digests() for name, f in self._files.items()}
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not (step := self._next()) and not self._ended and not self._stopped:
+                        self._cond.wait()
+                    if self._stopped or step is None:
+                        return
+                followed, end, written = step
+                followed.read_to(end, written if self._check else None)
+        except BaseException as e:  # raised by finish()
+            self._error = e
+        finally:
+            for followed in self._files.values():
+                followed.close()
+
+    def _next(self) -> tuple[_Followed, int, tuple[str, Region] | None] | None:
+        """The next range to read: the format's bytes up to the next tensor's, or the region
+        written where the pass stands (held under the lock)."""
+        for followed in self._files.values():
+            if (step := followed.next()) is not None:
+                return step
+        return None
+
+
+class _Followed:
+    """One file, read back up to ``read``."""
+
+    def __init__(self, staged: Staged, algorithms: tuple[str, ...]) -> None:
+        self.staged = staged
+        self.size = staged.path.stat().st_size
+        data = sorted(
+            (staged.offsets[t.name], t.dtype.itemsize * _numel(t.shape)) for t in staged.tensors
+        )
+        self._data = [(start, start + n) for start, n in data if n]
+        self._starts = [start for start, _ in self._data]
+        self.read = 0
+        self.written: dict[int, tuple[str, Region]] = {}  # by where they start in the file
+        self._hashes = {a: hasher(a) for a in algorithms}
+        self._fd: int | None = None
+
+    def next(self) -> tuple[_Followed, int, tuple[str, Region] | None] | None:
+        if self.read >= self.size:
+            return None
+        if (written := self.written.pop(self.read, None)) is not None:
+            return self, self.read + written[1].length, written
+        i = bisect.bisect_right(self._starts, self.read) - 1
+        if i >= 0 and self.read < self._data[i][1]:
+            return None  # within a tensor: waits for the region that starts here
+        following = self._starts[i + 1] if i + 1 < len(self._starts) else self.size
+        return self, following, None
+
+    def read_to(self, end: int, written: tuple[str, Region] | None) -> None:
+        """Hashes bytes ``read`` to ``end``, and checks them against ``written``'s digest."""
+        if self._fd is None:
+            self._fd = os.open(self.staged.path, os.O_RDONLY)
+        region_hash = xxhash.xxh3_64()
+        for piece in pieces(self._fd, self.read, end):
+            for h in self._hashes.values():
+                h.update(piece)
+            if written is not None:
+                region_hash.update(piece)
+        if written is not None and region_hash.intdigest() != written[1].digest:
+            name, r = written
+            raise _mismatch(self.staged.path, f"bytes {r.start}..{r.start + r.length} of {name!r}")
+        self.read = end
+
+    def digests(self) -> dict[str, str]:
+        return {a: h.hexdigest() for a, h in self._hashes.items()}
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 def read_back(
     fmt: OutputFormat,
     files: list[Staged],
     plan: Plan,
     reader: TensorReader,
+    behind: ReadBehind,
     regions: Mapping[str, list[Region]] | None,
-    sha256: bool,
-    workers: int,
 ) -> dict[str, dict[str, str | int]]:
-    """Each file's size and digests (``regions``, what the conversion wrote, given: checked as
-    above), the files side by side on ``workers`` threads (the hashing releases the GIL), and
-    sha256, when asked for, in passes of its own beside them: it hashes several times slower.
-    The files are in the page cache, just written, so a pass costs memory bandwidth, not a
-    read of the disk."""
+    """Each file's size and digests, once every tensor is written. With ``regions`` (what the
+    conversion wrote), every byte written is checked: each tensor covered exactly once, each
+    region's bytes as written, and the file as its consumer loads it (see the module's
+    docstring)."""
     _check_tied(plan, files, reader)
-    xxh3, sha = ALGORITHMS
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        found = {
-            staged.name: {
-                xxh3: pool.submit(_read_file, fmt, staged, regions),
-                **({sha: pool.submit(file_digest, staged.path, sha)} if sha256 else {}),
-            }
-            for staged in files
-        }
-        return {
-            staged.name: {
-                "bytes": staged.path.stat().st_size,
-                **{a: f.result() for a, f in found[staged.name].items()},
-            }
-            for staged in files
-        }
-
-
-def _read_file(
-    fmt: OutputFormat, staged: Staged, regions: Mapping[str, list[Region]] | None
-) -> str:
-    """The file's XXH3-128 digest. With ``regions``, the file first loads as its consumer
-    loads it and holds the planned tensors, and the same pass checks that every byte range
-    written holds the digest taken as it was written."""
-    spans = []
     if regions is not None:
-        try:
-            offsets = fmt.read_back(staged.path, staged.tensors)
-        except ValueError as e:
-            raise _mismatch(staged.path, str(e)) from e
-        for spec in staged.tensors:
-            spans += _spans(staged.path, spec, offsets[spec.name], regions[spec.name])
-    return _scan(staged.path, sorted(spans, key=lambda s: s.at))
+        for staged in files:
+            for spec in staged.tensors:
+                _check_covered(staged.path, spec, regions[spec.name])
+    digests = behind.finish()
+    if regions is not None:
+        for staged in files:
+            try:
+                offsets = fmt.read_back(staged.path, staged.tensors)
+            except ValueError as e:
+                raise _mismatch(staged.path, str(e)) from e
+            if moved := [n for n, o in staged.offsets.items() if offsets[n] != o]:
+                raise _mismatch(staged.path, f"{moved[0]!r} loads from other bytes than written")
+    return {
+        staged.name: {"bytes": staged.path.stat().st_size, **digests[staged.name]}
+        for staged in files
+    }
 
 
-@dataclass(frozen=True)
-class _Span:
-    """A written region where it lies in the file."""
-
-    at: int
-    region: Region
-    name: str
-
-
-def _spans(path: Path, spec: OutputTensor, offset: int, written: list[Region]) -> list[_Span]:
-    """The regions written into ``spec``, which must cover it exactly once, from byte 0 on."""
+def _check_covered(path: Path, spec: OutputTensor, written: list[Region]) -> None:
+    """The regions written into ``spec`` must cover it exactly once, from byte 0 on."""
     written = sorted(written, key=lambda r: r.start)
     ends = [0] + [r.start + r.length for r in written]
     gaps = any(r.start != end for r, end in zip(written, ends[:-1], strict=True))
-    nbytes = spec.dtype.itemsize * _numel(spec.shape)
-    if gaps or ends[-1] != nbytes:
+    if gaps or ends[-1] != spec.dtype.itemsize * _numel(spec.shape):
         raise _mismatch(path, f"{spec.name!r} was not written exactly once in full")
-    return [_Span(offset + r.start, r, spec.name) for r in written if r.length]
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -116,30 +217,6 @@ def _numel(shape: tuple[int, ...]) -> int:
     for s in shape:
         n *= s
     return n
-
-
-def _scan(path: Path, spans: list[_Span]) -> str:
-    """The file's XXH3-128 digest, and the XXH3-64 digest of each of ``spans`` (sorted,
-    disjoint) checked, in one pass: each piece hashed for both while it is in cache."""
-    file_hash, span_hash = xxhash.xxh3_128(), xxhash.xxh3_64()
-    first = 0  # the first span not checked yet
-    for pos, view in pieces(path):
-        file_hash.update(view)
-        end = pos + len(view)
-        while first < len(spans) and spans[first].at < end:
-            span = spans[first]
-            stop = span.at + span.region.length
-            span_hash.update(view[max(span.at, pos) - pos : min(stop, end) - pos])
-            if stop > end:
-                break
-            first += 1
-            if span_hash.intdigest() != span.region.digest:
-                r, name = span.region, span.name
-                raise _mismatch(path, f"bytes {r.start}..{r.start + r.length} of {name!r}")
-            span_hash.reset()
-    if first != len(spans):
-        raise _mismatch(path, "it ends before the last tensor's bytes")
-    return file_hash.hexdigest()
 
 
 def _check_tied(plan: Plan, files: list[Staged], reader: TensorReader) -> None:

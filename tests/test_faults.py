@@ -1383,7 +1383,7 @@ BIG_OUTPUTS = {
 }
 
 
-# convert.py, SIGKILLed as the read-back of its output begins: every tensor is written by then.
+# convert.py, SIGKILLed as the read-back of its output ends: every tensor is written by then.
 KILLED_IN_READ_BACK = """
 import os, runpy, signal, sys
 import converter.verify
@@ -1391,7 +1391,7 @@ import converter.verify
 def killed(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
 
-converter.verify._scan = killed
+converter.verify.ReadBehind.finish = killed
 sys.argv = ["convert.py", *sys.argv[1:]]
 runpy.run_path("convert.py", run_name="__main__")
 """

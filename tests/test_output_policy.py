@@ -27,7 +27,7 @@ from converter.publish import Output
 from converter.sources.dcp import DcpIndex
 from converter.sources.reader import TensorReader
 from converter.sources.storage import LocalStorage
-from converter.verify import Staged, read_back
+from converter.verify import ReadBehind, Staged, read_back
 from tests.conftest import (
     FULL_STEP,
     WEIGHTS_ONLY_STEP,
@@ -328,8 +328,8 @@ def test_a_folder_that_holds_a_checkpoint_is_never_replaced(layout_checkpoints, 
 @contextmanager
 def converted(layout_checkpoints, tmp_path: Path, workers: int, budget_bytes: int, fmt_name: str):
     """torchtitan 0.3.0's full save converted in-process into synced partial files (one .pt,
-    or the shards of a Hugging Face folder), before publishing: yields (the staged files, plan,
-    reader, regions written)."""
+    or the shards of a Hugging Face folder), read back behind the writes, before publishing:
+    yields (the staged files, plan, reader, read-back, regions written)."""
     root, shape, _ = layout_checkpoints[TORCHTITAN_0_3, "mha"]
     index = DcpIndex(LocalStorage(str(root)), str(root / f"step-{FULL_STEP}"))
     reader = TensorReader(index)
@@ -352,7 +352,10 @@ def converted(layout_checkpoints, tmp_path: Path, workers: int, budget_bytes: in
         for name, tensors in fmt.files(plan, options).items():
             path = out.staging(name)
             staged.append(Staged(name, path, tensors, fmt.create(path, tensors)))
-        filler = out.filler({n: (f.name, o) for f in staged for n, o in f.offsets.items()})
+        behind = ReadBehind(staged, check=True, sha256=True)
+        filler = out.filler(
+            {n: (f.name, o) for f in staged for n, o in f.offsets.items()}, follower=behind
+        )
         filled = convert_tensors(
             reader,
             plan,
@@ -363,38 +366,67 @@ def converted(layout_checkpoints, tmp_path: Path, workers: int, budget_bytes: in
             progress=lambda n: None,
         )
         filler.sync()
-        yield staged, plan, reader, filled.regions
+        yield staged, plan, reader, behind, filled.regions
 
 
-def _read_back(fmt_name, staged, plan, reader, regions):
-    return read_back(FORMATS[fmt_name], staged, plan, reader, regions, sha256=True, workers=2)
+def _read_back(fmt_name, staged, plan, reader, behind, regions):
+    return read_back(FORMATS[fmt_name], staged, plan, reader, behind, regions)
 
 
 @pytest.mark.parametrize("fmt_name", ["meta", "hf"])
-def test_verify_rejects_a_changed_byte(layout_checkpoints, tmp_path, fmt_name):
-    with converted(layout_checkpoints, tmp_path, 2, 1 << 20, fmt_name) as (
+def test_verify_gives_the_digests_and_rejects_a_changed_byte(
+    layout_checkpoints, tmp_path, monkeypatch, fmt_name
+):
+    """Intact, the read-back behind the writes gives each file's digests, as a pass over the
+    finished file would. A byte that reaches the file other than it was given (a storage
+    fault, made here by the write call) fails it, naming the tensor."""
+    with converted(layout_checkpoints, tmp_path / "intact", 2, 1 << 20, fmt_name) as (
         staged,
         plan,
         reader,
+        behind,
         regions,
     ):
         assert len(staged) == (1 if fmt_name == "meta" else 7)
-        # Intact: passes, and the one pass gives each file's digests.
-        digests = _read_back(fmt_name, staged, plan, reader, regions)
+        digests = _read_back(fmt_name, staged, plan, reader, behind, regions)
         for file in staged:
             assert digests[file.name]["sha256"] == _sha(file.path)
             assert digests[file.name]["xxh3_128"] == file_digest(file.path)
-        victim = plan.tensors[3].name
-        [file] = [f for f in staged if victim in f.offsets]
-        fd = os.open(file.path, os.O_RDWR)
-        try:
-            offset = file.offsets[victim] + 5
-            byte = os.pread(fd, 1, offset)
-            os.pwrite(fd, bytes([byte[0] ^ 0x01]), offset)
-        finally:
-            os.close(fd)
-        with pytest.raises(ConversionError, match=f"Verification of .* failed: .*{victim}"):
-            _read_back(fmt_name, staged, plan, reader, regions)
+    victim = plan.tensors[3].name
+    [at] = [f.offsets[victim] + 5 for f in staged if victim in f.offsets]
+    pwrite = os.pwrite
+
+    def faulty_pwrite(fd, data, pos):
+        if pos <= at < pos + len(data):
+            data = bytearray(data)
+            data[at - pos] ^= 0x01
+        return pwrite(fd, data, pos)
+
+    monkeypatch.setattr("converter.filler.os.pwrite", faulty_pwrite)
+    faulty = converted(layout_checkpoints, tmp_path / "faulty", 2, 1 << 20, fmt_name)
+    changed = pytest.raises(ConversionError, match=f"Verification of .* failed: .*{victim}")
+    with faulty as (staged, plan, reader, behind, regions), changed:
+        _read_back(fmt_name, staged, plan, reader, behind, regions)
+
+
+@pytest.mark.parametrize("check", [True, False], ids=["verify", "no_verify"])
+def test_read_back_fails_on_a_region_never_written(layout_checkpoints, tmp_path, check):
+    """A region the engine never wrote stops the pass where it should have been: the digests
+    of a file with a hole are never given, even with verify=false."""
+    with converted(layout_checkpoints, tmp_path, 2, 1 << 12, "meta") as (
+        staged,
+        plan,
+        reader,
+        _,
+        regions,
+    ):
+        victim = plan.tensors[2].name
+        behind = ReadBehind(staged, check=check, sha256=False)
+        for name, written in regions.items():
+            for region in written if name != victim else sorted(written, key=lambda r: r.start)[1:]:
+                behind.wrote(name, region)
+        with pytest.raises(ConversionError, match=f"'{victim}' was not written exactly once"):
+            behind.finish()
 
 
 def _drop_a_region(plan, regions):
@@ -435,11 +467,12 @@ def test_verify_rejects_a_file_that_is_not_the_plan(
         staged,
         plan,
         reader,
+        behind,
         regions,
     ):
-        assert _read_back(fmt_name, staged, plan, reader, regions)
+        assert _read_back(fmt_name, staged, plan, reader, behind, regions)
         bad_plan, bad_regions = tamper(plan, regions)
         changed = dict(zip((t.name for t in plan.tensors), bad_plan.tensors, strict=True))
         bad = [dataclasses.replace(f, tensors=[changed[t.name] for t in f.tensors]) for f in staged]
         with pytest.raises(ConversionError, match=f"Verification of .* failed: .*{match}"):
-            _read_back(fmt_name, bad, bad_plan, reader, bad_regions)
+            _read_back(fmt_name, bad, bad_plan, reader, behind, bad_regions)
