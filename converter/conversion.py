@@ -366,7 +366,8 @@ def _create(
             raise output_error(planned.output, e) from e
         staged.append(Staged(name, path, tensors, offsets))
     offsets = {n: (s.name, o) for s in staged for n, o in s.offsets.items()}
-    behind = ReadBehind(staged, check=planned.conf.verify, sha256=planned.conf.sha256)
+    tied = [name for _, name in planned.plan.tied]
+    behind = ReadBehind(staged, planned.conf.verify, planned.conf.sha256, whole=tied)
     # Blocks allocated up front for a lone run, not for tasks sharing it (see filler).
     return staged, behind, out.filler(offsets, allocate=not group.shared, follower=behind)
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import bisect
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,10 +50,14 @@ class ReadBehind:
     """Reads the output's files back in order as their regions are written (see the module's
     docstring), on a thread of its own; a ``converter.filler.Follower``. The bytes between the
     tensors' (the format's structure, written as the files were created) are read as the pass
-    reaches them; a tensor's, once the region that starts where the pass stands is written."""
+    reaches them; a tensor's, once the region that starts where the pass stands is written.
+    The tensors ``whole`` are hashed whole too, for the checks that compare them."""
 
-    def __init__(self, files: list[Staged], check: bool, sha256: bool) -> None:
-        self._files = {f.name: _Followed(f, ALGORITHMS[: 2 if sha256 else 1]) for f in files}
+    def __init__(
+        self, files: list[Staged], check: bool, sha256: bool, whole: Collection[str] = ()
+    ) -> None:
+        algorithms = ALGORITHMS[: 2 if sha256 else 1]
+        self._files = {f.name: _Followed(f, algorithms, set(whole)) for f in files}
         self._check = check
         self._cond = threading.Condition()
         self._ended = self._stopped = False
@@ -72,6 +76,11 @@ class ReadBehind:
 
     def done_with(self, file: str) -> int:
         return self._files[file].read
+
+    def tensor_digest(self, name: str) -> str:
+        """The XXH3-128 of tensor ``name``'s bytes (one of ``whole``), once finished."""
+        [digest] = [f.whole[name].hexdigest() for f in self._files.values() if name in f.whole]
+        return digest
 
     def stop(self) -> None:
         with self._cond:
@@ -104,7 +113,7 @@ class ReadBehind:
                     if self._stopped or step is None:
                         return
                 followed, end, written = step
-                followed.read_to(end, written if self._check else None)
+                followed.read_to(end, written, self._check)
         except BaseException as e:  # raised by finish()
             self._error = e
         finally:
@@ -123,7 +132,7 @@ class ReadBehind:
 class _Followed:
     """One file, read back up to ``read``."""
 
-    def __init__(self, staged: Staged, algorithms: tuple[str, ...]) -> None:
+    def __init__(self, staged: Staged, algorithms: tuple[str, ...], whole: set[str]) -> None:
         self.staged = staged
         self.size = staged.path.stat().st_size
         data = sorted(
@@ -134,6 +143,7 @@ class _Followed:
         self.read = 0
         self.written: dict[int, tuple[str, Region]] = {}  # by where they start in the file
         self._hashes = {a: hasher(a) for a in algorithms}
+        self.whole = {n: xxhash.xxh3_128() for n in whole & staged.offsets.keys()}
         self._fd: int | None = None
 
     def next(self) -> tuple[_Followed, int, tuple[str, Region] | None] | None:
@@ -147,17 +157,21 @@ class _Followed:
         following = self._starts[i + 1] if i + 1 < len(self._starts) else self.size
         return self, following, None
 
-    def read_to(self, end: int, written: tuple[str, Region] | None) -> None:
-        """Hashes bytes ``read`` to ``end``, and checks them against ``written``'s digest."""
+    def read_to(self, end: int, written: tuple[str, Region] | None, check: bool) -> None:
+        """Hashes bytes ``read`` to ``end``: the region ``written``, if given, whose digest
+        they must have with ``check``."""
         if self._fd is None:
             self._fd = os.open(self.staged.path, os.O_RDONLY)
+        hashes = list(self._hashes.values())
+        if written is not None and written[0] in self.whole:
+            hashes.append(self.whole[written[0]])
         region_hash = xxhash.xxh3_64()
+        if check and written is not None:
+            hashes.append(region_hash)
         for piece in pieces(self._fd, self.read, end):
-            for h in self._hashes.values():
+            for h in hashes:
                 h.update(piece)
-            if written is not None:
-                region_hash.update(piece)
-        if written is not None and region_hash.intdigest() != written[1].digest:
+        if check and written is not None and region_hash.intdigest() != written[1].digest:
             name, r = written
             raise _mismatch(self.staged.path, f"bytes {r.start}..{r.start + r.length} of {name!r}")
         self.read = end
@@ -183,12 +197,12 @@ def read_back(
     conversion wrote), every byte written is checked: each tensor covered exactly once, each
     region's bytes as written, and the file as its consumer loads it (see the module's
     docstring)."""
-    _check_tied(plan, files, reader)
     if regions is not None:
         for staged in files:
             for spec in staged.tensors:
                 _check_covered(staged.path, spec, regions[spec.name])
     digests = behind.finish()
+    _check_tied(plan, files, reader, behind)
     if regions is not None:
         for staged in files:
             try:
@@ -219,30 +233,27 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def _check_tied(plan: Plan, files: list[Staged], reader: TensorReader) -> None:
+def _check_tied(plan: Plan, files: list[Staged], reader: TensorReader, behind: ReadBehind) -> None:
     """With ``tied_embeddings=true``, a head saved beside the embeddings must hold their values
     (after the cast): the consumer ties the two on load, so a file that left out (or kept) a
-    different head would silently load as another model. Compared a window of rows at a time,
-    the head from the source, the embeddings from the file written: bounded memory."""
-    where = {t.name: (f, t) for f in files for t in f.tensors}
+    different head would silently load as another model. The head's rows from the source, cast
+    a window at a time (bounded memory), are compared by their XXH3-128 with the embeddings'
+    bytes as the read-back hashed them: the output is not read again."""
+    written = {t.name: t for f in files for t in f.tensors}
     for source_key, name in plan.tied:
         entry = reader.index.tensors[source_key]
-        staged, written = where[name]
-        rows, width = entry.rows
-        if written.shape != entry.shape:
+        if written[name].shape != entry.shape:
             raise _untied(source_key, name, reader)
-        row_out = width * written.dtype.itemsize
+        head = xxhash.xxh3_128()
+        rows = entry.rows[0]
         step = max(1, (16 << 20) // max(entry.row_bytes, 1))
-        with open(staged.path, "rb") as f:
-            for lo in range(0, rows, step):
-                hi = min(lo + step, rows)
-                buffer = torch.empty(reader.buffer_bytes(entry, hi - lo), dtype=torch.uint8)
-                head = reader.read_rows(entry, lo, hi, buffer).to(written.dtype)
-                got = torch.empty((hi - lo) * row_out, dtype=torch.uint8)
-                f.seek(staged.offsets[name] + lo * row_out)
-                f.readinto(got.numpy())
-                if not torch.equal(head.view(torch.uint8).reshape(-1), got):
-                    raise _untied(source_key, name, reader)
+        for lo in range(0, rows, step):
+            hi = min(lo + step, rows)
+            buffer = torch.empty(reader.buffer_bytes(entry, hi - lo), dtype=torch.uint8)
+            cast = reader.read_rows(entry, lo, hi, buffer).to(written[name].dtype)
+            head.update(cast.contiguous().view(torch.uint8).reshape(-1).numpy())
+        if head.hexdigest() != behind.tensor_digest(name):
+            raise _untied(source_key, name, reader)
 
 
 def _untied(source_key: str, name: str, reader: TensorReader) -> ConversionError:

@@ -352,7 +352,7 @@ def converted(layout_checkpoints, tmp_path: Path, workers: int, budget_bytes: in
         for name, tensors in fmt.files(plan, options).items():
             path = out.staging(name)
             staged.append(Staged(name, path, tensors, fmt.create(path, tensors)))
-        behind = ReadBehind(staged, check=True, sha256=True)
+        behind = ReadBehind(staged, True, True, whole=[n for _, n in plan.tied])
         filler = out.filler(
             {n: (f.name, o) for f in staged for n, o in f.offsets.items()}, follower=behind
         )
