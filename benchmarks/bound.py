@@ -4,15 +4,17 @@
 
 Run after ``run.py`` has built the input in ``WORK``; like ``run.py`` it first converts the
 input once, untimed, for the floor's plan and the digests the defaults' output must have.
-A conversion checks every byte it writes by reading it back. Either its writes go through the
-page cache and it reads them back from there: then its I/O is at least the floor's
-(``floor.py --fsync``: reads what the output needs, writes its size through the page cache,
-fsyncs). Or it writes past the page cache (``O_DIRECT``) and must read the bytes back from the
-device: ``direct_write.py --read-back`` times that for the output's size, with nothing else
-running. Either way it first imports torch, which a stdlib script such as the floor does not
-(``python -c "import torch"``; ``convert.py --help`` adds Hydra's config and converts
-nothing). Each bound is the sum of the two medians: not strict, as a conversion could overlap
-some I/O with its imports, but the cast and the DCP metadata both need torch. Each repeat times
+A conversion checks every byte it writes by reading it back. Its writes can go through the
+page cache, read back from there: as the floor (``floor.py --fsync``: reads what the output
+needs, writes its size through the page cache, fsyncs), or, as the converter does, read back
+right behind the writes, synced and dropped from the page cache (``floor.py --fsync
+--drop-behind``), which spares later writes memory never used before. Or they go past the page
+cache (``O_DIRECT``), and the bytes must be read back from the device: ``direct_write.py
+--read-back`` times that for the output's size, with nothing else running. Whichever way, a
+conversion first imports torch, which a stdlib script such as the floor does not (``python -c
+"import torch"``; ``convert.py --help`` adds Hydra's config and converts nothing). Each bound
+is the sum of two medians: not strict, as a conversion could overlap some I/O with its
+imports, but the cast and the DCP metadata both need torch. Each repeat times
 the yardsticks and the converter's defaults in turn, as ``run.py`` times a method
 (``measure.measure``): input read once, disk synced, output removed after, untimed.
 """
@@ -29,7 +31,17 @@ from pathlib import Path
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 from inputs import REPO, by_name
-from measure import DEFAULTS, FLOOR, HERE, Case, measure, prepare, run_child, warm
+from measure import (
+    DEFAULTS,
+    FLOOR,
+    FLOOR_DROP,
+    HERE,
+    Case,
+    measure,
+    prepare,
+    run_child,
+    warm,
+)
 
 TORCH = 'importing torch: python -c "import torch"'
 STARTUP = "start-up: convert.py --help (imports, Hydra's config; converts nothing)"
@@ -57,7 +69,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     work = args.work.resolve()
-    case = Case(by_name(False, args.input), work, (FLOOR, DEFAULTS))
+    case = Case(by_name(False, args.input), work, (FLOOR, FLOOR_DROP, DEFAULTS))
     if not case.step_dir.is_dir():
         sys.exit(f"{case.step_dir} is missing: build it with benchmarks/run.py --work {work}.")
     logs = work / "logs"
@@ -87,6 +99,8 @@ def main() -> None:
     floor = median[FLOOR.label]
     bounds = {
         "through the page cache: importing torch + the floor": median[TORCH] + floor,
+        "read back and dropped behind: importing torch + that floor": median[TORCH]
+        + median[FLOOR_DROP.label],
         "past it: importing torch + the disk alone, checked": median[TORCH] + median[READ_BACK],
     }
     print(f"{case.inp.name}: {out_bytes / 1e6:.0f} MB written, {args.repeats} repeats\n")

@@ -1,6 +1,6 @@
 """The I/O floor of a conversion: plain file reads and writes, no torch, no parsing.
 
-    python benchmarks/floor.py PLAN.json OUT [--fsync] [--write-mib N]
+    python benchmarks/floor.py PLAN.json OUT [--fsync] [--write-mib N] [--drop-behind]
 
 ``PLAN.json`` holds ``{"reads": [[path, offset, length], ...], "out_bytes": N}``: the byte
 ranges of the shard files that hold the tensors the converter's output needs, and that
@@ -12,6 +12,10 @@ Each write call copies at most ``--write-mib`` MiB (1, as the converter's calls 
 cache sizes its folios by the write, and on some machines fresh large folios cost far more to
 fill (converter/filler.py). The benchmark also times 8 MiB calls, this script's size before,
 which shows the difference on the machine at hand.
+
+With ``--drop-behind``, every ``DROP_EVERY`` bytes written are read back into the buffer, the
+file is synced, and the pages of what was read back are dropped from the page cache: the
+converter's I/O since its read-back follows its writes (converter/filler.py), on one thread.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import json
 import os
 
 BLOCK = 16 << 20
+DROP_EVERY = 128 << 20
 
 
 def main() -> None:
@@ -29,6 +34,7 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--fsync", action="store_true")
     parser.add_argument("--write-mib", type=int, default=1, help="the most one write copies")
+    parser.add_argument("--drop-behind", action="store_true", help="read back, sync, drop")
     args = parser.parse_args()
     if args.write_mib < 1:
         parser.error("--write-mib must be at least 1")
@@ -39,7 +45,8 @@ def main() -> None:
     buffer = memoryview(bytearray(BLOCK))
     done_in = done_out = 0
     fds: dict[str, int] = {}
-    out = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    out = os.open(args.out, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    dropped = 0  # the bytes read back, synced and dropped
     try:
         for path, offset, length in reads:
             if path not in fds:
@@ -53,6 +60,13 @@ def main() -> None:
                 # Write out_bytes in proportion to what has been read so far.
                 _write_all(out, buffer, out_bytes * done_in // in_bytes - done_out, args.write_mib)
                 done_out = out_bytes * done_in // in_bytes
+                if args.drop_behind and done_out - dropped >= DROP_EVERY:
+                    _read_back(out, buffer, dropped, done_out)
+                    os.fdatasync(out)
+                    os.posix_fadvise(out, dropped, done_out - dropped, os.POSIX_FADV_DONTNEED)
+                    dropped = done_out
+        if args.drop_behind:
+            _read_back(out, buffer, dropped, done_out)
         if args.fsync:
             os.fsync(out)
     finally:
@@ -69,6 +83,12 @@ def _write_all(fd: int, buffer: memoryview, n: int, write_mib: int) -> None:
     while n:
         written = os.write(fd, buffer[pos : pos + min(n, write_mib << 20)])
         n, pos = n - written, (pos + written) % len(buffer)
+
+
+def _read_back(fd: int, buffer: memoryview, start: int, end: int) -> None:
+    """Reads bytes ``start`` to ``end`` of ``fd`` into ``buffer``, a block at a time."""
+    while start < end:
+        start += os.preadv(fd, [buffer[: min(BLOCK, end - start)]], start)
 
 
 if __name__ == "__main__":

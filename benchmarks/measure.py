@@ -45,6 +45,7 @@ class Method:
     tasks: int = 1  # ours, > 1: processes, as the submitit tasks of one job sharing it
     fsync: bool = True  # floor
     write_mib: int = 1  # floor: the most one write call copies
+    drop_behind: bool = False  # floor: read back, synced and dropped behind the writes
     output_format: str = "meta"  # ours: meta (a .pt) or hf (a Hugging Face folder)
 
     @property
@@ -68,6 +69,7 @@ class Method:
             self.tasks,
             self.fsync,
             self.write_mib,
+            self.drop_behind,
             self.output_format,
         )
 
@@ -110,6 +112,8 @@ FLOOR = Method("I/O floor (fsync)", "floor", fsync=True)
 FLOOR_NOSYNC = Method("I/O floor (no fsync)", "floor", fsync=False)
 # The floor as it wrote before: 8 MiB per call (see floor.py).
 FLOOR_8MIB = Method("I/O floor (fsync, 8 MiB writes)", "floor", fsync=True, write_mib=8)
+# The floor of I/O like the converter's: read back, synced and dropped behind the writes.
+FLOOR_DROP = Method("I/O floor (fsync, read back and dropped behind)", "floor", drop_behind=True)
 # What a user does today for a Hugging Face checkpoint (llama3 only: torchtitan's adapter).
 HF_BASELINE = Method("DCP state dict + to_hf + save_file", "hf_baseline")
 LLAMA_METHODS = _distinct(
@@ -245,7 +249,7 @@ def command(method: Method, case: Case, out: Path) -> list[str]:
             str(out),
         ]
     fsync = ["--fsync"] if method.fsync else []
-    writes = ["--write-mib", str(method.write_mib)]
+    writes = ["--write-mib", str(method.write_mib), *(["--drop-behind"] * method.drop_behind)]
     return [sys.executable, str(HERE / "floor.py"), str(case.floor_plan), str(out), *fsync, *writes]
 
 

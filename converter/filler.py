@@ -18,10 +18,11 @@ Each write is handed, with its digest, to a ``Follower``: the read-back that che
 (``converter.verify``), which reads each file in order while the page cache still holds what
 was just written. The flush-behind then drops the pages the follower is done with, once they
 are on the disk. A conversion streams gigabytes it will not read again: left in the page
-cache, they would make every later write take fresh memory, which on a VM whose host takes
-free memory back costs more than the write itself, and push out the source, which was
-warm. Pages still being written, or not yet read back, are never dropped, and an output
-nobody follows (a task filling its share of another's files) keeps its pages.
+cache, they make every later write take memory never used before, which on such a VM costs
+more than the copy itself (benchmarks/README.md), and on a checkpoint larger than memory they
+would push out the source being read. Pages still being written, or not yet read back, are
+never dropped (the kernel keeps dirty pages whatever it is told), and an output nobody follows
+(a task filling its share of another's files) keeps its pages.
 
 A lone run allocates the files' blocks first: a full disk then fails up front, with ENOSPC,
 rather than after minutes of work. Tasks that share a conversion skip that: they may run on
@@ -31,6 +32,7 @@ zeros, over another task's tensors.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Callable
@@ -243,10 +245,15 @@ class _Flusher:
             try:
                 done = self._done_with(fd)  # read before the sync: then on the disk after it
                 os.fdatasync(fd)
-                dropped = self._dropped.get(fd, 0)
-                if done > dropped:
-                    os.posix_fadvise(fd, dropped, done - dropped, os.POSIX_FADV_DONTNEED)
-                    self._dropped[fd] = done
             except OSError as e:
                 self._error = e
                 return
+            self._drop(fd, done)
+
+    def _drop(self, fd: int, done: int) -> None:
+        """Drops the pages of ``fd`` up to ``done``: advice, which a file system may ignore."""
+        dropped = self._dropped.get(fd, 0)
+        if done > dropped:
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(fd, dropped, done - dropped, os.POSIX_FADV_DONTNEED)
+            self._dropped[fd] = done

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import xxhash
 
-from converter.digests import ALGORITHMS, hasher, pieces
+from converter.digests import ALGORITHMS, hasher, piece_buffer, pieces
 from converter.errors import ConversionError
 from converter.filler import Region
 from converter.formats.base import OutputFormat
@@ -51,14 +51,28 @@ class ReadBehind:
     docstring), on a thread of its own; a ``converter.filler.Follower``. The bytes between the
     tensors' (the format's structure, written as the files were created) are read as the pass
     reaches them; a tensor's, once the region that starts where the pass stands is written.
-    The tensors ``whole`` are hashed whole too, for the checks that compare them."""
+    The tensors ``whole`` are hashed whole too, for the checks that compare them.
+
+    The pass lets up to ``lag`` bytes of regions be written ahead of it before it follows: an
+    output that small stays in the page cache and is read in one pass once the writes end,
+    without taking CPU time from a conversion that needs it (a mixture-of-experts model's
+    thousands of small tensors). Past it, the pass follows the writes, and about ``lag``
+    bytes of the output are in memory at a time."""
 
     def __init__(
-        self, files: list[Staged], check: bool, sha256: bool, whole: Collection[str] = ()
+        self,
+        files: list[Staged],
+        check: bool,
+        sha256: bool,
+        whole: Collection[str] = (),
+        lag: int = 1 << 30,
     ) -> None:
         algorithms = ALGORITHMS[: 2 if sha256 else 1]
         self._files = {f.name: _Followed(f, algorithms, set(whole)) for f in files}
+        self._holding = {t: f for f in self._files.values() for t in f.staged.offsets}
         self._check = check
+        self._lag = lag
+        self._unread = 0  # bytes of regions written but not read back yet
         self._cond = threading.Condition()
         self._ended = self._stopped = False
         self._error: BaseException | None = None
@@ -68,19 +82,19 @@ class ReadBehind:
     def wrote(self, name: str, region: Region) -> None:
         if not region.length:
             return
+        followed = self._holding[name]
         with self._cond:
-            for followed in self._files.values():
-                if name in followed.staged.offsets:
-                    followed.written[followed.staged.offsets[name] + region.start] = (name, region)
-            self._cond.notify()
+            followed.written[followed.staged.offsets[name] + region.start] = (name, region)
+            self._unread += region.length
+            if self._unread > self._lag:
+                self._cond.notify()
 
     def done_with(self, file: str) -> int:
         return self._files[file].read
 
     def tensor_digest(self, name: str) -> str:
         """The XXH3-128 of tensor ``name``'s bytes (one of ``whole``), once finished."""
-        [digest] = [f.whole[name].hexdigest() for f in self._files.values() if name in f.whole]
-        return digest
+        return self._holding[name].whole[name].hexdigest()
 
     def stop(self) -> None:
         with self._cond:
@@ -108,12 +122,18 @@ class ReadBehind:
         try:
             while True:
                 with self._cond:
-                    while not (step := self._next()) and not self._ended and not self._stopped:
+                    while not self._stopped:
+                        following = self._ended or self._unread > self._lag
+                        if (step := self._next() if following else None) or self._ended:
+                            break
                         self._cond.wait()
                     if self._stopped or step is None:
                         return
                 followed, end, written = step
                 followed.read_to(end, written, self._check)
+                if written is not None:
+                    with self._cond:
+                        self._unread -= written[1].length
         except BaseException as e:  # raised by finish()
             self._error = e
         finally:
@@ -145,6 +165,7 @@ class _Followed:
         self._hashes = {a: hasher(a) for a in algorithms}
         self.whole = {n: xxhash.xxh3_128() for n in whole & staged.offsets.keys()}
         self._fd: int | None = None
+        self._buffer = piece_buffer()
 
     def next(self) -> tuple[_Followed, int, tuple[str, Region] | None] | None:
         if self.read >= self.size:
@@ -168,7 +189,7 @@ class _Followed:
         region_hash = xxhash.xxh3_64()
         if check and written is not None:
             hashes.append(region_hash)
-        for piece in pieces(self._fd, self.read, end):
+        for piece in pieces(self._fd, self.read, end, self._buffer):
             for h in hashes:
                 h.update(piece)
         if check and written is not None and region_hash.intdigest() != written[1].digest:

@@ -326,10 +326,13 @@ def test_a_folder_that_holds_a_checkpoint_is_never_replaced(layout_checkpoints, 
 
 
 @contextmanager
-def converted(layout_checkpoints, tmp_path: Path, workers: int, budget_bytes: int, fmt_name: str):
+def converted(
+    layout_checkpoints, tmp_path: Path, workers: int, budget_bytes: int, fmt_name: str, lag=1 << 30
+):
     """torchtitan 0.3.0's full save converted in-process into synced partial files (one .pt,
-    or the shards of a Hugging Face folder), read back behind the writes, before publishing:
-    yields (the staged files, plan, reader, read-back, regions written)."""
+    or the shards of a Hugging Face folder), read back behind the writes (``lag``: see
+    ReadBehind), before publishing: yields (the staged files, plan, reader, read-back, regions
+    written)."""
     root, shape, _ = layout_checkpoints[TORCHTITAN_0_3, "mha"]
     index = DcpIndex(LocalStorage(str(root)), str(root / f"step-{FULL_STEP}"))
     reader = TensorReader(index)
@@ -352,7 +355,7 @@ def converted(layout_checkpoints, tmp_path: Path, workers: int, budget_bytes: in
         for name, tensors in fmt.files(plan, options).items():
             path = out.staging(name)
             staged.append(Staged(name, path, tensors, fmt.create(path, tensors)))
-        behind = ReadBehind(staged, True, True, whole=[n for _, n in plan.tied])
+        behind = ReadBehind(staged, True, True, whole=[n for _, n in plan.tied], lag=lag)
         filler = out.filler(
             {n: (f.name, o) for f in staged for n, o in f.offsets.items()}, follower=behind
         )
@@ -373,14 +376,26 @@ def _read_back(fmt_name, staged, plan, reader, behind, regions):
     return read_back(FORMATS[fmt_name], staged, plan, reader, behind, regions)
 
 
+@pytest.mark.parametrize("lag", [0, 1 << 30], ids=["following", "after_the_writes"])
 @pytest.mark.parametrize("fmt_name", ["meta", "hf"])
 def test_verify_gives_the_digests_and_rejects_a_changed_byte(
-    layout_checkpoints, tmp_path, monkeypatch, fmt_name
+    layout_checkpoints, tmp_path, monkeypatch, fmt_name, lag
 ):
-    """Intact, the read-back behind the writes gives each file's digests, as a pass over the
-    finished file would. A byte that reaches the file other than it was given (a storage
-    fault, made here by the write call) fails it, naming the tensor."""
-    with converted(layout_checkpoints, tmp_path / "intact", 2, 1 << 20, fmt_name) as (
+    """Intact, the read-back gives each file's digests, as a pass over the finished file
+    would, whether it follows the writes (any output larger than its lag) or reads once they
+    end. A byte that reaches the file other than it was given (a storage fault, made here by
+    the write call) fails it, naming the tensor. Synced every 4 KiB, the pages it is done
+    with are dropped as it goes."""
+    monkeypatch.setattr("converter.filler._FLUSH_BYTES", 1 << 12)
+    dropped = []
+    fadvise = os.posix_fadvise
+
+    def counted_fadvise(fd, offset, length, advice):
+        dropped.append(length)
+        return fadvise(fd, offset, length, advice)
+
+    monkeypatch.setattr("converter.filler.os.posix_fadvise", counted_fadvise)
+    with converted(layout_checkpoints, tmp_path / "intact", 2, 1 << 20, fmt_name, lag) as (
         staged,
         plan,
         reader,
@@ -392,6 +407,8 @@ def test_verify_gives_the_digests_and_rejects_a_changed_byte(
         for file in staged:
             assert digests[file.name]["sha256"] == _sha(file.path)
             assert digests[file.name]["xxh3_128"] == file_digest(file.path)
+    # Following, the pass is done with bytes before the writes end; otherwise not.
+    assert bool(dropped) == (lag == 0)
     victim = plan.tensors[3].name
     [at] = [f.offsets[victim] + 5 for f in staged if victim in f.offsets]
     pwrite = os.pwrite
@@ -403,14 +420,15 @@ def test_verify_gives_the_digests_and_rejects_a_changed_byte(
         return pwrite(fd, data, pos)
 
     monkeypatch.setattr("converter.filler.os.pwrite", faulty_pwrite)
-    faulty = converted(layout_checkpoints, tmp_path / "faulty", 2, 1 << 20, fmt_name)
+    faulty = converted(layout_checkpoints, tmp_path / "faulty", 2, 1 << 20, fmt_name, lag)
     changed = pytest.raises(ConversionError, match=f"Verification of .* failed: .*{victim}")
     with faulty as (staged, plan, reader, behind, regions), changed:
         _read_back(fmt_name, staged, plan, reader, behind, regions)
 
 
+@pytest.mark.parametrize("lag", [0, 1 << 30], ids=["following", "after_the_writes"])
 @pytest.mark.parametrize("check", [True, False], ids=["verify", "no_verify"])
-def test_read_back_fails_on_a_region_never_written(layout_checkpoints, tmp_path, check):
+def test_read_back_fails_on_a_region_never_written(layout_checkpoints, tmp_path, check, lag):
     """A region the engine never wrote stops the pass where it should have been: the digests
     of a file with a hole are never given, even with verify=false."""
     with converted(layout_checkpoints, tmp_path, 2, 1 << 12, "meta") as (
@@ -421,7 +439,7 @@ def test_read_back_fails_on_a_region_never_written(layout_checkpoints, tmp_path,
         regions,
     ):
         victim = plan.tensors[2].name
-        behind = ReadBehind(staged, check=check, sha256=False)
+        behind = ReadBehind(staged, check=check, sha256=False, lag=lag)
         for name, written in regions.items():
             for region in written if name != victim else sorted(written, key=lambda r: r.start)[1:]:
                 behind.wrote(name, region)
