@@ -15,9 +15,9 @@ more: a page fault per 4 KiB, and a mapping set up and torn down per tensor, hun
 for a mixture-of-experts model's experts.
 
 Each write is handed, with its digest, to a ``Follower``: the read-back that checks it
-(``converter.verify``), which reads each file in order while the page cache still holds what
-was just written. The flush-behind then drops the pages the follower is done with, once they
-are on the disk. A conversion streams gigabytes it will not read again: left in the page
+(``converter.verify``), which, in a large output, reads each file in order while the page
+cache still holds what was just written. The flush-behind then drops the pages the follower
+is done with, once they are on the disk. A conversion streams gigabytes it will not read again: left in the page
 cache, they make every later write take memory never used before, which on such a VM costs
 more than the copy itself (benchmarks/README.md), and on a checkpoint larger than memory they
 would push out the source being read. Pages still being written, or not yet read back, are
