@@ -17,12 +17,12 @@ for a mixture-of-experts model's experts.
 Each write is handed, with its digest, to a ``Follower``: the read-back that checks it
 (``converter.verify``), which, in a large output, reads each file in order while the page
 cache still holds what was just written. The flush-behind then drops the pages the follower
-is done with, once they are on the disk. A conversion streams gigabytes it will not read again: left in the page
-cache, they make every later write take memory never used before, which on such a VM costs
-more than the copy itself (benchmarks/README.md), and on a checkpoint larger than memory they
-would push out the source being read. Pages still being written, or not yet read back, are
-never dropped (the kernel keeps dirty pages whatever it is told), and an output nobody follows
-(a task filling its share of another's files) keeps its pages.
+is done with, once they are on the disk. A conversion streams gigabytes it will not read
+again: left in the page cache, they make every later write take memory never used before,
+which on such a VM costs more than the copy itself (benchmarks/README.md), and on a checkpoint
+larger than memory they would push out the source being read. Pages still being written, or
+not yet read back, are never dropped (the kernel keeps dirty pages whatever it is told), and
+an output nobody follows (a task filling its share of another's files) keeps its pages.
 
 A lone run allocates the files' blocks first: a full disk then fails up front, with ENOSPC,
 rather than after minutes of work. Tasks that share a conversion skip that: they may run on
