@@ -366,8 +366,10 @@ def _create(
             raise output_error(planned.output, e) from e
         staged.append(Staged(name, path, tensors, offsets))
     offsets = {n: (s.name, o) for s in staged for n, o in s.offsets.items()}
-    tied = [name for _, name in planned.plan.tied]
-    behind = ReadBehind(staged, planned.conf.verify, planned.conf.sha256, whole=tied)
+    conf, tied = planned.conf, [name for _, name in planned.plan.tied]
+    # Tasks sharing the conversion: read once the others answer (see ReadBehind).
+    lag = {"lag": None} if group.shared else {}
+    behind = ReadBehind(staged, conf.verify, conf.sha256, whole=tied, workers=conf.workers, **lag)
     # Blocks allocated up front for a lone run, not for tasks sharing it (see filler).
     return staged, behind, out.filler(offsets, allocate=not group.shared, follower=behind)
 

@@ -26,14 +26,14 @@ def piece_buffer() -> bytearray:
 
 
 def pieces(fd: int, start: int, end: int, buffer: bytearray) -> Iterator[memoryview]:
-    """Bytes ``start`` to ``end`` of the open file ``fd`` in order, in pieces of at most
-    ``_PIECE`` bytes, each read into ``buffer`` (from :func:`piece_buffer`) over the one
-    before: use it before asking for the next."""
+    """Bytes ``start`` to ``end`` of the open file ``fd`` in order (fewer if it ends before),
+    in pieces of at most ``_PIECE`` bytes, each read into ``buffer`` (from
+    :func:`piece_buffer`) over the one before: use it before asking for the next."""
     with memoryview(buffer) as whole:
         while start < end:
             n = os.preadv(fd, [whole[: min(_PIECE, end - start)]], start)
             if not n:
-                raise EOFError(f"the file ends at byte {start}, before byte {end}")
+                return
             with whole[:n] as piece:
                 yield piece
             start += n

@@ -15,14 +15,8 @@ more: a page fault per 4 KiB, and a mapping set up and torn down per tensor, hun
 for a mixture-of-experts model's experts.
 
 Each write is handed, with its digest, to a ``Follower``: the read-back that checks it
-(``converter.verify``), which, in a large output, reads each file in order while the page
-cache still holds what was just written. The flush-behind then drops the pages the follower
-is done with, once they are on the disk. A conversion streams gigabytes it will not read
-again: left in the page cache, they make every later write take memory never used before,
-which on such a VM costs more than the copy itself (benchmarks/README.md), and on a checkpoint
-larger than memory they would push out the source being read. Pages still being written, or
-not yet read back, are never dropped (the kernel keeps dirty pages whatever it is told), and
-an output nobody follows (a task filling its share of another's files) keeps its pages.
+(``converter.verify``), which in a large output follows the writes and drops the pages it has
+read once they are on the disk. A task filling its share of another's files has none.
 
 A lone run allocates the files' blocks first: a full disk then fails up front, with ENOSPC,
 rather than after minutes of work. Tasks that share a conversion skip that: they may run on
@@ -32,10 +26,8 @@ zeros, over another task's tensors.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
-from collections.abc import Callable
 from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,8 +59,8 @@ class Follower(Protocol):
     def wrote(self, name: str, region: Region) -> None:
         """``region`` of tensor ``name`` is in the file."""
 
-    def done_with(self, file: str) -> int:
-        """How many bytes from the start of ``file`` it no longer needs."""
+    def check(self) -> None:
+        """Raises what it met (bytes that differ from those written)."""
 
     def stop(self) -> None:
         """Stops following, if it has not finished (a conversion that failed)."""
@@ -107,10 +99,8 @@ class Filler:
         except OSError as e:
             self.close()
             raise output_error(output, e) from e
-        names = {fd: name for name, fd in self._fds.items()}
-        self._flusher = _Flusher(
-            (lambda fd: follower.done_with(names[fd])) if follower else (lambda fd: 0)
-        )
+        self._flusher = _Flusher()
+        self._places = {file: i for i, file in enumerate(files)}
 
     @property
     def closed(self) -> bool:
@@ -119,7 +109,7 @@ class Filler:
     def position(self, name: str) -> tuple[int, int]:
         """Where tensor ``name``'s bytes start: (the file's place among the files, offset)."""
         file, offset = self.offsets[name]
-        return list(self.files).index(file), offset
+        return self._places[file], offset
 
     def write(self, name: str, byte_offset: int, data: torch.Tensor) -> Region:
         """Writes ``data``'s bytes at ``byte_offset`` within tensor ``name``'s data; returns
@@ -133,6 +123,8 @@ class Filler:
         pos = start + byte_offset
         try:
             self._flusher.check()
+            if self._follower is not None:
+                self._follower.check()
             while view:
                 written = os.pwrite(fd, view[:_WRITE_BYTES], pos)
                 view, pos = view[written:], pos + written
@@ -198,14 +190,10 @@ class _Flusher:
     the output would wait for the final fsync, which would then write the whole output while
     the CPUs sit idle. An ``fdatasync`` of a file every ``_FLUSH_BYTES`` written to it keeps the
     disk writing while the conversion computes, and leaves the final fsync the last few blocks.
-    It also bounds the dirty memory a large conversion leaves behind. Once a sync has made
-    them durable, the pages the follower was done with before it are dropped (``done_with``:
-    fd -> bytes from the file's start; see the module's docstring).
+    It also bounds the dirty memory a large conversion leaves behind.
     """
 
-    def __init__(self, done_with: Callable[[int], int]) -> None:
-        self._done_with = done_with
-        self._dropped: dict[int, int] = {}
+    def __init__(self) -> None:
         self._pending: dict[int, int] = {}
         self._due: list[int] = []
         self._cond = threading.Condition()
@@ -243,17 +231,7 @@ class _Flusher:
                     return
                 fd = self._due.pop(0)
             try:
-                done = self._done_with(fd)  # read before the sync: then on the disk after it
                 os.fdatasync(fd)
             except OSError as e:
                 self._error = e
                 return
-            self._drop(fd, done)
-
-    def _drop(self, fd: int, done: int) -> None:
-        """Drops the pages of ``fd`` up to ``done``: advice, which a file system may ignore."""
-        dropped = self._dropped.get(fd, 0)
-        if done > dropped:
-            with contextlib.suppress(OSError):
-                os.posix_fadvise(fd, dropped, done - dropped, os.POSIX_FADV_DONTNEED)
-            self._dropped[fd] = done

@@ -384,9 +384,9 @@ def test_verify_gives_the_digests_and_rejects_a_changed_byte(
     """Intact, the read-back gives each file's digests, as a pass over the finished file
     would, whether it follows the writes (any output larger than its lag) or reads once they
     end. A byte that reaches the file other than it was given (a storage fault, made here by
-    the write call) fails it, naming the tensor. Synced every 4 KiB, the pages it is done
-    with are dropped as it goes."""
-    monkeypatch.setattr("converter.filler._FLUSH_BYTES", 1 << 12)
+    the write call) fails it, naming the tensor. Following, it drops the pages it read every
+    4 KiB."""
+    monkeypatch.setattr("converter.verify._DROP_BYTES", 1 << 12)
     dropped = []
     fadvise = os.posix_fadvise
 
@@ -394,7 +394,7 @@ def test_verify_gives_the_digests_and_rejects_a_changed_byte(
         dropped.append(length)
         return fadvise(fd, offset, length, advice)
 
-    monkeypatch.setattr("converter.filler.os.posix_fadvise", counted_fadvise)
+    monkeypatch.setattr("converter.verify.os.posix_fadvise", counted_fadvise)
     with converted(layout_checkpoints, tmp_path / "intact", 2, 1 << 20, fmt_name, lag) as (
         staged,
         plan,
@@ -407,7 +407,7 @@ def test_verify_gives_the_digests_and_rejects_a_changed_byte(
         for file in staged:
             assert digests[file.name]["sha256"] == _sha(file.path)
             assert digests[file.name]["xxh3_128"] == file_digest(file.path)
-    # Following, the pass is done with bytes before the writes end; otherwise not.
+    # Following, the pass drops what it read as it goes; otherwise it drops nothing.
     assert bool(dropped) == (lag == 0)
     victim = plan.tensors[3].name
     [at] = [f.offsets[victim] + 5 for f in staged if victim in f.offsets]
@@ -422,7 +422,8 @@ def test_verify_gives_the_digests_and_rejects_a_changed_byte(
     monkeypatch.setattr("converter.filler.os.pwrite", faulty_pwrite)
     faulty = converted(layout_checkpoints, tmp_path / "faulty", 2, 1 << 20, fmt_name, lag)
     changed = pytest.raises(ConversionError, match=f"Verification of .* failed: .*{victim}")
-    with faulty as (staged, plan, reader, behind, regions), changed:
+    # Following, the pass fails the conversion at its next write; otherwise, at the end.
+    with changed, faulty as (staged, plan, reader, behind, regions):
         _read_back(fmt_name, staged, plan, reader, behind, regions)
 
 
