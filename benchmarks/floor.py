@@ -88,7 +88,10 @@ def _write_all(fd: int, buffer: memoryview, n: int, write_mib: int) -> None:
 def _read_back(fd: int, buffer: memoryview, start: int, end: int) -> None:
     """Reads bytes ``start`` to ``end`` of ``fd`` into ``buffer``, a block at a time."""
     while start < end:
-        start += os.preadv(fd, [buffer[: min(BLOCK, end - start)]], start)
+        got = os.preadv(fd, [buffer[: min(BLOCK, end - start)]], start)
+        if not got:
+            raise EOFError(f"the output ends at byte {start}")
+        start += got
 
 
 if __name__ == "__main__":
