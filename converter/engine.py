@@ -171,7 +171,7 @@ def convert_tensors(
             digests[key] = digest.hexdigest()
 
     # In the order of the files' bytes: the read-back follows the writes through each file in
-    # order (converter.filler), and reads what was just written while it is in memory.
+    # order (converter.verify), and reads what was just written while it is in memory.
     sources = sorted(consumers, key=lambda k: min(out.position(t.name) for t, _ in consumers[k]))
     # Every chunk's layout up front, in batches: a remote store answers those small reads
     # side by side instead of one round trip per chunk as the workers reach it.
